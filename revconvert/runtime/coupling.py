@@ -1,0 +1,61 @@
+"""Additive reversible coupling (RevNet, Gomez et al., NeurIPS 2017, arXiv:1707.04585)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ReversibleCoupling"]
+
+
+class ReversibleCoupling(nn.Module):
+    """Additive coupling ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``, exactly invertible by subtraction.
+
+    ``F`` and ``G`` are arbitrary modules mapping a half-width tensor to one of the same shape (e.g.
+    conv-BN-ReLU-conv-BN with C/2 outer channels). Used alone, the coupling is an ordinary module whose
+    activations autograd stores; inside a :class:`ReversibleSegment` its activations are recomputed in
+    the backward pass from the segment's output.
+
+    Only the additive form is offered. The affine variant ``y2 = x2 * exp(s(y1)) + t(y1)`` needs a
+    division in the inverse, whose rounding error is multiplied by ``exp(-s)`` and compounds over a
+    long segment; it would not meet the exactness tests of the additive form, so it is left out.
+
+    Args:
+        F: residual function applied to ``x2``; must not modify its input in place.
+        G: residual function applied to ``y1``; must not modify its input in place.
+
+    Example:
+        >>> from torch import nn
+        >>> block = lambda: nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32))
+        >>> coupling = ReversibleCoupling(block(), block())
+        >>> x1, x2 = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8)
+        >>> y1, y2 = coupling(x1, x2)
+        >>> r1, r2 = coupling.eval().inverse(y1, y2)   # eval: BN uses the same (running) statistics
+    """
+
+    def __init__(self, F: nn.Module, G: nn.Module) -> None:  # noqa: N803 - names of the paper
+        super().__init__()
+        for name, fn in (("F", F), ("G", G)):
+            if not isinstance(fn, nn.Module):
+                raise TypeError(
+                    f"ReversibleCoupling: {name} must be an nn.Module, got {type(fn).__name__}; "
+                    "wrap a function in a small nn.Module"
+                )
+        self.F = F
+        self.G = G
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(y1, y2) = (x1 + F(x2), x2 + G(y1))``."""
+        y1 = x1 + self.F(x2)
+        y2 = x2 + self.G(y1)
+        return y1, y2
+
+    def inverse(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(x1, x2) = (y1 - F(x2), y2 - G(y1))``, the input that produced ``(y1, y2)``.
+
+        The result equals the true input up to floating-point rounding, provided F and G compute the
+        same functions as in the forward (same RNG draws, same normalisation statistics).
+        """
+        x2 = y2 - self.G(y1)
+        x1 = y1 - self.F(x2)
+        return x1, x2

@@ -1,0 +1,220 @@
+"""ReversibleSegment: a run of reversible couplings whose activations are recomputed, not stored."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._function import ReversibleFunction, make_plan
+from ._state import capture_rng, cuda_devices_of, preserve_running_stats, replay_rng
+from .coupling import ReversibleCoupling
+
+__all__ = ["ReconstructionError", "ReversibleSegment", "ordinary_autograd"]
+
+_ORDINARY = contextvars.ContextVar("revconvert_ordinary_autograd", default=False)
+
+
+@contextlib.contextmanager
+def ordinary_autograd() -> Iterator[None]:
+    """Run every :class:`ReversibleSegment` with ordinary autograd (all activations stored).
+
+    For debugging and exactness checks; the result is the same function, only memory differs. The
+    per-segment switch is ``segment.use_reversible_backward = False``.
+
+    Example:
+        >>> with revconvert.ordinary_autograd():
+        ...     loss = model(images).sum()
+        >>> loss.backward()      # ordinary backward, even outside the block
+    """
+    token = _ORDINARY.set(True)
+    try:
+        yield
+    finally:
+        _ORDINARY.reset(token)
+
+
+@dataclass(frozen=True)
+class ReconstructionError:
+    """How far coupling ``index``'s input, reconstructed as the backward pass would, is from the truth.
+
+    Attributes:
+        index: position of the coupling in the segment.
+        max_abs: largest absolute error over both halves.
+        max_rel: ``max_abs`` divided by the largest absolute value of the true input.
+    """
+
+    index: int
+    max_abs: float
+    max_rel: float
+
+
+class ReversibleSegment(nn.Module):
+    """A run of :class:`ReversibleCoupling` on one tensor, with RevNet's memory-saving backward.
+
+    The input is split into halves along ``dim``, the couplings run in order, the halves are
+    concatenated and, if given, ``exit_activation`` is applied. When autograd needs the segment
+    (grad enabled and the input or a parameter requires grad), the run is one custom autograd
+    Function that stores only its output and reconstructs each coupling's input in the backward pass
+    (one extra forward of F and G per step). Batch-norm running statistics are updated once per step,
+    dropout masks are replayed and the forward's autocast state is used for the recomputation, so
+    gradients equal those of ordinary autograd up to reconstruction rounding.
+
+    Under ``torch.no_grad()``, ``torch.inference_mode()`` or when nothing requires grad it is a plain
+    forward. Under ``torch.compile`` the Function runs eagerly (one graph break per segment).
+
+    Args:
+        couplings: the couplings, applied first to last.
+        dim: dimension split into halves (channels, 1, for NCHW images); its size must be even.
+        exit_activation: module applied to the result, e.g. the ReLU that followed the original
+            residual add. It is applied out of place (an in-place module gets a copy of the output)
+            because the Function's output is saved for the backward pass.
+
+    Attributes:
+        use_reversible_backward: ``False`` makes this segment use ordinary autograd.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from revconvert import ReversibleCoupling, ReversibleSegment
+        >>> def half():  # one residual function on 32 of the 64 channels of a resnet18 layer1 block
+        ...     return nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))
+        >>> seg = ReversibleSegment([ReversibleCoupling(half(), half()) for _ in range(2)],
+        ...                         exit_activation=nn.ReLU())
+        >>> seg(torch.randn(8, 64, 56, 56)).sum().backward()
+    """
+
+    def __init__(
+        self,
+        couplings: Sequence[ReversibleCoupling],
+        *,
+        dim: int = 1,
+        exit_activation: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        couplings = list(couplings)
+        for k, coupling in enumerate(couplings):
+            if not isinstance(coupling, ReversibleCoupling):
+                raise TypeError(
+                    f"ReversibleSegment: couplings[{k}] is a {type(coupling).__name__}, expected a "
+                    "ReversibleCoupling(F, G)"
+                )
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"ReversibleSegment: dim must be an int, got {dim!r}")
+        if exit_activation is not None and not isinstance(exit_activation, nn.Module):
+            raise TypeError(
+                f"ReversibleSegment: exit_activation must be an nn.Module or None, got "
+                f"{type(exit_activation).__name__}"
+            )
+        self.couplings = nn.ModuleList(couplings)
+        self.dim = dim
+        self.exit_activation = exit_activation
+        self.use_reversible_backward: bool = True
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, use_reversible_backward={self.use_reversible_backward}"
+
+    def _split_dim(self, x: torch.Tensor) -> int:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"ReversibleSegment: expected one tensor, got {type(x).__name__}")
+        if not -x.dim() <= self.dim < x.dim():
+            raise ValueError(
+                f"ReversibleSegment: dim={self.dim} is out of range for an input of shape {tuple(x.shape)}"
+            )
+        dim = self.dim % x.dim()
+        if x.shape[dim] % 2:
+            raise ValueError(
+                f"ReversibleSegment: the input has odd size {x.shape[dim]} along dim {dim} (shape "
+                f"{tuple(x.shape)}); couplings split it into two equal halves, so it must be even"
+            )
+        return dim
+
+    def _plain(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim)
+        for coupling in self.couplings:
+            x1, x2 = coupling(x1, x2)
+        return torch.cat((x1, x2), dim)
+
+    def _wants_reversible(self, x: torch.Tensor) -> bool:
+        if not self.use_reversible_backward or _ORDINARY.get() or not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.couplings.parameters())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the couplings on the halves of ``x`` and return one tensor of the same shape."""
+        dim = self._split_dim(x)
+        if self._wants_reversible(x):
+            y = _apply_reversible(self.couplings, dim, x)
+            act = self.exit_activation
+            if act is None:
+                return y
+            # The output is saved for backward; an in-place activation must not overwrite it.
+            return act(y.clone()) if getattr(act, "inplace", False) else act(y)
+        y = self._plain(x, dim)
+        return y if self.exit_activation is None else self.exit_activation(y)
+
+    @torch.no_grad()
+    def reconstruction_errors(self, x: torch.Tensor) -> list[ReconstructionError]:
+        """Measure how exactly each coupling's input is reconstructed, in ``x``'s dtype.
+
+        Runs the segment forward on ``x``, then walks back from the output exactly as the backward
+        pass does (each input reconstructed from the previous reconstruction, same dropout masks,
+        current train/eval mode and autocast state) and compares with the true inputs. Errors grow
+        towards the first coupling; look at ``errors[0]`` before trusting a long segment in low
+        precision. The global RNG state and norm running statistics are left as they were.
+
+        Args:
+            x: an example input, in the dtype and device to check (float32, bfloat16, float16...).
+
+        Returns:
+            One :class:`ReconstructionError` per coupling, first to last.
+
+        Example:
+            >>> errs = seg.reconstruction_errors(torch.randn(8, 64, 56, 56).bfloat16())
+            >>> max(e.max_rel for e in errs)
+        """
+        dim = self._split_dim(x)
+        devices = cuda_devices_of((x, *self.parameters()))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=list(devices)))
+            stack.enter_context(preserve_running_stats(self))
+            x1, x2 = x.chunk(2, dim)
+            inputs, states = [], []
+            for coupling in self.couplings:
+                inputs.append((x1, x2))
+                rng_f = capture_rng(devices)
+                y1 = x1 + coupling.F(x2)
+                rng_g = capture_rng(devices)
+                y2 = x2 + coupling.G(y1)
+                states.append((rng_f, rng_g))
+                x1, x2 = y1, y2
+            errors = []
+            for k in reversed(range(len(self.couplings))):
+                coupling, (rng_f, rng_g) = self.couplings[k], states[k]
+                with replay_rng(rng_g):
+                    x2 = x2 - coupling.G(x1)
+                with replay_rng(rng_f):
+                    x1 = x1 - coupling.F(x2)
+                true1, true2 = inputs[k]
+                max_abs = max(_max_abs(x1 - true1), _max_abs(x2 - true2))
+                scale = max(_max_abs(true1), _max_abs(true2))
+                rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+                errors.append(ReconstructionError(index=k, max_abs=max_abs, max_rel=rel))
+        return errors[::-1]
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+# torch.compile cannot trace the Function (module calls and RNG stashing inside forward); dynamo runs
+# it eagerly instead, breaking the graph at each segment. Gradients are unchanged.
+@torch.compiler.disable
+def _apply_reversible(couplings: nn.ModuleList, dim: int, x: torch.Tensor) -> torch.Tensor:
+    plan = make_plan(couplings, dim)
+    return ReversibleFunction.apply(plan, x, *plan.params)
