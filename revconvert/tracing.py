@@ -1,0 +1,177 @@
+"""Tracing: torch.fx graph of a model plus a tensor shape for every node.
+
+Shapes come from running the graph on *meta* tensors over a meta copy of the model's parameters, so
+the shape analysis of a batch of 1024 224x224 images allocates no activation memory and never
+touches the caller's parameters, buffers (BatchNorm running statistics) or train/eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import TraceError
+
+__all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from"]
+
+
+class RevTracer(fx.Tracer):
+    """An ``fx.Tracer`` that knows extra leaf modules and reports where tracing failed.
+
+    Args:
+        leaf_modules: module types or qualified names that are kept as single ``call_module``
+            nodes instead of being traced through (for code fx cannot trace).
+        autowrap_functions: free functions recorded as single ``call_function`` nodes.
+    """
+
+    def __init__(self, *, leaf_modules: Iterable[type | str] = (),
+                 autowrap_functions: Iterable[Callable[..., Any]] = ()) -> None:
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        leaf_modules = tuple(leaf_modules)
+        for item in leaf_modules:
+            if not isinstance(item, (type, str)):
+                raise TypeError(f"leaf_modules entries must be nn.Module types or qualified names, "
+                                f"got {item!r}")
+        self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+        self._leaf_names = frozenset(n for n in leaf_modules if isinstance(n, str))
+        self.current_module: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        from .runtime import ReversibleSegment  # a converted model's segments are opaque
+
+        if isinstance(m, ReversibleSegment) or isinstance(m, self._leaf_types):
+            return True
+        if module_qualified_name in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        # Remember which module is being traced so a failure can name it.
+        self.current_module.append(self.path_of_module(m))
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            raise  # keep current_module pointing at the innermost failing module
+        self.current_module.pop()
+        return out
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers live on the meta device."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def example_from(example_input: Any) -> tuple[Any, ...]:
+    """Normalise an example input (tensor, tuple of tensors, or shape tuple) into positional args."""
+    if example_input is None:
+        return (torch.empty(1, 3, 224, 224, device="meta"),)
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    if isinstance(example_input, torch.Size) or (
+            isinstance(example_input, (tuple, list)) and example_input
+            and all(isinstance(d, int) for d in example_input)):
+        return (torch.empty(*example_input, device="meta"),)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input)
+    raise TypeError(f"example_input must be a tensor, a tuple of tensors or a shape such as "
+                    f"(1, 3, 224, 224); got {type(example_input).__name__}")
+
+
+class _MetaShapeProp(fx.Interpreter):
+    """Runs the graph on meta tensors, storing each node's output in ``node.meta["val"]``."""
+
+    def __init__(self, gm: fx.GraphModule, meta_root: nn.Module) -> None:
+        super().__init__(gm)
+        self.meta_root = meta_root
+
+    def fetch_attr(self, target: str) -> Any:
+        obj: Any = self.meta_root
+        for atom in target.split("."):
+            obj = getattr(obj, atom)
+        return obj
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:  # name the node and its module, keep the cause
+            where = f"module '{n.target}'" if n.op == "call_module" else f"operation {n.format_node()}"
+            shapes = [tuple(a.meta["val"].shape) for a in n.all_input_nodes
+                      if isinstance(a.meta.get("val"), torch.Tensor)]
+            raise TraceError(
+                f"shape propagation failed at {where} (inputs of shape {shapes}): {e}. "
+                f"Hint: check that example_input has the shape the model expects "
+                f"(e.g. (1, 3, 224, 224) for an image model).") from e
+        n.meta["val"] = result
+        return result
+
+
+def trace(model: nn.Module, example_input: Any = None, *,
+          leaf_modules: Iterable[type | str] = (),
+          autowrap_functions: Iterable[Callable[..., Any]] = (),
+          concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Symbolically trace ``model`` and annotate every node with its output on meta tensors.
+
+    Args:
+        model: the model; it is not modified (the returned GraphModule shares its submodules, so
+            treat them as read-only).
+        example_input: a tensor, a tuple of tensors, or a shape; default ``(1, 3, 224, 224)``.
+            Only shape and dtype matter: it is replaced by a meta tensor.
+        leaf_modules: module types or qualified names not to trace through.
+        autowrap_functions: functions recorded as single graph nodes.
+        concrete_args: passed to ``fx.Tracer.trace`` to specialise non-tensor arguments.
+
+    Returns:
+        An ``fx.GraphModule`` whose nodes carry ``node.meta["val"]`` (meta tensors).
+
+    Raises:
+        TraceError: fx could not trace the model, or shapes could not be propagated.
+
+    Example:
+        >>> gm = trace(torchvision.models.resnet18(), (8, 3, 224, 224))
+        >>> [n.meta["val"].shape for n in gm.graph.nodes if n.op == "output"]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args = example_from(example_input)
+    tracer = RevTracer(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as e:
+        where = tracer.current_module[-1] if tracer.current_module else ""
+        culprit = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else \
+            f"the forward of {type(model).__name__}"
+        raise TraceError(
+            f"torch.fx could not trace {culprit}: {type(e).__name__}: {e}\n"
+            f"Hint: pass leaf_modules=[{'%r' % where if where else 'SomeModuleType'}] so that module is "
+            f"kept as one opaque node (it then stays stored, never reversible), or concrete_args=... "
+            f"to fix non-tensor arguments that drive control flow.") from e
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(args) > len(placeholders):
+        raise TraceError(f"example_input has {len(args)} tensors but {type(model).__name__}.forward "
+                         f"takes {len(placeholders)} inputs")
+    meta_args = [a.detach().to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    _MetaShapeProp(gm, _meta_copy(model)).run(*meta_args)
+    return gm
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The shape recorded for ``node`` by :func:`trace`, or None if it is not a tensor."""
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The submodule a ``call_module`` node calls, else None."""
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
