@@ -88,6 +88,16 @@ def _call_checked(fn: nn.Module, arg: torch.Tensor, where: str) -> torch.Tensor:
     return out
 
 
+def _non_leaf(t: torch.Tensor) -> torch.Tensor:
+    """An alias of ``t`` with a grad_fn when ``t`` requires grad.
+
+    Module hooks that watch their inputs' gradients (ModuleTracker, hence FlopCounterMode) cannot
+    handle a leaf input inside ``torch.autograd.grad``; F and G see a view instead, as they do in the
+    ordinary forward, where their inputs are chunks of the segment input.
+    """
+    return t.view_as(t) if t.requires_grad else t
+
+
 def _vjp(
     output: torch.Tensor, inputs: Sequence[torch.Tensor], grad: torch.Tensor
 ) -> tuple[torch.Tensor | None, ...]:
@@ -160,7 +170,7 @@ class ReversibleFunction(torch.autograd.Function):
             with preserve_running_stats(coupling.G), replay_rng(rng_g), replay_autocast(autocast):
                 z1 = y1.detach().requires_grad_(need_f)
                 with torch.enable_grad():
-                    g = _call_checked(coupling.G, z1, f"couplings[{k}].G")
+                    g = _call_checked(coupling.G, _non_leaf(z1), f"couplings[{k}].G")
                 x2 = y2 - g.detach()
                 grads = _vjp(g, ([z1] if need_f else []) + [plan.params[i] for i in g_params], gy2)
             del g, z1  # frees G's graph before F is recomputed
@@ -176,7 +186,7 @@ class ReversibleFunction(torch.autograd.Function):
             with preserve_running_stats(coupling.F), replay_rng(rng_f), replay_autocast(autocast):
                 z2 = x2.detach().requires_grad_(chain[k])
                 with torch.enable_grad():
-                    f = _call_checked(coupling.F, z2, f"couplings[{k}].F")
+                    f = _call_checked(coupling.F, _non_leaf(z2), f"couplings[{k}].F")
                 x1 = y1 - f.detach()
                 grads = _vjp(f, ([z2] if chain[k] else []) + [plan.params[i] for i in f_params], gy1)
             del f, z2
