@@ -186,6 +186,13 @@ def _block_params(gm: fx.GraphModule, nodes: list[fx.Node]) -> int:
     return sum(seen.values())
 
 
+def _continues(prev: ResidualBlock, block: ResidualBlock, nodes: dict[str, fx.Node]) -> bool:
+    """``block`` extends a run ending at ``prev``: it reads prev's output and nothing else does."""
+    if block.fork != prev.output:
+        return False
+    return all(u.name in block.nodes for u in nodes[prev.output].users)
+
+
 def _run_name(blocks: list[ResidualBlock], index: int, taken: set[str]) -> str:
     parents, leaves = set(), []
     for b in blocks:
@@ -250,7 +257,7 @@ def analyze(model: nn.Module, example_input: Any = None, *,
         b = unit
         eligible = not violations[b.name] and (select is None or select(b.name))
         if eligible:
-            if current and b.fork != current[-1].output:
+            if current and not _continues(current[-1], b, nodes):
                 close_run()
             current.append(b)
             unit_segment.append("")  # filled when the run closes

@@ -1,10 +1,265 @@
-"""Placeholder until the conversion lands (issue 4)."""
+"""One-call conversion: rewrite runs of eligible residual blocks into reversible segments.
+
+The pass is visibly trace -> find -> decide -> rewrite -> lint / dead-code elimination ->
+recompile, on a deep copy: the caller's model is never modified. Everything that is not converted
+(stem, projection/strided blocks, pooling, head) keeps its module names and weights, so
+``converted.load_state_dict(original.state_dict(), strict=False)`` restores every stored part.
+"""
+
 from __future__ import annotations
 
+import copy
+import difflib
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ._format import format_count, render_table
+from .audit import Analysis, analyze
+from .errors import ConversionError
+from .runtime import ReversibleCoupling, ReversibleSegment
+from .surgery import branch_spec, build_residual_function, choose_scale
+
+__all__ = ["ConvertConfig", "ConversionSummary", "convert"]
+
+_WIDTHS = ("match-params", "keep")
+_POST = ("move", "drop")
+
+
+@dataclass(frozen=True)
 class ConvertConfig:
-    pass
+    """Options of :func:`convert` (all keyword-only in spirit; the defaults are the documented ones).
+
+    Attributes:
+        only: block names or name prefixes to convert (``("layer3",)`` converts the eligible blocks
+            of ``layer3`` only); None converts every eligible block.
+        select: a predicate on block names, applied after ``only``.
+        width: inner width of F and G: ``"match-params"`` (scaled so the coupling has about the
+            parameters of the block it replaces), ``"keep"`` (original inner widths, on half the
+            outer channels), or a float factor applied to the inner widths.
+        post_activation: ``"move"`` puts the activation that followed the residual addition at the
+            front of F and G and applies it once at the segment exit; ``"drop"`` removes it.
+        zero_init: start the last norm of F and G at zero so every coupling starts as the identity.
+        memory_saving: False makes the segments use ordinary autograd (for debugging).
+        leaf_modules, autowrap_functions, concrete_args: tracing options (see ``revconvert.audit``).
+
+    Example:
+        >>> cfg = ConvertConfig(only=("layer3",), width="keep")
+        >>> converted = revconvert.convert(torchvision.models.resnet50(), config=cfg)
+    """
+
+    only: tuple[str, ...] | None = None
+    select: Callable[[str], bool] | None = None
+    width: str | float = "match-params"
+    post_activation: str = "move"
+    zero_init: bool = True
+    memory_saving: bool = True
+    leaf_modules: tuple[type | str, ...] = ()
+    autowrap_functions: tuple[Callable[..., Any], ...] = ()
+    concrete_args: dict[str, Any] | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.only, str):
+            object.__setattr__(self, "only", (self.only,))
+        if isinstance(self.width, str) and self.width not in _WIDTHS:
+            raise ValueError(f"ConvertConfig.width must be one of {_WIDTHS} or a positive number, "
+                             f"got {self.width!r}")
+        if not isinstance(self.width, str) and not (isinstance(self.width, (int, float)) and self.width > 0):
+            raise ValueError(f"ConvertConfig.width must be positive, got {self.width!r}")
+        if self.post_activation not in _POST:
+            raise ValueError(f"ConvertConfig.post_activation must be one of {_POST}, got {self.post_activation!r}")
+        if self.select is not None and not callable(self.select):
+            raise TypeError("ConvertConfig.select must be a callable taking a block name")
 
 
-def convert(*args, **kwargs):
-    raise NotImplementedError("convert lands with issue 4")
+@dataclass
+class ConversionSummary:
+    """What :func:`convert` did; available as ``converted.revconvert_summary``."""
+
+    model: str
+    blocks: int
+    converted_blocks: list[str]
+    segments: dict[str, list[str]]
+    stored_reasons: dict[str, str]
+    params_before: int
+    params_after: int
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+    def __str__(self) -> str:
+        lines = [f"{self.model}: converted {len(self.converted_blocks)} of {self.blocks} residual blocks "
+                 f"into {len(self.segments)} reversible segment(s); parameters "
+                 f"{format_count(self.params_before)} -> {format_count(self.params_after)} "
+                 f"({self.param_ratio:.3f}x)"]
+        if self.segments:
+            rows = [(name, len(blocks), f"{blocks[0]} .. {blocks[-1]}") for name, blocks in self.segments.items()]
+            lines += ["", render_table(("segment", "couplings", "replaces"), rows, align="lrl")]
+        if self.stored_reasons:
+            lines += ["", "Kept as stored blocks:"]
+            lines += [f"  {name}: {reason}" for name, reason in self.stored_reasons.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "param_ratio": self.param_ratio}
+
+
+def _selector(analysis: Analysis, config: ConvertConfig) -> Callable[[str], bool] | None:
+    if config.only is None and config.select is None:
+        return None
+    names = list(analysis.blocks)
+    wanted: set[str] = set(names)
+    if config.only is not None:
+        wanted = set()
+        for item in config.only:
+            hits = [n for n in names if n == item or n.startswith(item + ".")]
+            if not hits:
+                close = difflib.get_close_matches(item, names + sorted({n.rsplit('.', 1)[0] for n in names}), n=3)
+                raise ConversionError(f"ConvertConfig.only names {item!r}, which is not a residual block "
+                                      f"of {analysis.report.model}" +
+                                      (f"; did you mean {', '.join(map(repr, close))}?" if close else
+                                       f"; blocks are {names[:6]}{' ...' if len(names) > 6 else ''}"))
+            bad = [n for n in hits if analysis.violations[n]]
+            if item in names and bad:
+                v = analysis.violations[item][0]
+                raise ConversionError(f"block {item!r} cannot become reversible ({v.code}: {v.message}); "
+                                      f"run revconvert.audit(model) to see the eligible blocks")
+            if len(bad) == len(hits):
+                raise ConversionError(f"no block under {item!r} can become reversible "
+                                      f"(reasons: {sorted({analysis.violations[n][0].code for n in bad})})")
+            wanted.update(hits)
+    sel = config.select
+    return lambda name: name in wanted and (sel is None or bool(sel(name)))
+
+
+def _check_example(example_input: Any) -> None:
+    if isinstance(example_input, torch.Tensor) and example_input.dim() < 2:
+        raise ConversionError(f"example_input has shape {tuple(example_input.shape)}; expected a batch "
+                              f"such as (1, 3, 224, 224) with channels on dimension 1")
+
+
+def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
+    gm = analysis.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for seg_name, blocks in analysis.runs.items():
+        couplings = []
+        for block in blocks:
+            spec = branch_spec(gm, block)
+            half = nodes[block.fork].meta["val"].shape[1] // 2
+            scale, align = choose_scale(spec, half, config.width)
+            pre = None
+            if block.post_op and config.post_activation == "move":
+                post = nodes[block.post_op]
+                pre = gm.get_submodule(post.target) if post.op == "call_module" else \
+                    _function_module(post)
+            make = lambda: build_residual_function(gm, block, spec, scale=scale, align=align,  # noqa: E731
+                                                   pre_activation=pre, zero_init=config.zero_init)
+            couplings.append(ReversibleCoupling(make(), make()))
+        last = blocks[-1]
+        exit_act = None
+        if last.post_op and config.post_activation == "move":
+            post = nodes[last.post_op]
+            exit_act = copy.deepcopy(gm.get_submodule(post.target)) if post.op == "call_module" \
+                else _function_module(post)
+            if getattr(exit_act, "inplace", False):
+                exit_act.inplace = False
+        segment = ReversibleSegment(couplings, dim=1, exit_activation=exit_act)
+        segment.use_reversible_backward = config.memory_saving
+        segment.source_blocks = tuple(b.name for b in blocks)
+        segment.train(gm.get_submodule(nodes[blocks[0].branch[0]].target).training
+                      if nodes[blocks[0].branch[0]].op == "call_module" else gm.training)
+        gm.add_submodule(seg_name, segment)
+
+        entry, exit_node = nodes[blocks[0].fork], nodes[last.output]
+        with gm.graph.inserting_before(exit_node):
+            new = gm.graph.call_module(seg_name, (entry,))
+        new.meta["val"] = exit_node.meta.get("val")
+        exit_node.replace_all_uses_with(new)
+        order = {n: i for i, n in enumerate(nodes)}
+        for name in sorted({n for b in blocks for n in b.nodes}, key=order.__getitem__, reverse=True):
+            gm.graph.erase_node(nodes[name])
+        analysis.node_segment[new.name] = seg_name
+    gm.graph.lint()
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    for n in gm.graph.nodes:
+        n.meta["revconvert"] = {"segment": analysis.node_segment.get(n.name, "head")}
+    return [b.name for blocks in analysis.runs.values() for b in blocks]
+
+
+def _function_module(node: fx.Node) -> nn.Module:
+    from .surgery import NodeOp
+
+    slot = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node))
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    if node.op == "call_method" and name.endswith("_"):
+        target = name[:-1]
+    elif node.op == "call_function" and name.endswith("_") and hasattr(torch, name[:-1]):
+        target = getattr(torch, name[:-1])
+    return NodeOp(node.op, target, tuple(None if i == slot else a for i, a in enumerate(node.args)),
+                  kwargs, slot)
+
+
+def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfig | None = None) -> fx.GraphModule:
+    """Return a copy of ``model`` whose runs of stride-1 identity residual blocks are reversible.
+
+    Each maximal run of consecutive eligible blocks becomes one :class:`ReversibleSegment`
+    (channel split at its entry, concatenation at its exit); F and G of each coupling are rebuilt
+    from the block's branch by channel surgery. Everything else stays as it was, with the same
+    module names and weights. The caller's model is not modified.
+
+    Args:
+        model: the model to convert (any module torch.fx can trace).
+        example_input: tensor, tuple of tensors, or shape; default ``(1, 3, 224, 224)``.
+        config: a :class:`ConvertConfig`; default converts every eligible block.
+
+    Returns:
+        An ``fx.GraphModule``. ``converted.revconvert_summary`` says what was converted;
+        ``revconvert.audit(converted)`` reports its reversible segments.
+
+    Raises:
+        TraceError: the model cannot be traced.
+        ConversionError: the example input or the config does not fit the model.
+
+    Example:
+        >>> converted = revconvert.convert(torchvision.models.resnet18())
+        >>> print(converted.revconvert_summary)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert() expects a torch.nn.Module, got {type(model).__name__}")
+    config = config or ConvertConfig()
+    if not isinstance(config, ConvertConfig):
+        raise TypeError(f"config must be a revconvert.ConvertConfig, got {type(config).__name__}")
+    _check_example(example_input)
+    trace_options = dict(leaf_modules=config.leaf_modules, autowrap_functions=config.autowrap_functions,
+                         concrete_args=config.concrete_args)
+    work = copy.deepcopy(model)  # every edit below happens on this copy
+    analysis = analyze(work, example_input, **trace_options)
+    select = _selector(analysis, config)
+    if select is not None:
+        analysis = analyze(work, example_input, select=select, **trace_options)
+    report = analysis.report
+    params_before = sum(p.numel() for p in model.parameters())
+    converted_blocks = _rewrite(analysis, config)
+    gm = analysis.graph_module
+    gm.training = model.training
+    stored = {b.name: f"{b.reason}: {b.message}" for b in report.blocks if not b.reversible}
+    gm.revconvert_summary = ConversionSummary(
+        model=report.model, blocks=len(report.blocks), converted_blocks=converted_blocks,
+        segments={name: [b.name for b in blocks] for name, blocks in analysis.runs.items()},
+        stored_reasons=stored, params_before=params_before,
+        params_after=sum(p.numel() for p in gm.parameters()))
+    if not converted_blocks:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(report.reason_counts.items())) or "no residual blocks"
+        warnings.warn(f"revconvert.convert: no block of {report.model} can become reversible ({why}); "
+                      f"the returned model is equivalent to the original", stacklevel=2)
+    return gm

@@ -1,0 +1,231 @@
+"""Channel surgery: rebuild a residual block's branch as the F and G of a reversible coupling.
+
+F and G keep the branch's layer sequence (convolutions with their kernel, padding, dilation and
+groups at stride 1; norms; activations; dropout). Their outer width is half the block's channels;
+their inner width is scaled so that F and G together have about as many parameters as the block
+they replace. The activation that followed the original addition (``relu(x + B(x))``) is not
+invertible: it moves to the front of F and G (pre-activation style).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .graph import ResidualBlock
+from .ops import CONV_TYPES, op_kind
+
+__all__ = ["BranchSpec", "branch_spec", "build_residual_function", "choose_scale", "NodeOp"]
+
+_DROPOUT_FN_TO_MODULE = {"dropout": nn.Dropout, "dropout1d": nn.Dropout1d, "dropout2d": nn.Dropout2d,
+                         "dropout3d": nn.Dropout3d, "alpha_dropout": nn.AlphaDropout}
+
+
+class NodeOp(nn.Module):
+    """A function or tensor method from the original graph, applied to one tensor.
+
+    ``args``/``kwargs`` are the original node's, with the tensor operand replaced by ``None`` at
+    position ``slot``.
+    """
+
+    def __init__(self, op: str, target: Any, args: tuple, kwargs: dict, slot: int = 0) -> None:
+        super().__init__()
+        self.op, self.target, self.args, self.kwargs, self.slot = op, target, args, kwargs, slot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = list(self.args)
+        args[self.slot] = x
+        if self.op == "call_method":
+            return getattr(args[0], self.target)(*args[1:], **self.kwargs)
+        return self.target(*args, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", self.target)
+        rest = [repr(a) for i, a in enumerate(self.args) if i != self.slot]
+        rest += [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return ", ".join([str(name)] + rest)
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """A branch as a layer chain: for each node, its kind and its (input, output) channel counts,
+    and whether each count is *outer* (the block's width, halved by the split) or *inner*."""
+
+    nodes: tuple[str, ...]
+    kinds: tuple[str, ...]
+    channels: tuple[tuple[int, int], ...]
+    outer: tuple[tuple[bool, bool], ...]
+    modules: tuple[nn.Module | None, ...]  # the called module of each node (None for functions)
+    params: int  # parameters of the original branch
+
+
+def branch_spec(gm: fx.GraphModule, block: ResidualBlock) -> BranchSpec:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    chain = [nodes[n] for n in block.branch]
+    kinds = tuple(op_kind(gm, n) or "unsupported" for n in chain)
+    conv_pos = [i for i, k in enumerate(kinds) if k == "conv"]
+    first, last = (conv_pos[0], conv_pos[-1]) if conv_pos else (len(chain), -1)
+    channels, outer = [], []
+    prev = nodes[block.fork].meta["val"].shape[1]
+    for i, n in enumerate(chain):
+        out = n.meta["val"].shape[1]
+        channels.append((prev, out))
+        # Before the first conv and after the last one the tensor has the block's (outer) width.
+        outer.append((i <= first, i >= last))
+        prev = out
+    params = 0
+    for n in chain:
+        if n.op == "call_module":
+            params += sum(p.numel() for p in gm.get_submodule(n.target).parameters())
+    modules = tuple(gm.get_submodule(n.target) if n.op == "call_module" else None for n in chain)
+    return BranchSpec(tuple(block.branch), kinds, tuple(channels), tuple(outer), modules, params)
+
+
+def _align(spec: BranchSpec) -> int:
+    """Inner widths must be multiples of every group count that acts on them."""
+    align = 1
+    for mod, (o_in, o_out) in zip(spec.modules, spec.outer):
+        if isinstance(mod, CONV_TYPES) and mod.groups > 1 and not _depthwise(mod) and not (o_in and o_out):
+            align = math.lcm(align, mod.groups)
+        if isinstance(mod, nn.GroupNorm) and not o_in:
+            align = math.lcm(align, mod.num_groups)
+    return align
+
+
+def _depthwise(conv: nn.Module) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def _new_width(c: int, is_outer: bool, half: int, scale: float, align: int) -> int:
+    if is_outer:
+        return half
+    return max(align, int(round(c * scale / align)) * align)
+
+
+def _count_params(spec: BranchSpec, half: int, scale: float, align: int) -> int:
+    total = 0
+    for mod, (c_in, c_out), (o_in, o_out) in zip(spec.modules, spec.channels, spec.outer):
+        w_in, w_out = _new_width(c_in, o_in, half, scale, align), _new_width(c_out, o_out, half, scale, align)
+        if isinstance(mod, CONV_TYPES):
+            groups = w_in if _depthwise(mod) else mod.groups
+            total += w_in // groups * w_out * math.prod(mod.kernel_size) + (w_out if mod.bias is not None else 0)
+        elif isinstance(mod, nn.GroupNorm):
+            total += 2 * w_out if mod.affine else 0
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            total += 2 * w_out if mod.affine else 0
+        elif mod is not None:
+            total += sum(p.numel() for p in mod.parameters())
+    return total
+
+
+def choose_scale(spec: BranchSpec, half: int, width: str | float) -> tuple[float, int]:
+    """The inner-width scale (and alignment) for F and G.
+
+    ``width="match-params"`` picks the scale whose two residual functions together have the
+    parameter count closest to the original branch; ``"keep"`` keeps inner widths; a number scales
+    them by that factor.
+    """
+    align = _align(spec)
+    if width == "keep":
+        return 1.0, align
+    if not isinstance(width, str):
+        return float(width), align
+    target = spec.params
+    best = (math.inf, 1.0)
+    for i in range(1, 801):  # scales 0.005 .. 4.0; two cheap integer sums per candidate
+        s = i / 200
+        err = abs(2 * _count_params(spec, half, s, align) - target)
+        if err < best[0]:
+            best = (err, s)
+    return best[1], align
+
+
+def _init_conv(conv: nn.Module) -> None:
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+def _rebuild(gm: fx.GraphModule, node: fx.Node, w_in: int, w_out: int, first: bool) -> nn.Module:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, CONV_TYPES):
+            groups = w_in if _depthwise(mod) else mod.groups
+            new = type(mod)(w_in, w_out, mod.kernel_size, stride=1, padding=mod.padding,
+                            dilation=mod.dilation, groups=groups, bias=mod.bias is not None,
+                            padding_mode=mod.padding_mode)
+            _init_conv(new)
+            return new.to(dtype=mod.weight.dtype, device=mod.weight.device)
+        if isinstance(mod, nn.GroupNorm):
+            new = nn.GroupNorm(mod.num_groups, w_out, eps=mod.eps, affine=mod.affine)
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            new = type(mod)(w_out, eps=mod.eps, momentum=mod.momentum, affine=mod.affine,
+                            track_running_stats=mod.track_running_stats)
+        else:
+            new = copy.deepcopy(mod)
+            if first and getattr(new, "inplace", False):
+                new.inplace = False  # F's input is the caller's half; never overwrite it
+            return new
+        ref = next(iter(mod.parameters()), None)
+        if ref is None:
+            ref = next((b for b in mod.buffers() if b.is_floating_point()), None)
+        return new if ref is None else new.to(dtype=ref.dtype, device=ref.device)
+    # functional forms
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_function" and name in _DROPOUT_FN_TO_MODULE:
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        return _DROPOUT_FN_TO_MODULE[name](p)  # module form follows train/eval, unlike a traced flag
+    slot = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node))
+    args = tuple(None if i == slot else a for i, a in enumerate(node.args))
+    kwargs = dict(node.kwargs)
+    if first:
+        if kwargs.get("inplace"):
+            kwargs["inplace"] = False
+        if node.op == "call_method" and str(node.target).endswith("_"):
+            return NodeOp(node.op, str(node.target)[:-1], args, kwargs, slot)
+        if node.op == "call_function" and name.endswith("_") and hasattr(torch, name[:-1]):
+            return NodeOp(node.op, getattr(torch, name[:-1]), args, kwargs, slot)
+    return NodeOp(node.op, node.target, args, kwargs, slot)
+
+
+def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, spec: BranchSpec, *,
+                            scale: float, align: int, pre_activation: nn.Module | None,
+                            zero_init: bool) -> nn.Sequential:
+    """One residual function (F or G) for ``block``: ``[pre_activation,] *rebuilt branch layers``."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    half = by_name[block.fork].meta["val"].shape[1] // 2
+    layers: list[nn.Module] = []
+    if pre_activation is not None:
+        act = copy.deepcopy(pre_activation)
+        if getattr(act, "inplace", False):
+            act.inplace = False
+        layers.append(act)
+    for i, (name, (c_in, c_out), (o_in, o_out)) in enumerate(zip(spec.nodes, spec.channels, spec.outer)):
+        w_in = _new_width(c_in, o_in, half, scale, align)
+        w_out = _new_width(c_out, o_out, half, scale, align)
+        layers.append(_rebuild(gm, by_name[name], w_in, w_out, first=not layers))
+    if zero_init:
+        _zero_last(layers)
+    return nn.Sequential(*layers)
+
+
+def _zero_last(layers: list[nn.Module]) -> None:
+    """Start the residual function at zero so the coupling starts as the identity map."""
+    convs = [i for i, m in enumerate(layers) if isinstance(m, CONV_TYPES)]
+    if not convs:
+        return
+    norms = [m for m in layers[convs[-1]:] if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
+             and m.affine]
+    if norms:
+        nn.init.zeros_(norms[-1].weight)
+    else:
+        nn.init.zeros_(layers[convs[-1]].weight)
+        if layers[convs[-1]].bias is not None:
+            nn.init.zeros_(layers[convs[-1]].bias)
+
