@@ -126,6 +126,24 @@ def _owner(node: fx.Node) -> str | None:
     return list(stack.values())[-1][0] or None
 
 
+def _fork(idom: dict[str, str], order: dict[str, int], g: nx.DiGraph, a: fx.Node, b: fx.Node) -> str | None:
+    """The node where the two operands of a join meet.
+
+    Walking up each operand's dominator chain, the first node that the other operand also
+    depends on; the later (closer to the join) of the two candidates wins. Unlike the join's own
+    dominator this still finds the fork when the branch also reads another input.
+    """
+    candidates = []
+    for start, other in ((a, b), (b, a)):
+        reach = nx.ancestors(g, other.name) | {other.name}
+        node = start.name
+        while node != _ROOT and node not in reach:
+            node = idom[node]
+        if node != _ROOT:
+            candidates.append(node)
+    return max(candidates, key=order.__getitem__) if candidates else None
+
+
 def find_residual_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
     """All residual blocks of a traced graph, in graph order.
 
@@ -149,8 +167,8 @@ def find_residual_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
         operands = _join_operands(node)
         if operands is None:
             continue
-        fork = idom.get(node.name)
-        if fork is None or fork == _ROOT:
+        fork = _fork(idom, order, g, *operands)
+        if fork is None:
             continue  # the operands share no input: not a residual connection
         below_fork = nx.descendants(g, fork)
 

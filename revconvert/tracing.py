@@ -90,9 +90,23 @@ def example_from(example_input: Any) -> tuple[Any, ...]:
 class _MetaShapeProp(fx.Interpreter):
     """Runs the graph on meta tensors, storing each node's output in ``node.meta["val"]``."""
 
-    def __init__(self, gm: fx.GraphModule, meta_root: nn.Module) -> None:
+    def __init__(self, gm: fx.GraphModule, meta_root: nn.Module, real_root: nn.Module) -> None:
         super().__init__(gm)
         self.meta_root = meta_root
+        self.real_root = real_root
+
+    def _real_fallback(self, n: fx.Node) -> Any:
+        """Leaf modules with data-dependent code cannot run on meta tensors: run a copy of the
+        module on zeros of the right shape instead (the caller's module is not touched)."""
+        module = copy.deepcopy(self.real_root.get_submodule(n.target))
+        def real(a: Any) -> Any:
+            return torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) and a.is_meta else a
+        args = [real(a) for a in self.fetch_args_kwargs_from_env(n)[0]]
+        kwargs = {k: real(v) for k, v in self.fetch_args_kwargs_from_env(n)[1].items()}
+        with torch.no_grad():
+            out = module(*args, **kwargs)
+        return torch.utils._pytree.tree_map(
+            lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, out)
 
     def fetch_attr(self, target: str) -> Any:
         obj: Any = self.meta_root
@@ -102,7 +116,12 @@ class _MetaShapeProp(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         try:
-            result = super().run_node(n)
+            try:
+                result = super().run_node(n)
+            except (RuntimeError, NotImplementedError):
+                if n.op != "call_module":
+                    raise
+                result = self._real_fallback(n)
         except Exception as e:  # name the node and its module, keep the cause
             where = f"module '{n.target}'" if n.op == "call_module" else f"operation {n.format_node()}"
             shapes = [tuple(a.meta["val"].shape) for a in n.all_input_nodes
@@ -161,7 +180,7 @@ def trace(model: nn.Module, example_input: Any = None, *,
         raise TraceError(f"example_input has {len(args)} tensors but {type(model).__name__}.forward "
                          f"takes {len(placeholders)} inputs")
     meta_args = [a.detach().to("meta") if isinstance(a, torch.Tensor) else a for a in args]
-    _MetaShapeProp(gm, _meta_copy(model)).run(*meta_args)
+    _MetaShapeProp(gm, _meta_copy(model), model).run(*meta_args)
     return gm
 
 

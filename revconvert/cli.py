@@ -1,0 +1,170 @@
+"""The ``revconvert`` command line: audit, convert, memory, report.
+
+MODEL is a torchvision model name (``resnet50``) or ``package.module:factory`` (a callable that
+returns an ``nn.Module``). Models are built with random weights; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["main", "load_model"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def load_model(spec: str) -> nn.Module:
+    """Build the model named by ``spec`` (torchvision name or ``package.module:factory``)."""
+    if ":" in spec:
+        mod_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(mod_name)
+        except Exception as e:
+            raise CLIError(f"cannot import module {mod_name!r} for model {spec!r}: {type(e).__name__}: {e}") from e
+        factory = getattr(module, attr, None)
+        if factory is None:
+            close = difflib.get_close_matches(attr, [n for n in dir(module) if not n.startswith("_")], n=3)
+            raise CLIError(f"module {mod_name!r} has no attribute {attr!r}"
+                           + (f"; did you mean {', '.join(close)}?" if close else ""))
+        try:
+            model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+        except Exception as e:
+            raise CLIError(f"calling {spec}() failed: {type(e).__name__}: {e}") from e
+        if not isinstance(model, nn.Module):
+            raise CLIError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    names = _torchvision_names()
+    if spec not in names:
+        close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
+        hint = f"closest: {', '.join(close)}" if close else "see torchvision.models.list_models()"
+        raise CLIError(f"unknown model {spec!r} ({hint}); or pass package.module:factory")
+    import torchvision
+
+    return torchvision.models.get_model(spec, weights=None)
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    """``224`` -> (3, 224, 224); ``3x128x128`` -> (3, 128, 128)."""
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-size must be N or CxHxW, got {text!r}") from None
+    if any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"--input-size must be positive, got {text!r}")
+    return (3, dims[0], dims[0]) if len(dims) == 1 else dims
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="revconvert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("model", help="torchvision model name or package.module:factory")
+        sp.add_argument("--input-size", type=_input_shape, default=(3, 224, 224), metavar="N|CxHxW",
+                        help="input size (default 224, i.e. 3x224x224)")
+        sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    a = sub.add_parser("audit", help="which residual blocks can become reversible, and why not")
+    common(a)
+    c = sub.add_parser("convert", help="convert and save the model")
+    common(c)
+    c.add_argument("-o", "--output", required=True, help="where to torch.save the converted model")
+    c.add_argument("--only", action="append", metavar="NAME",
+                   help="convert only these blocks or prefixes (repeatable), e.g. --only layer3")
+    c.add_argument("--width", default="match-params", help="match-params (default), keep, or a factor")
+    for name, helptext in (("memory", "estimate training memory, original vs converted"),
+                           ("report", "the main job: audit + conversion + memory on one page")):
+        m = sub.add_parser(name, help=helptext)
+        common(m)
+        m.add_argument("--batch-size", type=int, default=1)
+        m.add_argument("--optimizer", choices=["sgd", "sgd-momentum", "adam", "adamw"], default=None)
+        m.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+        if name == "memory":
+            m.add_argument("--plot", metavar="PNG", help="write a plot (needs the 'plot' extra)")
+    return p
+
+
+def _width(text: str) -> str | float:
+    if text in ("match-params", "keep"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise CLIError(f"--width must be match-params, keep or a number, got {text!r}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    import revconvert
+
+    model = load_model(args.model)
+    example = (1, *args.input_size)
+    out: dict[str, Any] = {}
+    text: list[str] = []
+    if args.command == "audit":
+        report = revconvert.audit(model, example)
+        out, text = report.to_dict(), [str(report)]
+    elif args.command == "convert":
+        config = revconvert.ConvertConfig(only=tuple(args.only) if args.only else None, width=_width(args.width))
+        converted = revconvert.convert(model, example, config=config)
+        torch.save(converted, args.output)
+        summary = converted.revconvert_summary
+        out = {**summary.to_dict(), "output": args.output}
+        text = [str(summary), "", f"saved to {args.output} (load with torch.load(path, weights_only=False))"]
+    else:
+        if args.batch_size < 1:
+            raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
+        profile = revconvert.memory_profile(model, input_size=args.input_size, batch_size=args.batch_size,
+                                            dtype=_DTYPES[args.dtype], optimizer=args.optimizer)
+        if args.command == "report":
+            report = revconvert.audit(model, example)
+            converted = revconvert.convert(model, example)
+            summary = converted.revconvert_summary
+            out = {"audit": report.to_dict(), "conversion": summary.to_dict(), "memory": profile.to_dict()}
+            text = ["== Audit ==", report.summary(), "", "== Conversion ==", str(summary), "",
+                    f"== Memory (batch {args.batch_size}, {'x'.join(map(str, args.input_size))}) ==",
+                    str(profile)]
+        else:
+            out, text = profile.to_dict(), [str(profile)]
+            if getattr(args, "plot", None):
+                profile.plot(args.plot)
+                text.append(f"plot written to {args.plot}")
+    print(json.dumps(out, indent=2, default=str) if args.json else "\n".join(text))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``revconvert`` console script."""
+    from .errors import RevConvertError
+
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (CLIError, RevConvertError, ImportError) as e:
+        print(f"revconvert {args.command}: error: {e}".splitlines()[0] if isinstance(e, CLIError)
+              else f"revconvert {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests import toy_models
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The torchvision ResNet family, with the block counts the architecture papers give: blocks,
+# eligible (stride-1 identity) blocks; every ineligible block is a stage's first block (layerN.0),
+# which has a projection shortcut.
+RESNET_FAMILY = {
+    "resnet18": (8, 5), "resnet34": (16, 13), "resnet50": (16, 12), "resnet101": (33, 29),
+    "resnet152": (50, 46), "resnext50_32x4d": (16, 12), "resnext101_32x8d": (33, 29),
+    "resnext101_64x4d": (33, 29), "wide_resnet50_2": (16, 12), "wide_resnet101_2": (33, 29),
+}
+
+
+def tv_model(name: str) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None)
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """Everything the caller could notice changing: tensors, modes, hooks."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                  for n, m in model.named_modules()},
+        "types": {n: type(m) for n, m in model.named_modules()},
+    }
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"]
+    assert after["types"] == before["types"]
+    assert before["state"].keys() == after["state"].keys()
+    for k in before["state"]:
+        torch.testing.assert_close(after["state"][k], before["state"][k], rtol=0, atol=0, msg=k)
+
+
+@pytest.fixture
+def make_tv():
+    return tv_model
