@@ -1,0 +1,211 @@
+"""One instrumented training step, the common core of the estimate and the measurement.
+
+The traced model runs under an ``fx.Interpreter`` that names the current segment around each node, so
+the saved-tensor hooks credit what autograd stores to the segment that stored it. A gradient hook on
+each segment's output marks where that segment's backward starts, which gives the transient peak of
+a reversible segment's backward (recomputing one coupling). The same code runs on fake tensors
+(``memory_profile``) and on real ones (``measure_memory``); only the tensors differ.
+
+The step is a steady-state training step: parameter gradients start as ``None``
+(``zero_grad(set_to_none=True)``, PyTorch's default), optimizer state already exists, the loss is the
+sum of the model's outputs (a real loss adds a few bytes per sample).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_leaves
+
+from .report import MemoryBreakdown, SegmentMemory
+from .segments import UNASSIGNED, Segmentation
+from .tracker import AllocationTracker, SavedTensorCounter, storage_bytes
+
+__all__ = ["StepResources", "run_step"]
+
+# Names of the parts of the peak, in the order they are reported.
+PARAMS, BUFFERS, OPT_STATE, INPUT = "parameters", "buffers", "optimizer state", "input batch"
+FORWARD, BACKWARD, OPT_STEP = "forward tensors", "backward tensors", "optimizer step"
+_PHASE_PART = {"forward": FORWARD, "backward": BACKWARD, "optimizer": OPT_STEP}
+
+
+@dataclass
+class StepResources:
+    """What exists before the step starts and is not counted as an allocation of the step.
+
+    Attributes:
+        params: the model's parameters (deduplicated).
+        buffers: the model's buffers.
+        optimizer_state: the optimizer's state tensors (empty when there is no optimizer).
+        inputs: positional inputs of the model.
+        optimizer_step: runs ``optimizer.step()`` under the tracker, or ``None`` (then
+            ``modeled_step_bytes`` stands for the step's temporaries, as in the fake estimate).
+        modeled_step_bytes: temporaries of the optimizer step when it is not run.
+    """
+
+    params: Sequence[torch.Tensor]
+    buffers: Sequence[torch.Tensor]
+    optimizer_state: Sequence[torch.Tensor]
+    inputs: tuple[Any, ...]
+    optimizer_step: Callable[[], None] | None = None
+    modeled_step_bytes: int = 0
+    optimizer_name: str | None = None
+
+
+class _SegmentInterpreter(fx.Interpreter):
+    """Runs the graph, telling the saved-tensor counter which segment each node belongs to."""
+
+    def __init__(self, seg: Segmentation, counter: SavedTensorCounter,
+                 on_exit_grad: Callable[[str], Callable[[torch.Tensor], None]]) -> None:
+        super().__init__(seg.graph_module)
+        self.seg = seg
+        self.counter = counter
+        self.on_exit_grad = on_exit_grad
+        # A node is a segment exit if some user belongs to another segment (or is the output).
+        self.exits: set[str] = set()
+        for node in seg.graph_module.graph.nodes:
+            own = seg.segment_of(node)
+            if any(u.op == "output" or seg.segment_of(u) != own for u in node.users):
+                self.exits.add(node.name)
+
+    def run_node(self, n: fx.Node) -> Any:
+        name = self.seg.segment_of(n)
+        self.counter.segment = name
+        result = super().run_node(n)
+        if n.name in self.exits:
+            for t in tree_leaves(result):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(self.on_exit_grad(name))
+        return result
+
+
+def _loss(output: Any) -> torch.Tensor:
+    tensors = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not tensors:
+        raise ValueError(
+            "the model's output does not require grad, so there is no backward pass to measure; "
+            "check that some parameters have requires_grad=True"
+        )
+    loss = tensors[0].sum()
+    for t in tensors[1:]:
+        loss = loss + t.sum()
+    return loss
+
+
+def _segment_param_bytes(seg: Segmentation) -> dict[str, int]:
+    """Bytes of the trainable parameters each segment owns (call_module and get_attr nodes)."""
+    gm, owned, seen = seg.graph_module, {}, set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            tensors = list(gm.get_submodule(node.target).parameters())
+        elif node.op == "get_attr":
+            attr = gm
+            for atom in str(node.target).split("."):
+                attr = getattr(attr, atom)
+            tensors = [attr] if isinstance(attr, torch.nn.Parameter) else []
+        else:
+            continue
+        name = seg.segment_of(node)
+        for p in tensors:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                owned[name] = owned.get(name, 0) + p.numel() * p.element_size()
+    return owned
+
+
+def run_step(seg: Segmentation, res: StepResources) -> MemoryBreakdown:
+    """Run forward + backward (+ optimizer step) of ``seg.graph_module`` and account for its memory.
+
+    Parameter gradients must be ``None`` on entry; they are left populated on return.
+    """
+    params = list(res.params)
+    tracker = AllocationTracker()
+    tracker.mark_existing([*params, *res.buffers, *res.optimizer_state, *tree_leaves(res.inputs)])
+    counter = SavedTensorCounter(exclude=[*params, *res.buffers])
+    windows: dict[str, Any] = {}
+    current: list[Any] = []
+
+    def on_exit_grad(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(_grad: torch.Tensor) -> None:
+            if current and current[-1].label == name:
+                return  # several exit tensors of one segment: the window is already open
+            if current:
+                tracker.close_window(current.pop())
+            window = tracker.open_window(name)
+            windows.setdefault(name, window)
+            current.append(window)
+        return hook
+
+    interp = _SegmentInterpreter(seg, counter, on_exit_grad)
+    with tracker, counter:
+        output = interp.run(*res.inputs)
+        interp.env.clear()  # the interpreter keeps the output node's value; a training loop would not
+        counter.segment = "(loss)"
+        loss = _loss(output)
+        counter.segment = None  # the backward's recomputation saves tensors only transiently
+        del output
+        tracker.phase = "backward"
+        loss.backward()
+        del loss
+        if current:
+            tracker.close_window(current.pop())
+        after_backward = tracker.live_by_phase
+        if res.optimizer_step is not None:
+            tracker.phase = "optimizer"
+            res.optimizer_step()
+    tracker.stop()
+    counter.close()
+    interp.env.clear()
+
+    tracked_peak, by_phase = tracker.peak, tracker.peak_by_phase
+    modeled_step_peak = sum(after_backward.values()) + res.modeled_step_bytes
+    if res.optimizer_step is None and res.modeled_step_bytes and modeled_step_peak > tracked_peak:
+        tracked_peak = modeled_step_peak
+        by_phase = {**after_backward, "optimizer": res.modeled_step_bytes}
+
+    param_bytes = storage_bytes(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    resident = {
+        PARAMS: param_bytes,
+        BUFFERS: storage_bytes(res.buffers),
+        OPT_STATE: storage_bytes(res.optimizer_state),
+        INPUT: storage_bytes(t for t in tree_leaves(res.inputs) if isinstance(t, torch.Tensor)),
+    }
+    composition = dict(resident)
+    for phase, part in _PHASE_PART.items():
+        composition[part] = by_phase.get(phase, 0)
+
+    owned = _segment_param_bytes(seg)
+    segments = []
+    known = {info.name for info in seg.segments}
+    extra = [name for name in counter.by_segment if name not in known]
+    for info in [*seg.segments, *(_unplanned(name) for name in extra)]:
+        transient = 0
+        if info.kind == "reversible" and info.name in windows:
+            transient = max(0, windows[info.name].rise - owned.get(info.name, 0))
+        segments.append(SegmentMemory(
+            name=info.name, kind=info.kind,
+            activation_bytes=counter.by_segment.get(info.name, 0), transient_bytes=transient))
+
+    return MemoryBreakdown(
+        activation_bytes=counter.total,
+        param_bytes=param_bytes,
+        grad_bytes=storage_bytes(grads),
+        optimizer_bytes=resident[OPT_STATE],
+        peak_bytes=sum(resident.values()) + tracked_peak,
+        segments=segments,
+        buffer_bytes=resident[BUFFERS],
+        input_bytes=resident[INPUT],
+        peak_composition={k: v for k, v in composition.items()},
+        optimizer=res.optimizer_name,
+    )
+
+
+def _unplanned(name: str):  # noqa: ANN202 - a SegmentInfo for bytes saved outside any planned segment
+    from .segments import SegmentInfo
+
+    return SegmentInfo(name=name if name != UNASSIGNED else UNASSIGNED, kind="stored")
