@@ -77,21 +77,26 @@ def test_measurement_of_a_tiny_model_is_exact():
 @pytest.mark.xfail(strict=False, reason="analyze() of a converted GraphModule names stored blocks by "
                    "their add node ('add_1') instead of 'layer2.0' (nn_module_stack is lost on re-trace); "
                    "asked of the audit's owner")
-def test_segments_align_and_reversible_segments_shrink():
+def test_segment_rows_align_by_name():
+    _, _, profile = _case("resnet18", 2, 64)
+    assert [s.name for s in profile.original.segments] == [s.name for s in profile.converted.segments]
+    assert all(o is not None and c is not None for _, o, c in profile.rows())
+
+
+def test_reversible_segments_shrink_and_need_a_transient():
     _, _, profile = _case("resnet18", 2, 64)
     orig, conv = profile.original, profile.converted
-    assert [s.name for s in orig.segments] == [s.name for s in conv.segments]
-    planned = {s.name for s in orig.segments if s.kind == "reversible"}
-    assert planned, "resnet18 has eligible blocks"
+    assert all(s.kind == "stored" and s.transient_bytes == 0 for s in orig.segments)
+    reversible = [s for s in conv.segments if s.kind == "reversible"]
+    assert len(reversible) == 4, "resnet18 has one reversible run per stage"
+    for seg in reversible:
+        before = orig.segment(seg.name)   # the plan of the original uses the converted names
+        assert seg.activation_bytes < 0.6 * before.activation_bytes
+        assert seg.transient_bytes > 0
     for seg in conv.segments:
-        before = orig.segment(seg.name)
-        if seg.name in planned:
-            assert seg.kind == "reversible"
-            assert seg.activation_bytes < 0.6 * before.activation_bytes
-            assert seg.transient_bytes > 0
-        else:
-            assert seg.kind == "stored" and seg.transient_bytes == 0
-            assert seg.activation_bytes == before.activation_bytes
+        if seg.kind == "stored":
+            assert seg.transient_bytes == 0
+    assert conv.segment("stem").activation_bytes == orig.segment("stem").activation_bytes
     assert conv.activation_bytes < orig.activation_bytes
     assert profile.ratios["activation_bytes"] == conv.activation_bytes / orig.activation_bytes
 
@@ -153,6 +158,7 @@ def test_bfloat16_halves_activations():
     ({"input_size": (224, 224)}, r"\(C, H, W\).*\(224, 224\)"),
     ({"optimizer": "rmsprop"}, r"'rmsprop'.*adam.*sgd-momentum"),
     ({"dtype": "int8"}, r"'int8'.*bfloat16.*float32"),
+    ({"leaf_module": ["fc"]}, r"'leaf_module'.*leaf_modules"),
 ])
 def test_bad_arguments_name_the_value_and_the_choices(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -195,3 +201,12 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(ImportError, match=r"pip install 'revconvert\[plot\]'"):
         profile.plot(str(tmp_path / "memory.png"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.max_memory_allocated)")
+def test_estimate_matches_cuda_allocator():
+    model = tv_model("resnet18")
+    estimate = memory_profile(model, (3, 128, 128), 8, device="cuda", converted=False).original
+    measured = measure_memory(model.cuda(), torch.randn(8, 3, 128, 128, device="cuda"))
+    assert measured.cuda_peak_bytes is not None
+    assert estimate.peak_bytes == pytest.approx(measured.cuda_peak_bytes, rel=0.10)

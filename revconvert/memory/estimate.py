@@ -24,7 +24,9 @@ from .report import MemoryBreakdown, MemoryProfile
 from .segments import segmentation
 from .step import StepResources, run_step
 
-__all__ = ["memory_profile", "DTYPES"]
+__all__ = ["memory_profile", "DTYPES", "TRACE_OPTIONS"]
+
+TRACE_OPTIONS = ("leaf_modules", "autowrap_functions", "concrete_args")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -58,7 +60,9 @@ def memory_profile(
         converted: also estimate ``revconvert.convert(model)`` (side by side in the report).
         device: device to estimate for ("cpu", "cuda"); default the device of the model's parameters.
             It decides, for example, which optimizer implementation PyTorch picks.
-        **trace_options: passed to the audit's tracer (``leaf_modules=...``, ``concrete_args=...``).
+        **trace_options: tracing options for the audit and the conversion (``leaf_modules=...``,
+            ``autowrap_functions=...``, ``concrete_args=...``). To profile a conversion with other
+            options, convert the model yourself and pass it with ``converted=False``.
 
     Returns:
         A :class:`MemoryProfile`; ``str()`` of it is the table, ``to_dict()`` is JSON-ready.
@@ -85,6 +89,10 @@ def memory_profile(
     if not isinstance(converted, bool):
         raise TypeError(f"converted must be True or False, got {converted!r}")
     device = _check_device(model, device)
+    unknown = sorted(set(trace_options) - set(TRACE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; memory_profile passes only "
+                         f"tracing options on: {', '.join(TRACE_OPTIONS)}")
 
     original = _estimate(model, shape, batch_size, dtype, optimizer, device, False, trace_options)
     gc.collect()  # fx graphs are cyclic: release the first copy before making the second
@@ -135,9 +143,9 @@ def _estimate(model: nn.Module, shape: tuple[int, ...], batch_size: int, dtype: 
     work = _meta_copy(model)
     example = (batch_size, *shape)  # a shape: the audit traces on meta tensors, nothing is allocated
     if converted:
-        from ..convert import convert
+        from ..convert import ConvertConfig, convert
 
-        work = convert(work, example)
+        work = convert(work, example, config=ConvertConfig(**trace_options))
         work.train()
     seg = segmentation(work, example, **trace_options)
     seg.graph_module.train()

@@ -57,7 +57,7 @@ def plot_profile(profile: MemoryProfile, path: str) -> None:
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     ax2.set_ylabel("MiB at peak")
     ax2.set_title("peak training memory")
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+    fig.savefig(path, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)

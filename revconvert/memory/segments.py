@@ -60,5 +60,10 @@ def segmentation(model: nn.Module, example_input: Any = None, **trace_options: A
     for i, node in enumerate(gm.graph.nodes):
         first_seen.setdefault(node_segment.get(node.name, UNASSIGNED), i)
     plans.sort(key=lambda p: (first_seen.get(p.name, len(first_seen) + order[p.name])))
-    infos = tuple(SegmentInfo(p.name, p.kind, tuple(p.blocks)) for p in plans)
+    # The kind as the model runs now: a run the audit only plans as reversible is still stored.
+    infos = tuple(SegmentInfo(p.name, _running_kind(p), tuple(p.blocks)) for p in plans)
     return Segmentation(gm, node_segment, infos)
+
+
+def _running_kind(plan: Any) -> str:
+    return "reversible" if plan.kind == "reversible" and getattr(plan, "converted", True) else "stored"
