@@ -77,7 +77,7 @@ def branch_spec(gm: fx.GraphModule, block: ResidualBlock) -> BranchSpec:
         out = n.meta["val"].shape[1]
         channels.append((prev, out))
         # Before the first conv and after the last one the tensor has the block's (outer) width.
-        outer.append((i <= first, i >= last))
+        outer.append((i <= first, i < first or i >= last))
         prev = out
     params = 0
     for n in chain:

@@ -71,16 +71,18 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def example_from(example_input: Any) -> tuple[Any, ...]:
-    """Normalise an example input (tensor, tuple of tensors, or shape tuple) into positional args."""
+def example_from(example_input: Any, dtype: torch.dtype | None = None) -> tuple[Any, ...]:
+    """Normalise an example input (tensor, tuple of tensors, or shape tuple) into positional args.
+
+    A shape becomes a meta tensor of ``dtype`` (default: the default dtype)."""
     if example_input is None:
-        return (torch.empty(1, 3, 224, 224, device="meta"),)
+        example_input = (1, 3, 224, 224)
     if isinstance(example_input, torch.Tensor):
         return (example_input,)
     if isinstance(example_input, torch.Size) or (
             isinstance(example_input, (tuple, list)) and example_input
             and all(isinstance(d, int) for d in example_input)):
-        return (torch.empty(*example_input, device="meta"),)
+        return (torch.empty(*example_input, device="meta", dtype=dtype),)
     if isinstance(example_input, (tuple, list)):
         return tuple(example_input)
     raise TypeError(f"example_input must be a tensor, a tuple of tensors or a shape such as "
@@ -161,7 +163,8 @@ def trace(model: nn.Module, example_input: Any = None, *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    args = example_from(example_input)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    args = example_from(example_input, dtype)
     tracer = RevTracer(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)

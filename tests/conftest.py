@@ -8,7 +8,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import toy_models
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# REVCONVERT_TEST_THREADS=1 avoids OpenMP spin contention when the machine is shared.
+torch.set_num_threads(int(os.environ.get("REVCONVERT_TEST_THREADS", 1)))
 
 # The torchvision ResNet family, with the block counts the architecture papers give: blocks,
 # eligible (stride-1 identity) blocks; every ineligible block is a stage's first block (layerN.0),

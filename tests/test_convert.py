@@ -1,0 +1,325 @@
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import revconvert
+from revconvert import ConvertConfig, ConversionError, ReversibleSegment
+from conftest import RESNET_FAMILY, assert_unchanged, snapshot, tv_model
+from toy_models import CifarResNet, DropoutBlockNet, FunctionalResNet, PreActResNet, UntraceableNet
+
+
+def _segments(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, ReversibleSegment)}
+
+
+def _nparams(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(RESNET_FAMILY))
+def test_family_converts_trains_and_keeps_stored_weights(name):
+    model = tv_model(name)
+    converted = revconvert.convert(model, (1, 3, 64, 64))
+    blocks, eligible = RESNET_FAMILY[name]
+    summary = converted.revconvert_summary
+    assert len(summary.converted_blocks) == eligible
+    # parameters: whole model within 5%, every coupling within 10% of the block it replaces
+    assert abs(_nparams(converted) / _nparams(model) - 1) <= 0.05
+    for seg_name, seg in _segments(converted).items():
+        for coupling, block_name in zip(seg.couplings, seg.source_blocks):
+            ratio = _nparams(coupling) / _nparams(model.get_submodule(block_name))
+            assert abs(ratio - 1) <= 0.10, (block_name, ratio)
+    # stored parts: same names, identical tensors
+    original = model.state_dict()
+    for key, value in converted.state_dict().items():
+        if ".rev_" not in key:
+            assert torch.equal(value, original[key]), key
+    # forward and backward; every parameter gets a gradient
+    converted(torch.randn(1, 3, 64, 64)).square().mean().backward()
+    missing = [n for n, p in converted.named_parameters() if p.grad is None]
+    assert not missing
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_float64_gradients_equal_ordinary_autograd(name):
+    converted = revconvert.convert(tv_model(name).double(), (1, 3, 64, 64))
+    for m in converted.modules():  # leave the zero-initialised identity start: exercise F and G
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    reference = copy.deepcopy(converted)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    converted(x1).square().sum().backward()
+    with revconvert.ordinary_autograd():
+        reference(x2).square().sum().backward()
+    pairs = [(x1.grad, x2.grad)] + [(p.grad, q.grad) for p, q in zip(converted.parameters(), reference.parameters())]
+    for got, want in pairs:
+        assert ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item() <= 1e-10
+    for a, b in zip(converted.buffers(), reference.buffers()):  # BN statistics updated once, alike
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _train(model, steps=24, seed=0):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(1)
+    # learnable: the class is which quadrant holds a bright square
+    xs, ys = [], []
+    for _ in range(4):
+        y = torch.randint(0, 4, (8,), generator=gen)
+        x = torch.randn(8, 3, 32, 32, generator=gen) * 0.3
+        for i, c in enumerate(y.tolist()):
+            r, q = divmod(c, 2)
+            x[i, :, r * 16:(r + 1) * 16, q * 16:(q + 1) * 16] += 1.5
+        xs.append(x)
+        ys.append(y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    model.train()
+    for step in range(steps):
+        x, y = xs[step % 4], ys[step % 4]
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+
+
+def _resnet18_4():
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=4)
+
+
+@pytest.mark.parametrize("factory", [_resnet18_4, lambda: CifarResNet(n=2, num_classes=4)],
+                         ids=["resnet18", "cifar-resnet14"])
+def test_converted_model_learns_like_the_original(factory):
+    torch.manual_seed(0)
+    original = factory()
+    converted = revconvert.convert(original, (2, 3, 32, 32))
+    first_o, last_o = _train(original)
+    first_c, last_c = _train(converted)
+    assert last_o < 0.5 * first_o  # the task is learnable
+    assert last_c < 0.5 * first_c  # and the converted network learns it too,
+    assert last_c < last_o + 0.2   # at least about as well
+
+
+def _saved_bytes(model, x):
+    """Bytes saved for backward, deduplicated by storage, parameters and buffers excluded."""
+    skip = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    seen, keep = {}, []
+
+    def pack(t):
+        st = t.untyped_storage()
+        keep.append(st)  # keep storages alive so their ids stay unique
+        if st._cdata not in skip:
+            seen[st._cdata] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x).sum()
+    out.backward()  # outside the hooks: the backward's own recomputation is transient
+    return sum(seen.values())
+
+
+def _meta_model(name):
+    with torch.device("meta"):
+        return tv_model(name)
+
+
+def test_saved_bytes_on_meta_equal_real():
+    model = tv_model("resnet18")
+    converted = revconvert.convert(model, (2, 3, 64, 64))
+    real = (_saved_bytes(model, torch.randn(2, 3, 64, 64)), _saved_bytes(converted, torch.randn(2, 3, 64, 64)))
+    meta_model = _meta_model("resnet18")
+    meta_conv = revconvert.convert(meta_model, (2, 3, 64, 64))
+    x = torch.empty(2, 3, 64, 64, device="meta")
+    assert (_saved_bytes(meta_model, x), _saved_bytes(meta_conv, x)) == real
+    assert real[1] < 0.8 * real[0]
+
+
+@pytest.mark.parametrize("name,limit", [("resnet50", 0.60), ("resnet152", 0.30)])
+def test_saved_activation_ratio(name, limit):
+    # Counted on meta tensors: same shapes and storages as real ones (test above), no compute.
+    model = _meta_model(name)
+    converted = revconvert.convert(model, (2, 3, 224, 224))
+    x = torch.empty(2, 3, 224, 224, device="meta")
+    ratio = _saved_bytes(converted, x) / _saved_bytes(model, x)
+    assert ratio <= limit
+
+
+@pytest.mark.parametrize("name,limit", [("resnet50", 1.22), ("resnet152", 1.30)])
+def test_training_step_flops(name, limit):
+    model = _meta_model(name)
+    converted = revconvert.convert(model, (2, 3, 224, 224))
+    x = torch.empty(2, 3, 224, 224, device="meta")
+    counts = []
+    for m in (model, converted):
+        with FlopCounterMode(display=False) as fc:
+            m(x).sum().backward()
+        counts.append(fc.get_total_flops())
+    assert counts[1] / counts[0] <= limit
+    assert counts[1] > counts[0]  # the recomputation is really there
+
+
+def test_caller_model_is_never_modified():
+    model = tv_model("resnet18")
+    model.layer3.register_forward_hook(lambda *a: None)
+    model.layer1.eval()
+    before = snapshot(model)
+    revconvert.convert(model, (2, 3, 64, 64))
+    assert_unchanged(model, before)
+    assert not _segments(model)
+
+
+def test_state_dict_of_original_loads_into_stored_parts():
+    model = tv_model("resnet18")
+    converted = revconvert.convert(model, (1, 3, 64, 64))
+    fresh = revconvert.convert(tv_model("resnet18"), (1, 3, 64, 64))
+    torch.manual_seed(3)
+    other = tv_model("resnet18")
+    result = fresh.load_state_dict(other.state_dict(), strict=False)
+    replaced = set(converted.revconvert_summary.converted_blocks)
+    assert result.unexpected_keys and all(k.rsplit(".", 2)[0] in replaced or
+                                          any(k.startswith(b + ".") for b in replaced)
+                                          for k in result.unexpected_keys)
+    assert result.missing_keys and all(".rev_" in k for k in result.missing_keys)
+    torch.testing.assert_close(fresh.conv1.weight, other.conv1.weight)
+    torch.testing.assert_close(fresh.get_submodule("layer2.0.downsample.0").weight,
+                               other.layer2[0].downsample[0].weight)
+
+
+def test_behaves_like_a_model(tmp_path):
+    converted = revconvert.convert(tv_model("resnet18"), (1, 3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    converted.eval()
+    assert all(not m.training for m in converted.modules())
+    y = converted(x)
+    # whole-model save/load and state_dict round trip: bit-identical outputs
+    torch.save(converted, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(loaded(x), y)
+    buf = io.BytesIO()
+    torch.save(converted.state_dict(), buf)
+    twin = revconvert.convert(tv_model("resnet18"), (1, 3, 64, 64)).eval()
+    twin.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert torch.equal(twin(x), y)
+    assert torch.equal(copy.deepcopy(converted)(x), y)
+    doubled = copy.deepcopy(converted).to(torch.float64)
+    torch.testing.assert_close(doubled(x.double()).float(), y, rtol=1e-4, atol=1e-4)
+    text = str(converted)
+    assert "ReversibleSegment" in text and "ReversibleCoupling" in text
+    # the converted model's audit reports its reversible segments
+    report = revconvert.audit(converted, (1, 3, 64, 64))
+    assert [s.name for s in report.converted_segments] == list(converted.revconvert_summary.segments)
+    assert report.converted_segments[0].blocks == ("layer1.0", "layer1.1")
+
+
+def test_couplings_start_as_identity():
+    model = tv_model("resnet50").eval()
+    converted = revconvert.convert(model, (1, 3, 64, 64)).eval()
+    seg = converted.get_submodule("layer3.rev_1_5")
+    x = torch.relu(torch.randn(1, 1024, 4, 4))
+    torch.testing.assert_close(seg(x), x)  # zero-initialised last norms; exit ReLU of a ReLU output
+    off = revconvert.convert(model, (1, 3, 64, 64), config=ConvertConfig(zero_init=False)).eval()
+    assert not torch.allclose(off.get_submodule("layer3.rev_1_5")(x), x)
+
+
+def test_activation_moves_to_front_and_exit():
+    converted = revconvert.convert(tv_model("resnet18"), (1, 3, 64, 64))
+    seg = converted.get_submodule("layer1.rev_0_1")
+    assert isinstance(seg.couplings[0].F[0], nn.ReLU) and not seg.couplings[0].F[0].inplace
+    assert isinstance(seg.exit_activation, nn.ReLU)
+    dropped = revconvert.convert(tv_model("resnet18"), (1, 3, 64, 64),
+                                 config=ConvertConfig(post_activation="drop"))
+    seg = dropped.get_submodule("layer1.rev_0_1")
+    assert seg.exit_activation is None and isinstance(seg.couplings[0].F[0], nn.Conv2d)
+
+
+def test_only_and_width_options():
+    model = tv_model("resnet50")
+    only3 = revconvert.convert(model, (1, 3, 64, 64), config=ConvertConfig(only=("layer3",)))
+    assert list(_segments(only3)) == ["layer3.rev_1_5"]
+    assert only3.revconvert_summary.converted_blocks == [f"layer3.{i}" for i in range(1, 6)]
+    keep = revconvert.convert(model, (1, 3, 64, 64), config=ConvertConfig(only=("layer1",), width="keep"))
+    F = keep.get_submodule("layer1.rev_1_2").couplings[0].F
+    assert F[1].in_channels == 128 and F[1].out_channels == 64  # original inner width 64 kept
+    picked = revconvert.convert(model, (1, 3, 64, 64),
+                                config=ConvertConfig(select=lambda n: n in {"layer2.2", "layer2.3"}))
+    assert picked.revconvert_summary.converted_blocks == ["layer2.2", "layer2.3"]
+
+
+@pytest.mark.parametrize("factory,shape", [(lambda: FunctionalResNet(n=3), (2, 3, 16, 16)),
+                                           (lambda: PreActResNet(n=2), (2, 3, 16, 16)),
+                                           (lambda: CifarResNet(n=2), (2, 3, 32, 32))],
+                         ids=["functional", "preact", "cifar"])
+def test_handwritten_styles_convert(factory, shape):
+    model = factory()
+    converted = revconvert.convert(model, shape)
+    assert _segments(converted)
+    x = torch.randn(*shape, dtype=torch.float64)
+    converted = converted.double()
+    ref = copy.deepcopy(converted)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    converted(x1).sum().backward()
+    with revconvert.ordinary_autograd():
+        ref(x2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_blocks_recompute_the_same_masks():
+    model = DropoutBlockNet(c=8, n=2, p=0.3).double()
+    converted = revconvert.convert(model, (2, 3, 8, 8))
+    assert _segments(converted)
+    ref = copy.deepcopy(converted)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.manual_seed(5)
+    converted(x).sum().backward()
+    torch.manual_seed(5)
+    with revconvert.ordinary_autograd():
+        ref(x).sum().backward()
+    for p, q in zip(converted.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_no_eligible_block_warns_and_stays_equivalent():
+    import torchvision
+
+    model = torchvision.models.vgg11().eval()
+    with pytest.warns(UserWarning, match="no block of VGG can become reversible"):
+        converted = revconvert.convert(model, (1, 3, 32, 32))
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(converted.eval()(x), model(x))
+
+
+def test_errors_name_the_problem_and_leave_model_unchanged():
+    model = tv_model("resnet18")
+    before = snapshot(model)
+    with pytest.raises(revconvert.TraceError, match="body"):
+        revconvert.convert(UntraceableNet(), (1, 3, 8, 8))
+    with pytest.raises(ConversionError, match=r"example_input has shape \(64,\)"):
+        revconvert.convert(model, torch.randn(64))
+    with pytest.raises(revconvert.TraceError, match="conv1"):
+        revconvert.convert(model, (3, 64))
+    with pytest.raises(ConversionError, match="'layer9'.*did you mean"):
+        revconvert.convert(model, (1, 3, 64, 64), config=ConvertConfig(only=("layer9",)))
+    with pytest.raises(ConversionError, match="'layer2.0' cannot become reversible.*projection-shortcut"):
+        revconvert.convert(model, (1, 3, 64, 64), config=ConvertConfig(only=("layer2.0",)))
+    with pytest.raises(ValueError, match="width"):
+        ConvertConfig(width="huge")
+    assert_unchanged(model, before)
+
+
+def test_memory_saving_switch_in_config():
+    converted = revconvert.convert(tv_model("resnet18"), (1, 3, 64, 64), config=ConvertConfig(memory_saving=False))
+    assert all(not s.use_reversible_backward for s in _segments(converted).values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted(torch.randn(1, 3, 64, 64)).sum().backward()
