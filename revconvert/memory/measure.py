@@ -10,6 +10,7 @@ included), and on CUDA ``torch.cuda.max_memory_allocated`` is reported too.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 from collections.abc import Callable
 from typing import Any
@@ -102,7 +103,7 @@ def measure_memory(
         cuda_peak = torch.cuda.max_memory_allocated() - base + resident
     del work, seg, gm, params, buffers, state, step, res
     gc.collect()  # fx graphs are cyclic: free the copy now, not at some later collection
-    return _replace(breakdown, cuda_peak_bytes=cuda_peak, source="measurement")
+    return dataclasses.replace(breakdown, cuda_peak_bytes=cuda_peak, source="measurement")
 
 
 def _create_state(opt: torch.optim.Optimizer) -> None:
@@ -114,8 +115,3 @@ def _create_state(opt: torch.optim.Optimizer) -> None:
     for p in params:
         p.grad = None
 
-
-def _replace(b: MemoryBreakdown, **changes: Any) -> MemoryBreakdown:
-    import dataclasses
-
-    return dataclasses.replace(b, **changes)

@@ -22,8 +22,8 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from .report import MemoryBreakdown, SegmentMemory
-from .segments import UNASSIGNED, Segmentation
-from .tracker import AllocationTracker, SavedTensorCounter, storage_bytes
+from .segments import Segmentation, SegmentInfo
+from .tracker import AllocationTracker, SavedTensorCounter, Window, storage_bytes
 
 __all__ = ["StepResources", "run_step"]
 
@@ -126,8 +126,8 @@ def run_step(seg: Segmentation, res: StepResources) -> MemoryBreakdown:
     tracker = AllocationTracker()
     tracker.mark_existing([*params, *res.buffers, *res.optimizer_state, *tree_leaves(res.inputs)])
     counter = SavedTensorCounter(exclude=[*params, *res.buffers])
-    windows: dict[str, Any] = {}
-    current: list[Any] = []
+    windows: dict[str, Window] = {}
+    current: list[Window] = []
 
     def on_exit_grad(name: str) -> Callable[[torch.Tensor], None]:
         def hook(_grad: torch.Tensor) -> None:
@@ -141,25 +141,27 @@ def run_step(seg: Segmentation, res: StepResources) -> MemoryBreakdown:
         return hook
 
     interp = _SegmentInterpreter(seg, counter, on_exit_grad)
-    with tracker, counter:
-        output = interp.run(*res.inputs)
-        interp.env.clear()  # the interpreter keeps the output node's value; a training loop would not
-        counter.segment = "(loss)"
-        loss = _loss(output)
-        counter.segment = None  # the backward's recomputation saves tensors only transiently
-        del output
-        tracker.phase = "backward"
-        loss.backward()
-        del loss
-        if current:
-            tracker.close_window(current.pop())
-        after_backward = tracker.live_by_phase
-        if res.optimizer_step is not None:
-            tracker.phase = "optimizer"
-            res.optimizer_step()
-    tracker.stop()
-    counter.close()
-    interp.env.clear()
+    try:
+        with tracker, counter:
+            output = interp.run(*res.inputs)
+            interp.env.clear()  # the interpreter keeps the output's value; a training loop would not
+            counter.segment = "(loss)"
+            loss = _loss(output)
+            counter.segment = None  # the backward's recomputation saves tensors only transiently
+            del output
+            tracker.phase = "backward"
+            loss.backward()
+            del loss
+            if current:
+                tracker.close_window(current.pop())
+            after_backward = tracker.live_by_phase
+            if res.optimizer_step is not None:
+                tracker.phase = "optimizer"
+                res.optimizer_step()
+    finally:  # drop the weak references and hooks' state, which form reference cycles
+        tracker.stop()
+        counter.close()
+        interp.env.clear()
 
     tracked_peak, by_phase = tracker.peak, tracker.peak_by_phase
     modeled_step_peak = sum(after_backward.values()) + res.modeled_step_bytes
@@ -179,18 +181,7 @@ def run_step(seg: Segmentation, res: StepResources) -> MemoryBreakdown:
     for phase, part in _PHASE_PART.items():
         composition[part] = by_phase.get(phase, 0)
 
-    owned = _segment_param_bytes(seg)
-    segments = []
-    known = {info.name for info in seg.segments}
-    extra = [name for name in counter.by_segment if name not in known]
-    for info in [*seg.segments, *(_unplanned(name) for name in extra)]:
-        transient = 0
-        if info.kind == "reversible" and info.name in windows:
-            transient = max(0, windows[info.name].rise - owned.get(info.name, 0))
-        segments.append(SegmentMemory(
-            name=info.name, kind=info.kind,
-            activation_bytes=counter.by_segment.get(info.name, 0), transient_bytes=transient))
-
+    segments = _segment_rows(seg, counter.by_segment, windows)
     return MemoryBreakdown(
         activation_bytes=counter.total,
         param_bytes=param_bytes,
@@ -200,12 +191,24 @@ def run_step(seg: Segmentation, res: StepResources) -> MemoryBreakdown:
         segments=segments,
         buffer_bytes=resident[BUFFERS],
         input_bytes=resident[INPUT],
-        peak_composition={k: v for k, v in composition.items()},
+        peak_composition=composition,
         optimizer=res.optimizer_name,
     )
 
 
-def _unplanned(name: str):  # noqa: ANN202 - a SegmentInfo for bytes saved outside any planned segment
-    from .segments import SegmentInfo
 
-    return SegmentInfo(name=name if name != UNASSIGNED else UNASSIGNED, kind="stored")
+def _segment_rows(seg: Segmentation, saved: dict[str, int], windows: dict[str, Window]) -> list[SegmentMemory]:
+    """One row per planned segment; a reversible one's transient is its backward's rise in live
+    bytes less its parameters' gradients (which stay)."""
+    owned = _segment_param_bytes(seg)
+    known = {info.name for info in seg.segments}
+    # Bytes saved outside every planned segment (e.g. by the loss) get a row of their own.
+    extra = [SegmentInfo(name=name, kind="stored") for name in saved if name not in known]
+    rows = []
+    for info in [*seg.segments, *extra]:
+        transient = 0
+        if info.kind == "reversible" and info.name in windows:
+            transient = max(0, windows[info.name].rise - owned.get(info.name, 0))
+        rows.append(SegmentMemory(name=info.name, kind=info.kind,
+                                  activation_bytes=saved.get(info.name, 0), transient_bytes=transient))
+    return rows
