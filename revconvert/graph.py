@@ -126,6 +126,21 @@ def _owner(node: fx.Node) -> str | None:
     return list(stack.values())[-1][0] or None
 
 
+def _common_owner(modules: list[fx.Node]) -> str | None:
+    """Longest common dotted prefix of the called modules' names (``layer2.0.conv1`` and
+    ``layer2.0.downsample.0`` -> ``layer2.0``): the owner when the graph has no module stack, as in
+    a re-traced GraphModule."""
+    if not modules:
+        return None
+    parts = [str(n.target).split(".")[:-1] for n in modules]
+    prefix = []
+    for atoms in zip(*parts):
+        if len(set(atoms)) != 1:
+            break
+        prefix.append(atoms[0])
+    return ".".join(prefix) or None
+
+
 def _fork(idom: dict[str, str], order: dict[str, int], g: nx.DiGraph, a: fx.Node, b: fx.Node) -> str | None:
     """The node where the two operands of a join meet.
 
@@ -161,6 +176,7 @@ def find_residual_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
         g.add_edge(_ROOT, name)
     idom = nx.immediate_dominators(g, _ROOT)
     order = {node.name: i for i, node in enumerate(graph.nodes)}
+    by_name = {node.name: node for node in graph.nodes}
 
     blocks: list[ResidualBlock] = []
     for node in graph.nodes:
@@ -193,7 +209,8 @@ def find_residual_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
             (user,) = node.users
             if is_activation(gm, user) and user.all_input_nodes == [node]:
                 post_op = user.name
-        owner = _owner(node)
+        owner = _owner(node) or _common_owner(
+            [by_name[n] for n in branch_set | short_set if by_name[n].op == "call_module"])
         blocks.append(ResidualBlock(
             name=owner or node.name,
             owner=owner,

@@ -10,6 +10,7 @@ invertible: it moves to the front of F and G (pre-activation style).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from torch import nn
 
 from .graph import ResidualBlock
 from .ops import CONV_TYPES, op_kind
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
 __all__ = ["BranchSpec", "branch_spec", "build_residual_function", "choose_scale", "NodeOp"]
 
@@ -111,16 +114,17 @@ def _new_width(c: int, is_outer: bool, half: int, scale: float, align: int) -> i
 def _count_params(spec: BranchSpec, half: int, scale: float, align: int) -> int:
     total = 0
     for mod, (c_in, c_out), (o_in, o_out) in zip(spec.modules, spec.channels, spec.outer):
+        if mod is None:
+            continue
         w_in, w_out = _new_width(c_in, o_in, half, scale, align), _new_width(c_out, o_out, half, scale, align)
-        if isinstance(mod, CONV_TYPES):
+        kind = mod.type if isinstance(mod, _Desc) else type(mod)
+        if issubclass(kind, CONV_TYPES):
             groups = w_in if _depthwise(mod) else mod.groups
             total += w_in // groups * w_out * math.prod(mod.kernel_size) + (w_out if mod.bias is not None else 0)
-        elif isinstance(mod, nn.GroupNorm):
+        elif issubclass(kind, _NORMS):
             total += 2 * w_out if mod.affine else 0
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            total += 2 * w_out if mod.affine else 0
-        elif mod is not None:
-            total += sum(p.numel() for p in mod.parameters())
+        else:
+            total += mod.other_params if isinstance(mod, _Desc) else sum(p.numel() for p in mod.parameters())
     return total
 
 
@@ -136,14 +140,47 @@ def choose_scale(spec: BranchSpec, half: int, width: str | float) -> tuple[float
         return 1.0, align
     if not isinstance(width, str):
         return float(width), align
-    target = spec.params
+    return _match_params(_signature(spec), half, align), align
+
+
+def _signature(spec: BranchSpec) -> tuple:
+    """Everything the parameter count depends on; blocks of one stage share it."""
+    def desc(m: nn.Module | None) -> tuple:
+        if m is None:
+            return ()
+        return (type(m), getattr(m, "kernel_size", None), getattr(m, "groups", None),
+                getattr(m, "bias", None) is not None, getattr(m, "affine", None),
+                getattr(m, "in_channels", None), getattr(m, "out_channels", None),
+                sum(p.numel() for p in m.parameters()) if not isinstance(m, CONV_TYPES + _NORMS) else None)
+    return (spec.channels, spec.outer, spec.params, tuple(desc(m) for m in spec.modules))
+
+
+@functools.lru_cache(maxsize=256)
+def _match_params(signature: tuple, half: int, align: int) -> float:
+    spec = _SpecView(signature)
+    target = signature[2]
     best = (math.inf, 1.0)
     for i in range(1, 801):  # scales 0.005 .. 4.0; two cheap integer sums per candidate
         s = i / 200
         err = abs(2 * _count_params(spec, half, s, align) - target)
         if err < best[0]:
             best = (err, s)
-    return best[1], align
+    return best[1]
+
+
+class _SpecView:
+    """Just enough of a BranchSpec, rebuilt from a signature, for :func:`_count_params`."""
+
+    def __init__(self, signature: tuple) -> None:
+        self.channels, self.outer = signature[0], signature[1]
+        self.modules = tuple(_Desc(d) if d else None for d in signature[3])
+
+
+class _Desc:
+    def __init__(self, d: tuple) -> None:
+        self.type, self.kernel_size, self.groups, has_bias, self.affine, self.in_channels, \
+            self.out_channels, self.other_params = d
+        self.bias = 0 if has_bias else None
 
 
 def _init_conv(conv: nn.Module) -> None:
@@ -157,11 +194,12 @@ def _rebuild(gm: fx.GraphModule, node: fx.Node, w_in: int, w_out: int, first: bo
         mod = gm.get_submodule(node.target)
         if isinstance(mod, CONV_TYPES):
             groups = w_in if _depthwise(mod) else mod.groups
-            new = type(mod)(w_in, w_out, mod.kernel_size, stride=1, padding=mod.padding,
-                            dilation=mod.dilation, groups=groups, bias=mod.bias is not None,
-                            padding_mode=mod.padding_mode)
-            _init_conv(new)
-            return new.to(dtype=mod.weight.dtype, device=mod.weight.device)
+            new = nn.utils.skip_init(type(mod), w_in, w_out, mod.kernel_size, stride=1, padding=mod.padding,
+                                     dilation=mod.dilation, groups=groups, bias=mod.bias is not None,
+                                     padding_mode=mod.padding_mode, device=mod.weight.device,
+                                     dtype=mod.weight.dtype)
+            _init_conv(new)  # skip_init: initialise once, the torchvision way
+            return new
         if isinstance(mod, nn.GroupNorm):
             new = nn.GroupNorm(mod.num_groups, w_out, eps=mod.eps, affine=mod.affine)
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm):

@@ -89,6 +89,11 @@ def example_from(example_input: Any, dtype: torch.dtype | None = None) -> tuple[
                     f"(1, 3, 224, 224); got {type(example_input).__name__}")
 
 
+_SHAPE_PRESERVING = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6,
+                     nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Dropout,
+                     nn.Dropout2d, nn.Identity)
+
+
 class _MetaShapeProp(fx.Interpreter):
     """Runs the graph on meta tensors, storing each node's output in ``node.meta["val"]``."""
 
@@ -115,6 +120,13 @@ class _MetaShapeProp(fx.Interpreter):
         for atom in target.split("."):
             obj = getattr(obj, atom)
         return obj
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(target)
+        if isinstance(module, _SHAPE_PRESERVING) and len(args) == 1 and not kwargs \
+                and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])  # same shape and dtype; skips slow meta decompositions
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
