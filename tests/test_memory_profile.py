@@ -74,9 +74,6 @@ def test_measurement_of_a_tiny_model_is_exact():
     assert (estimate.activation_bytes, estimate.peak_bytes) == (m.activation_bytes, m.peak_bytes)
 
 
-@pytest.mark.xfail(strict=False, reason="analyze() of a converted GraphModule names stored blocks by "
-                   "their add node ('add_1') instead of 'layer2.0' (nn_module_stack is lost on re-trace); "
-                   "asked of the audit's owner")
 def test_segment_rows_align_by_name():
     _, _, profile = _case("resnet18", 2, 64)
     assert [s.name for s in profile.original.segments] == [s.name for s in profile.converted.segments]
