@@ -207,3 +207,10 @@ def test_estimate_matches_cuda_allocator():
     measured = measure_memory(model.cuda(), torch.randn(8, 3, 128, 128, device="cuda"))
     assert measured.cuda_peak_bytes is not None
     assert estimate.peak_bytes == pytest.approx(measured.cuda_peak_bytes, rel=0.10)
+
+
+def test_batchnorm_single_value_gets_a_hint():
+    import torchvision
+
+    with pytest.raises(ValueError, match=r"batch_size=1 .*BatchNorm.*batch_size >= 2"):
+        memory_profile(torchvision.models.resnet18(), (3, 32, 32), 1)

@@ -164,7 +164,15 @@ def _estimate(model: nn.Module, shape: tuple[int, ...], batch_size: int, dtype: 
             params=params, buffers=buffers, optimizer_state=state, inputs=inputs,
             modeled_step_bytes=spec.step_temporary_bytes(params, device) if spec else 0,
             optimizer_name=optimizer)
-        return run_step(seg, resources)
+        try:
+            return run_step(seg, resources)
+        except ValueError as e:
+            if "more than 1 value per channel" not in str(e):
+                raise
+            raise ValueError(
+                f"memory_profile: batch_size={batch_size} at input size {shape} leaves a BatchNorm layer "
+                f"one value per channel in training mode (the last stage is 1x1 there); use "
+                f"batch_size >= 2 or a larger input_size") from e
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
