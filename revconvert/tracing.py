@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import TraceError
 
-__all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from"]
+__all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from", "meta_copy"]
 
 
 class RevTracer(fx.Tracer):
@@ -62,12 +62,18 @@ class RevTracer(fx.Tracer):
         return out
 
 
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A structural copy of ``model`` whose parameters and buffers live on the meta device."""
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors (no data copied).
+
+    The caller's model keeps its tensors, gradients, hooks and train/eval mode; the copy's
+    parameters carry no ``.grad``; tensors shared between modules stay shared.
+    """
     memo: dict[int, Any] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
-        meta = t.detach().to("meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        if id(t) not in memo:
+            meta = t.detach().to("meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                else meta
     return copy.deepcopy(model, memo)
 
 
@@ -195,7 +201,7 @@ def trace(model: nn.Module, example_input: Any = None, *,
         raise TraceError(f"example_input has {len(args)} tensors but {type(model).__name__}.forward "
                          f"takes {len(placeholders)} inputs")
     meta_args = [a.detach().to("meta") if isinstance(a, torch.Tensor) else a for a in args]
-    _MetaShapeProp(gm, _meta_copy(model), model).run(*meta_args)
+    _MetaShapeProp(gm, meta_copy(model), model).run(*meta_args)
     return gm
 
 

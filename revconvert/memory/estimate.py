@@ -9,9 +9,7 @@ running statistics), train/eval mode or hooks.
 
 from __future__ import annotations
 
-import copy
 import gc
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .optim import optimizer_spec
 from .report import MemoryBreakdown, MemoryProfile
 from .segments import segmentation
+from ..tracing import meta_copy
 from .step import StepResources, run_step
 
 __all__ = ["memory_profile", "DTYPES", "TRACE_OPTIONS"]
@@ -176,18 +175,8 @@ def _estimate(model: nn.Module, shape: tuple[int, ...], batch_size: int, dtype: 
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in train mode whose parameters and buffers are meta tensors (no data copied).
-
-    The caller's model keeps its tensors, gradients, hooks and train/eval mode; the copy's
-    parameters carry no ``.grad``.
-    """
-    memo: dict[int, Any] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        if id(t) not in memo:
-            meta = t.detach().to("meta")
-            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
-                else meta
-    work = copy.deepcopy(model, memo)
+    """A meta-tensor deep copy (see :func:`revconvert.tracing.meta_copy`), in train mode."""
+    work = meta_copy(model)
     work.train()
     return work
 
