@@ -202,11 +202,14 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.max_memory_allocated)")
 def test_estimate_matches_cuda_allocator():
-    model = tv_model("resnet18")
-    estimate = memory_profile(model, (3, 128, 128), 8, device="cuda", converted=False).original
-    measured = measure_memory(model.cuda(), torch.randn(8, 3, 128, 128, device="cuda"))
+    # Large enough that cuDNN/cuBLAS workspaces (invisible to the tracker, a roughly constant few
+    # tens of MiB) stay well under the 10% tolerance.
+    model = tv_model("resnet50")
+    estimate = memory_profile(model, (3, 224, 224), 32, device="cuda", converted=False).original
+    measured = measure_memory(model.cuda(), torch.randn(32, 3, 224, 224, device="cuda"))
     assert measured.cuda_peak_bytes is not None
-    assert estimate.peak_bytes == pytest.approx(measured.cuda_peak_bytes, rel=0.10)
+    assert estimate.peak_bytes == pytest.approx(measured.cuda_peak_bytes, rel=0.10), \
+        (estimate.peak_bytes, measured.cuda_peak_bytes, measured.peak_bytes)
 
 
 def test_batchnorm_single_value_gets_a_hint():
