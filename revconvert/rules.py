@@ -154,6 +154,8 @@ def _groups(ctx: BlockContext) -> str | None:
             depthwise = mod.groups == mod.in_channels == mod.out_channels
             if not depthwise and half % mod.groups:
                 return f"{node.target} has groups={mod.groups}, which does not divide {half} channels"
+            if depthwise and node is convs[-1] and len(convs) > 1:
+                return f"{node.target} is depthwise and writes the block output from an inner width"
         if isinstance(mod, nn.GroupNorm) and node.name in outer_norms and half % mod.num_groups:
             return f"{node.target} has {mod.num_groups} groups, which does not divide {half} channels"
     return None

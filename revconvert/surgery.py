@@ -111,12 +111,27 @@ def _new_width(c: int, is_outer: bool, half: int, scale: float, align: int) -> i
     return max(align, int(round(c * scale / align)) * align)
 
 
+def _widths(spec: BranchSpec, half: int, scale: float, align: int) -> list[tuple[int, int]]:
+    """New (input, output) channel counts of every branch op, propagated along the chain so they
+    always agree: a conv sets the width (outer -> half, inner -> scaled), a depthwise conv keeps it,
+    every other op passes it through."""
+    widths, cur = [], half
+    for mod, (_, c_out), (_, o_out) in zip(spec.modules, spec.channels, spec.outer):
+        kind = mod.type if isinstance(mod, _Desc) else type(mod)
+        if mod is not None and issubclass(kind, CONV_TYPES):
+            out = cur if _depthwise(mod) else _new_width(c_out, o_out, half, scale, align)
+        else:
+            out = cur
+        widths.append((cur, out))
+        cur = out
+    return widths
+
+
 def _count_params(spec: BranchSpec, half: int, scale: float, align: int) -> int:
     total = 0
-    for mod, (c_in, c_out), (o_in, o_out) in zip(spec.modules, spec.channels, spec.outer):
+    for mod, (w_in, w_out) in zip(spec.modules, _widths(spec, half, scale, align)):
         if mod is None:
             continue
-        w_in, w_out = _new_width(c_in, o_in, half, scale, align), _new_width(c_out, o_out, half, scale, align)
         kind = mod.type if isinstance(mod, _Desc) else type(mod)
         if issubclass(kind, CONV_TYPES):
             groups = w_in if _depthwise(mod) else mod.groups
@@ -244,9 +259,7 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, spec: Bran
         if getattr(act, "inplace", False):
             act.inplace = False
         layers.append(act)
-    for i, (name, (c_in, c_out), (o_in, o_out)) in enumerate(zip(spec.nodes, spec.channels, spec.outer)):
-        w_in = _new_width(c_in, o_in, half, scale, align)
-        w_out = _new_width(c_out, o_out, half, scale, align)
+    for name, (w_in, w_out) in zip(spec.nodes, _widths(spec, half, scale, align)):
         layers.append(_rebuild(gm, by_name[name], w_in, w_out, first=not layers))
     if zero_init:
         _zero_last(layers)
