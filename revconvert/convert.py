@@ -88,6 +88,7 @@ class ConversionSummary:
     stored_reasons: dict[str, str]
     params_before: int
     params_after: int
+    not_selected: list[str] = field(default_factory=list)
 
     @property
     def param_ratio(self) -> float:
@@ -101,6 +102,9 @@ class ConversionSummary:
         if self.segments:
             rows = [(name, len(blocks), f"{blocks[0]} .. {blocks[-1]}") for name, blocks in self.segments.items()]
             lines += ["", render_table(("segment", "couplings", "replaces"), rows, align="lrl")]
+        if self.not_selected:
+            lines += ["", f"Eligible but not selected by the config ({len(self.not_selected)}): "
+                          f"{', '.join(self.not_selected)}"]
         if self.stored_reasons:
             lines += ["", "Kept as stored blocks:"]
             lines += [f"  {name}: {reason}" for name, reason in self.stored_reasons.items()]
@@ -257,7 +261,8 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
         model=report.model, blocks=len(report.blocks), converted_blocks=converted_blocks,
         segments={name: [b.name for b in blocks] for name, blocks in analysis.runs.items()},
         stored_reasons=stored, params_before=params_before,
-        params_after=sum(p.numel() for p in gm.parameters()))
+        params_after=sum(p.numel() for p in gm.parameters()),
+        not_selected=[b.name for b in report.blocks if b.reversible and not b.selected])
     if not converted_blocks:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(report.reason_counts.items())) or "no residual blocks"
         warnings.warn(f"revconvert.convert: no block of {report.model} can become reversible ({why}); "

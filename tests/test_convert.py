@@ -248,6 +248,8 @@ def test_only_and_width_options():
     only3 = revconvert.convert(model, (1, 3, 64, 64), config=ConvertConfig(only=("layer3",)))
     assert list(_segments(only3)) == ["layer3.rev_1_5"]
     assert only3.revconvert_summary.converted_blocks == [f"layer3.{i}" for i in range(1, 6)]
+    assert "layer2.1" in only3.revconvert_summary.not_selected
+    assert "not selected" in str(only3.revconvert_summary)
     keep = revconvert.convert(model, (1, 3, 64, 64), config=ConvertConfig(only=("layer1",), width="keep"))
     F = keep.get_submodule("layer1.rev_1_2").couplings[0].F
     assert F[1].in_channels == 128 and F[1].out_channels == 64  # original inner width 64 kept
