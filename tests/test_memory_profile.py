@@ -15,9 +15,8 @@ from revconvert.memory import MemoryBreakdown, MemoryProfile, measure_memory, me
 
 F32 = 4
 
-# (model, batch, image side): covers both models, both batch sizes and both image sizes of the
-# acceptance grid while keeping the suite short on two cores; original and converted each.
-GRID = [("resnet18", 4, 128), ("resnet50", 2, 64)]
+# (model, batch, image side): the whole acceptance grid, original and converted each.
+GRID = [(name, batch, side) for name in ("resnet18", "resnet50") for batch in (2, 4) for side in (64, 128)]
 _cache: dict = {}
 
 
