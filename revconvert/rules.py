@@ -170,7 +170,7 @@ RULES: tuple[Rule, ...] = (
     Rule("branch-escapes", "a branch result is used outside the block ({detail})", _branch_escapes),
     Rule("extra-input", "the branch depends on more than the block input ({detail})", _extra_input),
     Rule("inplace-fork", "the branch overwrites the block input ({detail})", _inplace_fork),
-    Rule("unsupported-layer", "the channel surgery cannot rebuild a {detail} layer", _unsupported),
+    Rule("unsupported-layer", "the channel surgery cannot rebuild a layer of the branch: {detail}", _unsupported),
     Rule("non-sequential-branch", "the branch is not a simple chain of layers ({detail})", _not_sequential),
     Rule("groups", "grouped layers do not fit half the channels ({detail})", _groups),
 )

@@ -325,3 +325,32 @@ def test_memory_saving_switch_in_config():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         converted(torch.randn(1, 3, 64, 64)).sum().backward()
+
+
+@pytest.mark.parametrize("name,blocks,eligible", [("mobilenet_v2", 10, 10), ("regnet_x_400mf", 22, 18)])
+def test_beyond_resnets_inverted_and_grouped_blocks(name, blocks, eligible):
+    # MobileNetV2's inverted residuals (expand 1x1 -> depthwise 3x3 -> project 1x1, no activation
+    # after the add) and RegNetX's grouped bottlenecks convert too.
+    model = tv_model(name).double()
+    report = revconvert.audit(model, (2, 3, 64, 64))
+    assert (len(report.blocks), len(report.reversible_blocks)) == (blocks, eligible)
+    converted = revconvert.convert(model, (2, 3, 64, 64))
+    assert abs(_nparams(converted) / _nparams(model) - 1) <= 0.05
+    for m in converted.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    reference = copy.deepcopy(converted)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    torch.manual_seed(1)  # the classifier's dropout draws the same mask in both runs
+    converted(x).square().sum().backward()
+    torch.manual_seed(1)
+    with revconvert.ordinary_autograd():
+        reference(x).square().sum().backward()
+    # 1e-9, not 1e-10: with many ReLUs a float64 reconstruction can, rarely, move an input across
+    # a ReLU's kink (README, "Numerical drift"); typical differences here are 1e-13. Biases in
+    # front of a train-mode BatchNorm have gradients that are zero up to rounding: no tensor is
+    # measured on a finer scale than 1e-4 of the largest gradient.
+    floor = 1e-4 * max(q.grad.abs().max().item() for q in reference.parameters())
+    for p, q in zip(converted.parameters(), reference.parameters()):
+        assert (p.grad - q.grad).abs().max().item() <= 1e-9 * max(q.grad.abs().max().item(), floor)
