@@ -19,7 +19,7 @@ from torch import nn
 from ._format import format_count, render_table
 from .graph import ResidualBlock, find_residual_blocks
 from .rules import BlockContext, Violation, check_block
-from .tracing import tensor_shape, trace
+from .tracing import model_name, tensor_shape, trace
 
 __all__ = ["audit", "analyze", "AuditReport", "BlockAudit", "SegmentPlan", "Analysis"]
 
@@ -335,7 +335,7 @@ def analyze(model: nn.Module, example_input: Any = None, *,
         ))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     report = AuditReport(
-        model=type(model).__name__,
+        model=model_name(model),
         input_shape=tensor_shape(placeholders[0]) if placeholders else None,
         blocks=audits,
         segments=segments,

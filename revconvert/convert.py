@@ -263,7 +263,14 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
         stored_reasons=stored, params_before=params_before,
         params_after=sum(p.numel() for p in gm.parameters()),
         not_selected=[b.name for b in report.blocks if b.reversible and not b.selected])
-    if not converted_blocks:
+    # GraphModule.__deepcopy__ rebuilds the module and keeps only attributes listed here.
+    preserved = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+    gm.meta.setdefault(preserved, {})["revconvert_summary"] = gm.revconvert_summary
+    if not converted_blocks and report.converted_segments:
+        warnings.warn(f"revconvert.convert: {report.model} is already converted "
+                      f"({len(report.converted_segments)} reversible segments) and has no further eligible "
+                      f"block; the returned model is equivalent to it", stacklevel=2)
+    elif not converted_blocks:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(report.reason_counts.items())) or "no residual blocks"
         warnings.warn(f"revconvert.convert: no block of {report.model} can become reversible ({why}); "
                       f"the returned model is equivalent to the original", stacklevel=2)

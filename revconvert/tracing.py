@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import TraceError
 
-__all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from", "meta_copy"]
+__all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from", "meta_copy", "model_name"]
 
 
 class RevTracer(fx.Tracer):
@@ -215,3 +215,9 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The submodule a ``call_module`` node calls, else None."""
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
+
+
+def model_name(model: nn.Module) -> str:
+    """The name reports use: the class name, or the original's for a converted model."""
+    summary = getattr(model, "revconvert_summary", None)
+    return getattr(summary, "model", None) or type(model).__name__

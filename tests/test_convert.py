@@ -211,7 +211,10 @@ def test_behaves_like_a_model(tmp_path):
     twin = revconvert.convert(tv_model("resnet18"), (1, 3, 64, 64)).eval()
     twin.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
     assert torch.equal(twin(x), y)
-    assert torch.equal(copy.deepcopy(converted)(x), y)
+    twin_copy = copy.deepcopy(converted)
+    assert torch.equal(twin_copy(x), y)
+    assert twin_copy.revconvert_summary.converted_blocks == converted.revconvert_summary.converted_blocks
+    assert loaded.revconvert_summary.segments == converted.revconvert_summary.segments
     doubled = copy.deepcopy(converted).to(torch.float64)
     torch.testing.assert_close(doubled(x.double()).float(), y, rtol=1e-4, atol=1e-4)
     text = str(converted)
@@ -354,3 +357,14 @@ def test_beyond_resnets_inverted_and_grouped_blocks(name, blocks, eligible):
     floor = 1e-4 * max(q.grad.abs().max().item() for q in reference.parameters())
     for p, q in zip(converted.parameters(), reference.parameters()):
         assert (p.grad - q.grad).abs().max().item() <= 1e-9 * max(q.grad.abs().max().item(), floor)
+
+
+def test_converting_a_converted_model_says_so():
+    converted = revconvert.convert(tv_model("resnet18"), (1, 3, 64, 64))
+    with pytest.warns(UserWarning, match="ResNet is already converted"):
+        again = revconvert.convert(converted, (1, 3, 64, 64))
+    assert len(_segments(again)) == len(_segments(converted))
+    profile = revconvert.memory_profile(converted, (3, 64, 64), 2)
+    assert profile.converted is None  # nothing to compare an already converted model with
+    assert profile.model_name == "ResNet"
+    assert {s.kind for s in profile.original.segments} == {"stored", "reversible"}

@@ -20,7 +20,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .optim import optimizer_spec
 from .report import MemoryBreakdown, MemoryProfile
 from .segments import segmentation
-from ..tracing import meta_copy
+from ..runtime import ReversibleSegment
+from ..tracing import meta_copy, model_name
 from .step import StepResources, run_step
 
 __all__ = ["memory_profile", "DTYPES", "TRACE_OPTIONS"]
@@ -96,12 +97,14 @@ def memory_profile(
     original = _estimate(model, shape, batch_size, dtype, optimizer, device, False, trace_options)
     gc.collect()  # fx graphs are cyclic: release the first copy before making the second
     conv = None
-    if converted:
+    # A model that is already converted is profiled as it is: there is nothing to compare it with.
+    already = any(isinstance(m, ReversibleSegment) for m in model.modules())
+    if converted and not already:
         conv = _estimate(model, shape, batch_size, dtype, optimizer, device, True, trace_options)
         gc.collect()
     return MemoryProfile(original=original, converted=conv, batch_size=batch_size, input_size=shape,
                          dtype=str(dtype).removeprefix("torch."), device=device.type,
-                         model_name=type(model).__name__)
+                         model_name=model_name(model))
 
 
 def _check_input_size(input_size: Sequence[int] | int) -> tuple[int, ...]:
