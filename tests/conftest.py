@@ -21,6 +21,35 @@ RESNET_FAMILY = {
 }
 
 
+def conv_bn(c: int, *, dropout: float = 0.0) -> torch.nn.Module:
+    """conv-BN-ReLU[-dropout]-conv-BN on ``c`` channels: a residual function for the couplings."""
+    from torch import nn
+
+    layers = [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers += [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)]
+    return nn.Sequential(*layers)
+
+
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward in ``model(x)``, once per storage, parameters and buffers
+    excluded. Independent of revconvert's own counter; works on meta tensors too."""
+    skip = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    seen, keep = {}, []
+
+    def pack(t):
+        st = t.untyped_storage()
+        keep.append(st)  # keep storages alive so their ids stay unique
+        if st._cdata not in skip:
+            seen[st._cdata] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
+
+
 def tv_model(name: str) -> torch.nn.Module:
     import torchvision
 

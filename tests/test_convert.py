@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import revconvert
 from revconvert import ConvertConfig, ConversionError, ReversibleSegment
-from conftest import RESNET_FAMILY, assert_unchanged, snapshot, tv_model
+from conftest import RESNET_FAMILY, assert_unchanged, saved_bytes, snapshot, tv_model
 from toy_models import CifarResNet, DropoutBlockNet, FunctionalResNet, PreActResNet, UntraceableNet
 
 
@@ -111,24 +111,6 @@ def test_converted_model_learns_like_the_original(factory):
     assert last_c < last_o + 0.2   # at least about as well
 
 
-def _saved_bytes(model, x):
-    """Bytes saved for backward, deduplicated by storage, parameters and buffers excluded."""
-    skip = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    seen, keep = {}, []
-
-    def pack(t):
-        st = t.untyped_storage()
-        keep.append(st)  # keep storages alive so their ids stay unique
-        if st._cdata not in skip:
-            seen[st._cdata] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x).sum()
-    out.backward()  # outside the hooks: the backward's own recomputation is transient
-    return sum(seen.values())
-
-
 def _meta_model(name):
     with torch.device("meta"):
         return tv_model(name)
@@ -137,11 +119,11 @@ def _meta_model(name):
 def test_saved_bytes_on_meta_equal_real():
     model = tv_model("resnet18")
     converted = revconvert.convert(model, (2, 3, 64, 64))
-    real = (_saved_bytes(model, torch.randn(2, 3, 64, 64)), _saved_bytes(converted, torch.randn(2, 3, 64, 64)))
+    real = (saved_bytes(model, torch.randn(2, 3, 64, 64)), saved_bytes(converted, torch.randn(2, 3, 64, 64)))
     meta_model = _meta_model("resnet18")
     meta_conv = revconvert.convert(meta_model, (2, 3, 64, 64))
     x = torch.empty(2, 3, 64, 64, device="meta")
-    assert (_saved_bytes(meta_model, x), _saved_bytes(meta_conv, x)) == real
+    assert (saved_bytes(meta_model, x), saved_bytes(meta_conv, x)) == real
     assert real[1] < 0.8 * real[0]
 
 
@@ -151,7 +133,7 @@ def test_saved_activation_ratio(name, limit):
     model = _meta_model(name)
     converted = revconvert.convert(model, (2, 3, 224, 224))
     x = torch.empty(2, 3, 224, 224, device="meta")
-    ratio = _saved_bytes(converted, x) / _saved_bytes(model, x)
+    ratio = saved_bytes(converted, x) / saved_bytes(model, x)
     assert ratio <= limit
 
 

@@ -10,20 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from conftest import conv_bn
 from revconvert.runtime import ReversibleCoupling, ReversibleSegment, ordinary_autograd
 from revconvert.runtime._function import ReversibleFunction
 
 # float32: the reconstruction rounds at ~1e-7 relative per coupling and the errors compound through
 # the recomputed F and G; 16 conv-BN couplings stay below 1e-4 relative to the largest gradient.
 FLOAT32_RTOL = 1e-4
-
-
-def conv_bn(c: int, *, dropout: float = 0.0) -> nn.Module:
-    layers = [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
-    if dropout:
-        layers.append(nn.Dropout(dropout))
-    layers += [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)]
-    return nn.Sequential(*layers)
 
 
 def conv_segment(depth: int, channels: int, **kwargs) -> ReversibleSegment:

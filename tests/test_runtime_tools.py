@@ -11,14 +11,8 @@ from torch._subclasses import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
+from conftest import conv_bn, saved_bytes
 from revconvert.runtime import ReversibleCoupling, ReversibleSegment
-
-
-def conv_bn(c: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
-        nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
-    )
 
 
 def segment_of(depth: int, c: int = 8, **kwargs) -> ReversibleSegment:
@@ -29,22 +23,6 @@ def ordinary_copy(segment: ReversibleSegment) -> ReversibleSegment:
     ordinary = copy.deepcopy(segment)
     ordinary.use_reversible_backward = False
     return ordinary
-
-
-def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward after ``module(x)``: unique storages, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(storages.values())
 
 
 # --- Memory ----------------------------------------------------------------------------------------

@@ -8,19 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import conv_bn
 from revconvert.runtime import ReversibleCoupling, ReversibleSegment, ordinary_autograd
 
 # CPU bfloat16 autocast: ordinary autograd and the recomputation run the same bf16 kernels on inputs
 # that differ only by float32 reconstruction rounding, which bf16 re-rounding occasionally flips.
 AUTOCAST_BF16_RTOL = 2e-2
-
-
-def conv_bn(c: int, *, dropout: float = 0.0) -> nn.Module:
-    layers = [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
-    if dropout:
-        layers.append(nn.Dropout(dropout))
-    layers += [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)]
-    return nn.Sequential(*layers)
 
 
 def segment_of(depth: int, c: int = 8, *, dropout: float = 0.0, dtype=torch.float64) -> ReversibleSegment:
