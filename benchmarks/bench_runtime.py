@@ -19,16 +19,14 @@ import json
 import statistics
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+from revconvert.memory.tracker import AllocationTracker, SavedTensorCounter
 from revconvert.runtime import ReversibleCoupling, ReversibleSegment
 
 
@@ -67,43 +65,6 @@ def memcnn_model(couplings: nn.ModuleList) -> nn.Module | None:
     ])
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of live tensor storages created under the mode (CPU has no allocator statistics).
-
-    Each storage is counted once, from its first tensor to the death of its last tensor (PyTorch keeps
-    a tensor's Python object alive as long as C++ holds it, so weakref finalizers see its real end).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.refs: dict[int, int] = {}
-        self.size: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, key: int) -> None:
-        self.refs[key] -= 1
-        if self.refs[key] == 0:
-            del self.refs[key]
-            self.current -= self.size.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                key = t.untyped_storage().data_ptr()
-                if key == 0:
-                    continue
-                if key not in self.refs:
-                    self.refs[key] = 0
-                    self.size[key] = t.untyped_storage().nbytes()
-                    self.current += self.size[key]
-                    self.peak = max(self.peak, self.current)
-                self.refs[key] += 1
-                weakref.finalize(t, self._release, key)
-        return out
-
-
 def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -114,18 +75,13 @@ def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Bytes autograd saves in the forward, once per storage, parameters and buffers excluded."""
+    with SavedTensorCounter(exclude=[*model.parameters(), *model.buffers()]) as counter:
+        counter.segment = "forward"
         model(x.clone().requires_grad_(True) * 1.0)
-    return sum(storages.values())
+    total = counter.total
+    counter.close()
+    return total
 
 
 def measure(methods: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, dict[str, float]]:
@@ -134,10 +90,11 @@ def measure(methods: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dic
     for name, model in methods.items():
         steps[name]()  # warm-up (allocator, lazy init)
         results[name]["saved_bytes"] = saved_bytes(model, x)
-        tracker = LiveBytes()
+        tracker = AllocationTracker()  # CPU has no allocator statistics: count live storages
         with tracker:
             steps[name]()
         results[name]["peak_bytes"] = tracker.peak
+        tracker.stop()
         with FlopCounterMode(display=False) as counter:
             steps[name]()
         results[name]["flops"] = counter.get_total_flops()

@@ -38,7 +38,6 @@ import platform
 import statistics
 import sys
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -48,10 +47,9 @@ import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 from torch.utils.flop_counter import FlopCounterMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_iter
 
 import revconvert
+from revconvert.memory.tracker import AllocationTracker, SavedTensorCounter
 
 METHODS = ("original", "ckpt-sequential", "ckpt-per-block", "revconvert", "revconvert-ordinary")
 
@@ -59,72 +57,9 @@ METHODS = ("original", "ckpt-sequential", "ckpt-per-block", "revconvert", "revco
 # --------------------------------------------------------------------------------------------- #
 # instruments
 # --------------------------------------------------------------------------------------------- #
-class LiveBytes(TorchDispatchMode):
-    """Live bytes of storages allocated under this mode, and their peak (CPU or any device).
-
-    A storage first seen as an op output is a new allocation; a weak reference to its (preserved)
-    Python storage object subtracts its bytes when it is freed. Storages that existed before the
-    mode was entered (weights, the input batch) are never counted.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._known: dict[int, weakref.ref] = {}
-
-    def _free(self, key: int, nbytes: int) -> None:
-        if self._known.pop(key, None) is not None:
-            self.live -= nbytes
-
-    def _see(self, t: torch.Tensor, new: bool) -> None:
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return
-        key = id(st)
-        if key in self._known:
-            return
-        nbytes = st.nbytes() if new else 0
-        self._known[key] = weakref.ref(st, lambda _r, key=key, n=nbytes: self._free(key, n))
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        for a in tree_iter((args, kwargs or {})):
-            if isinstance(a, torch.Tensor):
-                self._see(a, new=False)
-        out = func(*args, **(kwargs or {}))
-        for o in tree_iter(out):
-            if isinstance(o, torch.Tensor):
-                self._see(o, new=True)
-        return out
-
-
-class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Bytes autograd saves for backward while ``counting`` is on, once per storage.
-
-    Every saved tensor stays alive until the backward pass, so (device, data_ptr) identifies a
-    storage among them; ``exclude`` (parameters, buffers) is resident anyway and not counted.
-    """
-
-    def __init__(self, exclude: list[torch.Tensor]) -> None:
-        self.total = 0
-        self.counting = True
-        self._seen = {_key(t) for t in exclude}
-        super().__init__(self._pack, lambda t: t)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if self.counting:
-            st = t.untyped_storage()
-            key = _key(t)
-            if key not in self._seen and st.nbytes():
-                self._seen.add(key)
-                self.total += st.nbytes()
-        return t
-
-
-def _key(t: torch.Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
+# The library's own instruments (revconvert.memory.tracker), the ones measure_memory uses:
+# AllocationTracker counts storages first seen as an op output (weights and the batch exist before
+# and never count); SavedTensorCounter counts what autograd saves, once per storage, weights excluded.
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -178,7 +113,7 @@ def build_methods(name: str, device: torch.device) -> list[Method]:
 
 
 def step(method: Method, x: torch.Tensor, target: torch.Tensor, *, grads: str,
-         saved: SavedBytes | None = None) -> None:
+         saved: SavedTensorCounter | None = None) -> None:
     """One training step without the optimizer's update.
 
     ``grads="none"`` starts from ``.grad = None`` (what ``zero_grad()`` does by default), so the
@@ -191,10 +126,12 @@ def step(method: Method, x: torch.Tensor, target: torch.Tensor, *, grads: str,
             p.grad = None if grads == "none" else torch.zeros_like(p)
         else:
             p.grad.zero_()
+    if saved is not None:
+        saved.segment = "step"
     with method.context(), (saved or contextlib.nullcontext()):
         loss = F.cross_entropy(method.model(x), target)
         if saved is not None:
-            saved.counting = False  # the backward's recomputation saves tensors only transiently
+            saved.segment = None  # the backward's recomputation saves tensors only transiently
         loss.backward()
 
 
@@ -222,7 +159,7 @@ def measure(method: Method, x: torch.Tensor, target: torch.Tensor, grads: str) -
     """(saved bytes, peak bytes, FLOPs) of one instrumented step."""
     device = x.device
     resident = [*method.model.parameters(), *method.model.buffers()]
-    saved = SavedBytes(resident)
+    saved = SavedTensorCounter(exclude=resident)
     flops = FlopCounterMode(display=False)
     _sync(device)
     if device.type == "cuda":
@@ -233,11 +170,14 @@ def measure(method: Method, x: torch.Tensor, target: torch.Tensor, grads: str) -
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        tracker = LiveBytes()
+        tracker = AllocationTracker()
         with flops, tracker:
             step(method, x, target, grads=grads, saved=saved)
         peak = tracker.peak
-    return saved.total, peak, flops.get_total_flops()
+        tracker.stop()
+    total = saved.total
+    saved.close()
+    return total, peak, flops.get_total_flops()
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> list[Row]:

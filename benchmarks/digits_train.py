@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import revconvert
+from revconvert.memory.tracker import SavedTensorCounter
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -99,21 +100,13 @@ class ResNet20(nn.Module):
 def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Bytes autograd saves for backward in one training step (a deep copy runs it: no side effects)."""
     model = copy.deepcopy(model).train()
-    # Saved tensors stay alive until backward, so (device, data_ptr) names a storage among them.
-    seen = {(str(t.device), t.untyped_storage().data_ptr()) for t in [*model.parameters(), *model.buffers()]}
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        key = (str(t.device), t.untyped_storage().data_ptr())
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorCounter(exclude=[*model.parameters(), *model.buffers()]) as counter:
+        counter.segment = "forward"
         loss = F.cross_entropy(model(x), y)
+        counter.segment = None  # the backward's recomputation saves tensors only transiently
     loss.backward()
+    total = counter.total
+    counter.close()
     return total
 
 
