@@ -23,7 +23,7 @@ from ._format import format_count, render_table
 from .audit import Analysis, analyze
 from .errors import ConversionError
 from .runtime import ReversibleCoupling, ReversibleSegment
-from .surgery import branch_spec, build_residual_function, choose_scale
+from .surgery import branch_spec, build_residual_function, choose_scale, out_of_place_copy
 
 __all__ = ["ConvertConfig", "ConversionSummary", "convert"]
 
@@ -159,20 +159,14 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
             scale, align = choose_scale(spec, half, config.width)
             pre = None
             if block.post_op and config.post_activation == "move":
-                post = nodes[block.post_op]
-                pre = gm.get_submodule(post.target) if post.op == "call_module" else \
-                    _function_module(post)
+                pre = out_of_place_copy(gm, nodes[block.post_op])
             make = lambda: build_residual_function(gm, block, spec, scale=scale, align=align,  # noqa: E731
                                                    pre_activation=pre, zero_init=config.zero_init)
             couplings.append(ReversibleCoupling(make(), make()))
         last = blocks[-1]
         exit_act = None
         if last.post_op and config.post_activation == "move":
-            post = nodes[last.post_op]
-            exit_act = copy.deepcopy(gm.get_submodule(post.target)) if post.op == "call_module" \
-                else _function_module(post)
-            if getattr(exit_act, "inplace", False):
-                exit_act.inplace = False
+            exit_act = out_of_place_copy(gm, nodes[last.post_op])
         segment = ReversibleSegment(couplings, dim=1, exit_activation=exit_act)
         segment.use_reversible_backward = config.memory_saving
         segment.source_blocks = tuple(b.name for b in blocks)
@@ -196,21 +190,6 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
     for n in gm.graph.nodes:
         n.meta["revconvert"] = {"segment": analysis.node_segment.get(n.name, "head")}
     return [b.name for blocks in analysis.runs.values() for b in blocks]
-
-
-def _function_module(node: fx.Node) -> nn.Module:
-    from .surgery import NodeOp
-
-    slot = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node))
-    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
-    target = node.target
-    name = getattr(target, "__name__", str(target))
-    if node.op == "call_method" and name.endswith("_"):
-        target = name[:-1]
-    elif node.op == "call_function" and name.endswith("_") and hasattr(torch, name[:-1]):
-        target = getattr(torch, name[:-1])
-    return NodeOp(node.op, target, tuple(None if i == slot else a for i, a in enumerate(node.args)),
-                  kwargs, slot)
 
 
 def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfig | None = None) -> fx.GraphModule:

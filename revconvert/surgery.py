@@ -24,7 +24,7 @@ from .ops import CONV_TYPES, op_kind
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
-__all__ = ["BranchSpec", "branch_spec", "build_residual_function", "choose_scale", "NodeOp"]
+__all__ = ["BranchSpec", "branch_spec", "build_residual_function", "choose_scale", "NodeOp", "out_of_place_copy"]
 
 _DROPOUT_FN_TO_MODULE = {"dropout": nn.Dropout, "dropout1d": nn.Dropout1d, "dropout2d": nn.Dropout2d,
                          "dropout3d": nn.Dropout3d, "alpha_dropout": nn.AlphaDropout}
@@ -221,10 +221,8 @@ def _rebuild(gm: fx.GraphModule, node: fx.Node, w_in: int, w_out: int, first: bo
             new = type(mod)(w_out, eps=mod.eps, momentum=mod.momentum, affine=mod.affine,
                             track_running_stats=mod.track_running_stats)
         else:
-            new = copy.deepcopy(mod)
-            if first and getattr(new, "inplace", False):
-                new.inplace = False  # F's input is the caller's half; never overwrite it
-            return new
+            # The first op reads the caller's half; it must never overwrite it.
+            return out_of_place_copy(gm, node) if first else copy.deepcopy(mod)
         ref = next(iter(mod.parameters()), None)
         if ref is None:
             ref = next((b for b in mod.buffers() if b.is_floating_point()), None)
@@ -234,17 +232,36 @@ def _rebuild(gm: fx.GraphModule, node: fx.Node, w_in: int, w_out: int, first: bo
     if node.op == "call_function" and name in _DROPOUT_FN_TO_MODULE:
         p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
         return _DROPOUT_FN_TO_MODULE[name](p)  # module form follows train/eval, unlike a traced flag
+    return _node_op(node, out_of_place=first)
+
+
+def _node_op(node: fx.Node, *, out_of_place: bool) -> NodeOp:
+    """``node``'s function or method as a module; ``out_of_place`` swaps ``relu_`` for ``relu``
+    and drops ``inplace=True``."""
     slot = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node))
     args = tuple(None if i == slot else a for i, a in enumerate(node.args))
     kwargs = dict(node.kwargs)
-    if first:
+    target = node.target
+    if out_of_place:
+        name = getattr(target, "__name__", str(target))
         if kwargs.get("inplace"):
             kwargs["inplace"] = False
-        if node.op == "call_method" and str(node.target).endswith("_"):
-            return NodeOp(node.op, str(node.target)[:-1], args, kwargs, slot)
-        if node.op == "call_function" and name.endswith("_") and hasattr(torch, name[:-1]):
-            return NodeOp(node.op, getattr(torch, name[:-1]), args, kwargs, slot)
-    return NodeOp(node.op, node.target, args, kwargs, slot)
+        if node.op == "call_method" and name.endswith("_"):
+            target = name[:-1]
+        elif node.op == "call_function" and name.endswith("_") and hasattr(torch, name[:-1]):
+            target = getattr(torch, name[:-1])
+    return NodeOp(node.op, target, args, kwargs, slot)
+
+
+def out_of_place_copy(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
+    """A fresh module applying ``node``'s element-wise op without overwriting its input (the
+    activation moved to the front of F and G, or applied at a segment's exit)."""
+    if node.op == "call_module":
+        mod = copy.deepcopy(gm.get_submodule(node.target))
+        if getattr(mod, "inplace", False):
+            mod.inplace = False
+        return mod
+    return _node_op(node, out_of_place=True)
 
 
 def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, spec: BranchSpec, *,
@@ -254,11 +271,8 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, spec: Bran
     by_name = {n.name: n for n in gm.graph.nodes}
     half = by_name[block.fork].meta["val"].shape[1] // 2
     layers: list[nn.Module] = []
-    if pre_activation is not None:
-        act = copy.deepcopy(pre_activation)
-        if getattr(act, "inplace", False):
-            act.inplace = False
-        layers.append(act)
+    if pre_activation is not None:  # out of place already (out_of_place_copy); F and G each own one
+        layers.append(copy.deepcopy(pre_activation))
     for name, (w_in, w_out) in zip(spec.nodes, _widths(spec, half, scale, align)):
         layers.append(_rebuild(gm, by_name[name], w_in, w_out, first=not layers))
     if zero_init:
