@@ -232,7 +232,6 @@ def analyze(model: nn.Module, example_input: Any = None, *,
     node_segment: dict[str, str] = {}
     segments: list[SegmentPlan] = []
     runs: dict[str, list[ResidualBlock]] = {}
-    unit_segment: list[str] = []
     current: list[ResidualBlock] = []
 
     def close_run() -> None:
@@ -252,7 +251,6 @@ def analyze(model: nn.Module, example_input: Any = None, *,
             blocks = tuple(getattr(gm.get_submodule(unit.target), "source_blocks", ()))
             segments.append(SegmentPlan(unit.target, "reversible", blocks, converted=True))
             node_segment[unit.name] = unit.target
-            unit_segment.append(unit.target)
             continue
         b = unit
         eligible = not violations[b.name] and (select is None or select(b.name))
@@ -260,8 +258,6 @@ def analyze(model: nn.Module, example_input: Any = None, *,
             if current and not _continues(current[-1], b, nodes):
                 close_run()
             current.append(b)
-            unit_segment.append("")  # filled when the run closes
-            block_segment[b.name] = ""
         else:
             close_run()
             segments.append(SegmentPlan(b.name, "stored", (b.name,)))

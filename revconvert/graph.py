@@ -105,11 +105,9 @@ def _is_tensor(node: object) -> bool:
 
 def _join_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """The two tensor operands of an addition node, else None (``alpha`` != 1 is not residual)."""
-    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-        pass
-    elif node.op == "call_method" and node.target in _ADD_METHODS:
-        pass
-    else:
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in _ADD_METHODS)
+    if not is_add:
         return None
     if node.kwargs.get("alpha", 1) != 1 or len(node.args) < 2:
         return None

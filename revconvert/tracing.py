@@ -53,11 +53,9 @@ class RevTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         # Remember which module is being traced so a failure can name it.
+        # On an exception the stack is left as it is: its top names the innermost failing module.
         self.current_module.append(self.path_of_module(m))
-        try:
-            out = super().call_module(m, forward, args, kwargs)
-        except Exception:
-            raise  # keep current_module pointing at the innermost failing module
+        out = super().call_module(m, forward, args, kwargs)
         self.current_module.pop()
         return out
 
@@ -114,8 +112,9 @@ class _MetaShapeProp(fx.Interpreter):
         module = copy.deepcopy(self.real_root.get_submodule(n.target))
         def real(a: Any) -> Any:
             return torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) and a.is_meta else a
-        args = [real(a) for a in self.fetch_args_kwargs_from_env(n)[0]]
-        kwargs = {k: real(v) for k, v in self.fetch_args_kwargs_from_env(n)[1].items()}
+        meta_args, meta_kwargs = self.fetch_args_kwargs_from_env(n)
+        args = [real(a) for a in meta_args]
+        kwargs = {k: real(v) for k, v in meta_kwargs.items()}
         with torch.no_grad():
             out = module(*args, **kwargs)
         return torch.utils._pytree.tree_map(
