@@ -9,7 +9,8 @@ Parameter gradients are returned from ``backward`` so autograd accumulates them 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from ._state import (
     replay_autocast,
     replay_rng,
 )
+from ._keep import KeepPolicy, Record, Replay
 from .coupling import ReversibleCoupling
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -107,6 +109,27 @@ def _vjp(
     return torch.autograd.grad(output, inputs, grad.to(output.dtype), allow_unused=True)
 
 
+@contextlib.contextmanager
+def _recording(policy: KeepPolicy | None) -> Iterator[Record | None]:
+    if policy is None:
+        yield None
+        return
+    with Record(policy) as rec:
+        yield rec
+
+
+@contextlib.contextmanager
+def _replaying(kept: list[torch.Tensor], spans: tuple | None, which: int, where: str) -> Iterator[None]:
+    """Replay F's (``which=1``) or G's (``which=2``) kept outputs under the forward's policy."""
+    if spans is None:
+        yield
+        return
+    start, stop, signatures = spans[which]
+    with Replay(spans[0], kept[start:stop], signatures, where) as rep:
+        yield
+    rep.check_done()
+
+
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b
@@ -125,16 +148,31 @@ class ReversibleFunction(torch.autograd.Function):
         x = x.detach()
         cuda_devices = cuda_devices_of((x, *params))
         rng: list[tuple[RNGState, RNGState]] = []
+        kept: list[torch.Tensor] = []
+        # kept_at[k]: (policy, (start, stop, signatures) of F's kept outputs, the same for G), or None
+        kept_at: list[tuple[KeepPolicy, tuple[int, int, list], tuple[int, int, list]] | None] = []
         x1, x2 = x.chunk(2, plan.dim)
         for k, coupling in enumerate(plan.couplings):
+            policy = coupling.keep
             rng_f = capture_rng(cuda_devices)
-            y1 = x1 + _call_checked(coupling.F, x2, f"couplings[{k}].F")
+            with _recording(policy) as rec_f:
+                y1 = x1 + _call_checked(coupling.F, x2, f"couplings[{k}].F")
             rng_g = capture_rng(cuda_devices)
-            y2 = x2 + _call_checked(coupling.G, y1, f"couplings[{k}].G")
+            with _recording(policy) as rec_g:
+                y2 = x2 + _call_checked(coupling.G, y1, f"couplings[{k}].G")
             rng.append((rng_f, rng_g))
+            if policy is None:
+                kept_at.append(None)
+            else:
+                spans = []
+                for rec in (rec_f, rec_g):
+                    spans.append((len(kept), len(kept) + len(rec.kept), rec.signatures))
+                    kept += rec.kept
+                kept_at.append((policy, spans[0], spans[1]))
             x1, x2 = y1, y2
         y = torch.cat((x1, x2), plan.dim)
-        ctx.save_for_backward(y)
+        ctx.save_for_backward(y, *kept)
+        ctx.kept_at = kept_at
         ctx.plan = plan
         ctx.rng = rng
         ctx.autocast = capture_autocast()
@@ -154,7 +192,7 @@ class ReversibleFunction(torch.autograd.Function):
             chain.append(upstream)
             upstream = upstream or any(needs_param[i] for i in plan.f_index[k] + plan.g_index[k])
 
-        (y,) = ctx.saved_tensors
+        y, *kept = ctx.saved_tensors
         y1, y2 = y.detach().chunk(2, plan.dim)
         gy1, gy2 = grad_y.chunk(2, plan.dim)
         param_grads: list[torch.Tensor | None] = [None] * len(plan.params)
@@ -165,11 +203,12 @@ class ReversibleFunction(torch.autograd.Function):
             f_params = [i for i in plan.f_index[k] if needs_param[i]]
             g_params = [i for i in plan.g_index[k] if needs_param[i]]
             need_f = chain[k] or bool(f_params)
+            spans = ctx.kept_at[k]
 
             # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
             with preserve_running_stats(coupling.G), replay_rng(rng_g), replay_autocast(autocast):
                 z1 = y1.detach().requires_grad_(need_f)
-                with torch.enable_grad():
+                with torch.enable_grad(), _replaying(kept, spans, 2, f"couplings[{k}].G"):
                     g = _call_checked(coupling.G, _non_leaf(z1), f"couplings[{k}].G")
                 x2 = y2 - g.detach()
                 grads = _vjp(g, ([z1] if need_f else []) + [plan.params[i] for i in g_params], gy2)
@@ -185,7 +224,7 @@ class ReversibleFunction(torch.autograd.Function):
             # F: reconstruct x1 = y1 - F(x2) and back-propagate dy1 (now total) through F.
             with preserve_running_stats(coupling.F), replay_rng(rng_f), replay_autocast(autocast):
                 z2 = x2.detach().requires_grad_(chain[k])
-                with torch.enable_grad():
+                with torch.enable_grad(), _replaying(kept, spans, 1, f"couplings[{k}].F"):
                     f = _call_checked(coupling.F, _non_leaf(z2), f"couplings[{k}].F")
                 x1 = y1 - f.detach()
                 grads = _vjp(f, ([z2] if chain[k] else []) + [plan.params[i] for i in f_params], gy1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._keep import KeepPolicy, resolve_keep
+
 __all__ = ["ReversibleCoupling"]
 
 
@@ -23,6 +25,14 @@ class ReversibleCoupling(nn.Module):
     Args:
         F: residual function applied to ``x2``; must not modify its input in place.
         G: residual function applied to ``y1``; must not modify its input in place.
+        keep: inside a segment, which outputs of F and G to keep from the forward so the backward's
+            recomputation skips those ops: None (recompute everything, the least memory),
+            ``"spatial-convs"`` (keep the outputs of convolutions larger than 1x1: about half a
+            bottleneck's recomputation for about a quarter of its activation bytes), or a callable
+            ``policy(func, args, kwargs) -> bool`` on aten ops. Gradients are the same either way.
+
+    Attributes:
+        keep: the policy as a callable (or None); may be changed between steps.
 
     Example:
         >>> from torch import nn
@@ -33,7 +43,7 @@ class ReversibleCoupling(nn.Module):
         >>> r1, r2 = coupling.eval().inverse(y1, y2)   # eval: BN uses the same (running) statistics
     """
 
-    def __init__(self, F: nn.Module, G: nn.Module) -> None:  # noqa: N803 - names of the paper
+    def __init__(self, F: nn.Module, G: nn.Module, *, keep: str | KeepPolicy | None = None) -> None:  # noqa: N803
         super().__init__()
         for name, fn in (("F", F), ("G", G)):
             if not isinstance(fn, nn.Module):
@@ -43,6 +53,10 @@ class ReversibleCoupling(nn.Module):
                 )
         self.F = F
         self.G = G
+        self.keep: KeepPolicy | None = resolve_keep(keep, "ReversibleCoupling")
+
+    def extra_repr(self) -> str:
+        return "" if self.keep is None else f"keep={getattr(self.keep, '__name__', self.keep)}"
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y1, y2) = (x1 + F(x2), x2 + G(y1))``."""
