@@ -22,7 +22,10 @@ from torch import nn
 from ._format import format_count, render_table
 from .audit import Analysis, analyze
 from .errors import ConversionError
+from .tracing import example_from
 from .runtime import ReversibleCoupling, ReversibleSegment
+from .recompute import plan_recompute
+from .runtime._keep import KEEP_POLICIES
 from .surgery import branch_spec, build_residual_function, choose_scale, out_of_place_copy
 
 __all__ = ["ConvertConfig", "ConversionSummary", "convert"]
@@ -46,6 +49,14 @@ class ConvertConfig:
             front of F and G and applies it once at the segment exit; ``"drop"`` removes it.
         zero_init: start the last norm of F and G at zero so every coupling starts as the identity.
         memory_saving: False makes the segments use ordinary autograd (for debugging).
+        keep: which outputs of F and G a coupling keeps from the forward, so the backward's
+            recomputation skips those ops (``ReversibleCoupling(keep=...)``): None, or
+            ``"spatial-convs"`` (convolutions larger than 1x1). Alone, it applies to every coupling.
+        recompute_budget: the most extra FLOPs per training step the memory-saving backward may
+            cost, as a fraction of the same model's step under ordinary autograd (0.2: at most 20%
+            more). Couplings keep outputs (``keep``, default ``"spatial-convs"``) in increasing order
+            of bytes per saved FLOP until the step fits, planned on meta tensors at the example input
+            (see :func:`revconvert.recompute.plan_recompute`). None: recompute everything (least memory).
         leaf_modules, autowrap_functions, concrete_args: tracing options (see ``revconvert.audit``).
 
     Example:
@@ -59,6 +70,8 @@ class ConvertConfig:
     post_activation: str = "move"
     zero_init: bool = True
     memory_saving: bool = True
+    keep: str | None = None
+    recompute_budget: float | None = None
     leaf_modules: tuple[type | str, ...] = ()
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
     concrete_args: dict[str, Any] | None = field(default=None, hash=False)
@@ -73,6 +86,12 @@ class ConvertConfig:
             raise ValueError(f"ConvertConfig.width must be positive, got {self.width!r}")
         if self.post_activation not in _POST:
             raise ValueError(f"ConvertConfig.post_activation must be one of {_POST}, got {self.post_activation!r}")
+        if self.keep is not None and self.keep not in KEEP_POLICIES:
+            raise ValueError(f"ConvertConfig.keep must be None or one of {sorted(KEEP_POLICIES)}, got {self.keep!r}")
+        budget = self.recompute_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
+            raise ValueError(f"ConvertConfig.recompute_budget must be a number >= 0 (extra FLOPs per step as a "
+                             f"fraction of ordinary autograd, e.g. 0.2) or None, got {budget!r}")
         if self.select is not None and not callable(self.select):
             raise TypeError("ConvertConfig.select must be a callable taking a block name")
 
@@ -89,6 +108,8 @@ class ConversionSummary:
     params_before: int
     params_after: int
     not_selected: list[str] = field(default_factory=list)
+    kept_couplings: list[str] = field(default_factory=list)
+    recompute_overhead: float | None = None
 
     @property
     def param_ratio(self) -> float:
@@ -105,6 +126,12 @@ class ConversionSummary:
         if self.not_selected:
             lines += ["", f"Eligible but not selected by the config ({len(self.not_selected)}): "
                           f"{', '.join(self.not_selected)}"]
+        if self.recompute_overhead is not None:
+            lines += ["", f"Recomputation: {len(self.kept_couplings)} coupling(s) keep their spatial conv "
+                          f"outputs; estimated extra FLOPs per step {self.recompute_overhead:.1%} of ordinary "
+                          "autograd"]
+        elif self.kept_couplings:
+            lines += ["", f"{len(self.kept_couplings)} coupling(s) keep outputs for the recomputation"]
         if self.stored_reasons:
             lines += ["", "Kept as stored blocks:"]
             lines += [f"  {name}: {reason}" for name, reason in self.stored_reasons.items()]
@@ -192,6 +219,30 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
     return [b.name for blocks in analysis.runs.values() for b in blocks]
 
 
+def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
+                config: ConvertConfig) -> tuple[list[str], float | None]:
+    """Set ``keep`` on the couplings config asks for; returns their names and the planned overhead."""
+    if config.keep is None and config.recompute_budget is None:
+        return [], None
+    policy = KEEP_POLICIES[config.keep or "spatial-convs"]
+    couplings = {f"{seg}.couplings.{k}": c for seg in analysis.runs
+                 for k, c in enumerate(gm.get_submodule(seg).couplings)}
+    if config.recompute_budget is None:
+        names, overhead = list(couplings), None
+    else:
+        example = example_from(example_input, next(gm.parameters()).dtype)
+        plan = plan_recompute(gm, example, float(config.recompute_budget), policy)
+        names, overhead = plan.kept, plan.overhead
+        if not plan.met:
+            warnings.warn(f"revconvert.convert: recompute_budget={config.recompute_budget} cannot be met; with "
+                          f"every coupling keeping its outputs the memory-saving backward still adds "
+                          f"{plan.overhead:.1%} FLOPs per step (the stored parts and the 1x1 convolutions "
+                          f"are recomputed)", stacklevel=3)
+    for name in names:
+        couplings[name].keep = policy
+    return names, overhead
+
+
 def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfig | None = None) -> fx.GraphModule:
     """Return a copy of ``model`` whose runs of stride-1 identity residual blocks are reversible.
 
@@ -235,13 +286,15 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     converted_blocks = _rewrite(analysis, config)
     gm = analysis.graph_module
     gm.training = model.training
+    kept, overhead = _apply_keep(gm, analysis, example_input, config)
     stored = {b.name: f"{b.reason}: {b.message}" for b in report.blocks if not b.reversible}
     gm.revconvert_summary = ConversionSummary(
         model=report.model, blocks=len(report.blocks), converted_blocks=converted_blocks,
         segments={name: [b.name for b in blocks] for name, blocks in analysis.runs.items()},
         stored_reasons=stored, params_before=params_before,
         params_after=sum(p.numel() for p in gm.parameters()),
-        not_selected=[b.name for b in report.blocks if b.reversible and not b.selected])
+        not_selected=[b.name for b in report.blocks if b.reversible and not b.selected],
+        kept_couplings=kept, recompute_overhead=overhead)
     # GraphModule.__deepcopy__ rebuilds the module and keeps only attributes listed here.
     preserved = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
     gm.meta.setdefault(preserved, {})["revconvert_summary"] = gm.revconvert_summary

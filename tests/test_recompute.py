@@ -1,0 +1,87 @@
+"""Recompute budget: ConvertConfig(keep=..., recompute_budget=...) and revconvert.recompute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import revconvert
+from conftest import saved_bytes, tv_model
+from revconvert import ConvertConfig
+from revconvert.runtime import ReversibleSegment, keep_spatial_convolutions
+
+SHAPE = (1, 3, 64, 64)
+
+
+def step_flops(model, x, ordinary=False) -> int:
+    counter = FlopCounterMode(display=False)
+    ctx = revconvert.ordinary_autograd() if ordinary else torch.enable_grad()
+    with counter, ctx:
+        model(x).float().sum().backward()
+    return counter.get_total_flops()
+
+
+def couplings(model):
+    return [c for m in model.modules() if isinstance(m, ReversibleSegment) for c in m.couplings]
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    return tv_model("resnet50").train()
+
+
+@pytest.mark.parametrize("budget", [0.12, 0.2])
+def test_budget_is_met_and_the_plan_predicts_the_measured_flops_exactly(resnet50, budget):
+    x = torch.randn(*SHAPE)
+    planned = revconvert.convert(resnet50, SHAPE, config=ConvertConfig(recompute_budget=budget))
+    summary = planned.revconvert_summary
+    ordinary = step_flops(planned, x, ordinary=True)
+    overhead = step_flops(planned, x) / ordinary - 1
+    assert overhead <= budget
+    assert summary.recompute_overhead == pytest.approx(overhead, abs=1e-12)
+    kept = [c for c in couplings(planned) if c.keep is keep_spatial_convolutions]
+    assert 0 < len(kept) == len(summary.kept_couplings) < len(couplings(planned))
+    # Without the plan the same model recomputes everything: over the budget.
+    assert step_flops(revconvert.convert(resnet50, SHAPE), x) / ordinary - 1 > budget
+
+
+def test_a_tighter_budget_keeps_more_and_saves_more_bytes(resnet50):
+    x = torch.randn(*SHAPE, requires_grad=True)
+    models = [revconvert.convert(resnet50, SHAPE, config=ConvertConfig(recompute_budget=b))
+              for b in (0.2, 0.15, 0.12)]
+    kept = [len(m.revconvert_summary.kept_couplings) for m in models]
+    saved = [saved_bytes(m, x) for m in models]
+    assert kept[0] < kept[1] < kept[2]
+    assert saved[0] < saved[1] < saved[2]
+
+
+def test_keep_alone_applies_to_every_coupling(resnet50):
+    model = revconvert.convert(resnet50, SHAPE, config=ConvertConfig(keep="spatial-convs"))
+    assert all(c.keep is keep_spatial_convolutions for c in couplings(model))
+    assert len(model.revconvert_summary.kept_couplings) == len(couplings(model))
+    assert all(c.keep is None for c in couplings(revconvert.convert(resnet50, SHAPE)))
+
+
+def test_an_unreachable_budget_warns_with_what_is_reachable(resnet50):
+    with pytest.warns(UserWarning, match=r"recompute_budget=0.0 cannot be met.*adds \d+\.\d%"):
+        model = revconvert.convert(resnet50, SHAPE, config=ConvertConfig(recompute_budget=0.0))
+    assert all(c.keep is not None for c in couplings(model))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"recompute_budget": -0.1}, "recompute_budget must be a number >= 0"),
+    ({"recompute_budget": "20%"}, "recompute_budget must be a number >= 0"),
+    ({"keep": "all"}, "keep must be None or one of"),
+])
+def test_bad_options_are_refused_with_a_hint(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConvertConfig(**kwargs)
+
+
+def test_summary_reports_the_plan(resnet50):
+    model = revconvert.convert(resnet50, SHAPE, config=ConvertConfig(recompute_budget=0.2))
+    text = str(model.revconvert_summary)
+    assert f"{len(model.revconvert_summary.kept_couplings)} coupling(s) keep" in text
+    assert "extra FLOPs per step" in text
+    assert model.revconvert_summary.to_dict()["kept_couplings"] == model.revconvert_summary.kept_couplings
