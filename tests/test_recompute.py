@@ -85,3 +85,16 @@ def test_summary_reports_the_plan(resnet50):
     assert f"{len(model.revconvert_summary.kept_couplings)} coupling(s) keep" in text
     assert "extra FLOPs per step" in text
     assert model.revconvert_summary.to_dict()["kept_couplings"] == model.revconvert_summary.kept_couplings
+
+
+def test_memory_estimate_counts_kept_outputs_exactly(resnet50):
+    from revconvert.memory import measure_memory, memory_profile
+
+    plain = revconvert.convert(resnet50, SHAPE)
+    kept = revconvert.convert(resnet50, SHAPE, config=ConvertConfig(keep="spatial-convs"))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    estimate = memory_profile(kept, (3, 64, 64), 2, converted=False).original
+    measured = measure_memory(kept, x)
+    assert estimate.activation_bytes == measured.activation_bytes
+    assert estimate.activation_bytes > memory_profile(plain, (3, 64, 64), 2, converted=False).original.activation_bytes
