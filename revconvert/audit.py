@@ -9,6 +9,7 @@ profile; :func:`audit` is the public, read-only view.
 from __future__ import annotations
 
 import collections
+import operator
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -69,12 +70,15 @@ class SegmentPlan:
         kind: ``"stored"`` (activations kept) or ``"reversible"`` (recomputed in backward).
         blocks: residual blocks in it.
         converted: True when the model already runs this segment as a ``ReversibleSegment``.
+        checkpointed: True when the model runs this stored segment as a ``CheckpointedRun``
+            (its activations are recomputed in backward; the blocks inside it are not audited).
     """
 
     name: str
     kind: str
     blocks: tuple[str, ...] = ()
     converted: bool = False
+    checkpointed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +118,9 @@ class AuditReport:
         conv = self.converted_segments
         if conv:
             line += f", {len(conv)} already converted"
+        checkpointed = [s for s in self.segments if s.checkpointed]
+        if checkpointed:
+            line += f"; {len(checkpointed)} stored part(s) under activation checkpointing"
         return line
 
     def __str__(self) -> str:
@@ -133,7 +140,8 @@ class AuditReport:
                 lines += ["", "Why blocks stay stored:"]
                 lines += [f"  {code}: {msg}" for code, msg in notes]
         if self.segments:
-            seg = ", ".join(f"{s.name} [{s.kind}{', converted' if s.converted else ''}]" for s in self.segments)
+            seg = ", ".join(f"{s.name} [{s.kind}{', converted' if s.converted else ''}"
+                            f"{', checkpointed' if s.checkpointed else ''}]" for s in self.segments)
             lines += ["", f"Segments: {seg}"]
         return "\n".join(lines)
 
@@ -210,11 +218,20 @@ def _run_name(blocks: list[ResidualBlock], index: int, taken: set[str]) -> str:
     return name
 
 
+def _free_name(name: str, taken: dict[str, str]) -> str:
+    """``name``, or ``name_1``, ... if a checkpointed run of a converted model already uses it."""
+    base, k = name, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
 def analyze(model: nn.Module, example_input: Any = None, *,
             select: Callable[[str], bool] | None = None, **trace_options: Any) -> Analysis:
     """Trace, find, decide and plan. ``select(block_name)`` limits which eligible blocks are planned
     as reversible (default: all). See :func:`audit` for the arguments."""
     from .runtime import ReversibleSegment
+    from .stored import CheckpointedRun
 
     gm = trace(model, example_input, **trace_options)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -222,11 +239,14 @@ def analyze(model: nn.Module, example_input: Any = None, *,
     found = find_residual_blocks(gm)
     violations = {b.name: check_block(BlockContext(gm, b, nodes)) for b in found}
 
-    # Units in graph order: residual blocks, and segments a converted model already has.
+    # Units in graph order: residual blocks, and the segments and checkpointed runs a converted
+    # model already has.
     units: list[tuple[int, str, Any]] = [(order[b.join], "block", b) for b in found]
     for n in gm.graph.nodes:
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ReversibleSegment):
             units.append((order[n.name], "segment", n))
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), CheckpointedRun):
+            units.append((order[n.name], "checkpointed", n))
     units.sort(key=lambda u: u[0])
 
     node_segment: dict[str, str] = {}
@@ -251,6 +271,16 @@ def analyze(model: nn.Module, example_input: Any = None, *,
             blocks = tuple(getattr(gm.get_submodule(unit.target), "source_blocks", ()))
             segments.append(SegmentPlan(unit.target, "reversible", blocks, converted=True))
             node_segment[unit.name] = unit.target
+            continue
+        if kind == "checkpointed":  # a stored part the conversion put under checkpointing
+            close_run()
+            name = "+".join(gm.get_submodule(unit.target).parts)
+            if name not in {s.name for s in segments}:
+                segments.append(SegmentPlan(name, "stored", checkpointed=True))
+            node_segment[unit.name] = name
+            for user in unit.users:  # a run with several outputs is unpacked right after it
+                if user.op == "call_function" and user.target is operator.getitem:
+                    node_segment[user.name] = name
             continue
         b = unit
         eligible = not violations[b.name] and (select is None or select(b.name))
@@ -287,7 +317,7 @@ def analyze(model: nn.Module, example_input: Any = None, *,
                 if pending:
                     target = node_segment[n]
                     if kinds[target] != "stored":
-                        target = f"stored_{len(gap_segments)}"
+                        target = _free_name(f"stored_{len(gap_segments)}", kinds)
                         gap_segments.append((order[pending[0]], SegmentPlan(target, "stored")))
                     for p in pending:
                         node_segment[p] = target
@@ -304,8 +334,8 @@ def analyze(model: nn.Module, example_input: Any = None, *,
         seg_first = {}
         for n, s in node_segment.items():
             seg_first.setdefault(s, order[n])
-        extra = [SegmentPlan("stem", "stored")] if "stem" in seg_first else []
-        extra += [SegmentPlan("head", "stored")] if "head" in seg_first else []
+        extra = [SegmentPlan(name, "stored") for name in ("stem", "head")
+                 if name in seg_first and name not in kinds]
         segments = sorted(segments + extra + [s for _, s in gap_segments],
                           key=lambda s: seg_first.get(s.name, 0))
 

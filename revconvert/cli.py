@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--only", action="append", metavar="NAME",
                    help="convert only these blocks or prefixes (repeatable), e.g. --only layer3")
     c.add_argument("--width", default="match-params", help="match-params (default), keep, or a factor")
+    _checkpoint_flag(c)
     for name, helptext in (("memory", "estimate training memory, original vs converted"),
                            ("report", "the main job: audit + conversion + memory on one page")):
         m = sub.add_parser(name, help=helptext)
@@ -100,9 +101,16 @@ def _parser() -> argparse.ArgumentParser:
         m.add_argument("--batch-size", type=int, default=1)
         m.add_argument("--optimizer", choices=["sgd", "sgd-momentum", "adam", "adamw"], default=None)
         m.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+        _checkpoint_flag(m)
         if name == "memory":
             m.add_argument("--plot", metavar="PNG", help="write a plot (needs the 'plot' extra)")
     return p
+
+
+def _checkpoint_flag(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--checkpoint-stored", action="store_true",
+                    help="also run the stored parts (stem, projection blocks) under activation "
+                         "checkpointing: less memory, their forward runs twice")
 
 
 def _width(text: str) -> str | float:
@@ -125,7 +133,8 @@ def _run(args: argparse.Namespace) -> int:
         report = revconvert.audit(model, example)
         out, text = report.to_dict(), [str(report)]
     elif args.command == "convert":
-        config = revconvert.ConvertConfig(only=tuple(args.only) if args.only else None, width=_width(args.width))
+        config = revconvert.ConvertConfig(only=tuple(args.only) if args.only else None, width=_width(args.width),
+                                          checkpoint_stored=args.checkpoint_stored)
         converted = revconvert.convert(model, example, config=config)
         torch.save(converted, args.output)
         summary = converted.revconvert_summary
@@ -134,11 +143,12 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if args.batch_size < 1:
             raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
+        config = revconvert.ConvertConfig(checkpoint_stored=True) if args.checkpoint_stored else None
         profile = revconvert.memory_profile(model, input_size=args.input_size, batch_size=args.batch_size,
-                                            dtype=_DTYPES[args.dtype], optimizer=args.optimizer)
+                                            dtype=_DTYPES[args.dtype], optimizer=args.optimizer, config=config)
         if args.command == "report":
             report = revconvert.audit(model, example)
-            converted = revconvert.convert(model, example)
+            converted = revconvert.convert(model, example, config=config)
             summary = converted.revconvert_summary
             out = {"audit": report.to_dict(), "conversion": summary.to_dict(), "memory": profile.to_dict()}
             text = ["== Audit ==", report.summary(), "", "== Conversion ==", str(summary), "",

@@ -22,11 +22,12 @@ from torch import nn
 from ._format import format_count, render_table
 from .audit import Analysis, analyze
 from .errors import ConversionError
-from .tracing import example_from
-from .runtime import ReversibleCoupling, ReversibleSegment
 from .recompute import plan_recompute
+from .runtime import ReversibleCoupling, ReversibleSegment
 from .runtime._keep import KEEP_POLICIES
+from .stored import _checkpoint_stored_parts, attach_checkpointed_modules
 from .surgery import branch_spec, build_residual_function, choose_scale, out_of_place_copy
+from .tracing import example_from
 
 __all__ = ["ConvertConfig", "ConversionSummary", "convert"]
 
@@ -57,6 +58,11 @@ class ConvertConfig:
             more). Couplings keep outputs (``keep``, default ``"spatial-convs"``) in increasing order
             of bytes per saved FLOP until the step fits, planned on meta tensors at the example input
             (see :func:`revconvert.recompute.plan_recompute`). None: recompute everything (least memory).
+        checkpoint_stored: also run the stored parts (stem, strided/projection blocks, code between
+            blocks; not the head) under activation checkpointing, one ``CheckpointedRun`` per part
+            (``ckpt_stem``, ``ckpt_layer2_0``, ...): autograd keeps only each part's inputs and runs
+            its forward again in the backward pass, so a training step costs their forward FLOPs
+            once more. Parameter names and ``state_dict`` keys are unchanged.
         leaf_modules, autowrap_functions, concrete_args: tracing options (see ``revconvert.audit``).
 
     Example:
@@ -72,6 +78,7 @@ class ConvertConfig:
     memory_saving: bool = True
     keep: str | None = None
     recompute_budget: float | None = None
+    checkpoint_stored: bool = False
     leaf_modules: tuple[type | str, ...] = ()
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
     concrete_args: dict[str, Any] | None = field(default=None, hash=False)
@@ -92,6 +99,8 @@ class ConvertConfig:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
             raise ValueError(f"ConvertConfig.recompute_budget must be a number >= 0 (extra FLOPs per step as a "
                              f"fraction of ordinary autograd, e.g. 0.2) or None, got {budget!r}")
+        if not isinstance(self.checkpoint_stored, bool):
+            raise TypeError(f"ConvertConfig.checkpoint_stored must be True or False, got {self.checkpoint_stored!r}")
         if self.select is not None and not callable(self.select):
             raise TypeError("ConvertConfig.select must be a callable taking a block name")
 
@@ -110,6 +119,7 @@ class ConversionSummary:
     not_selected: list[str] = field(default_factory=list)
     kept_couplings: list[str] = field(default_factory=list)
     recompute_overhead: float | None = None
+    checkpointed: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def param_ratio(self) -> float:
@@ -135,6 +145,9 @@ class ConversionSummary:
         if self.stored_reasons:
             lines += ["", "Kept as stored blocks:"]
             lines += [f"  {name}: {reason}" for name, reason in self.stored_reasons.items()]
+        if self.checkpointed:
+            lines += ["", "Stored parts under activation checkpointing (recomputed in backward):"]
+            lines += [f"  {name}: {', '.join(parts)}" for name, parts in self.checkpointed.items()]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,6 +226,7 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
     gm.graph.lint()
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
+    attach_checkpointed_modules(gm)  # re-converting: runs of the model name their modules only inside
     gm.recompile()
     for n in gm.graph.nodes:
         n.meta["revconvert"] = {"segment": analysis.node_segment.get(n.name, "head")}
@@ -241,6 +255,14 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
     for name in names:
         couplings[name].keep = policy
     return names, overhead
+
+
+def keep_summary(gm: fx.GraphModule, summary: ConversionSummary) -> None:
+    """Set ``gm.revconvert_summary`` so that it survives ``copy.deepcopy``."""
+    gm.revconvert_summary = summary
+    # GraphModule.__deepcopy__ rebuilds the module and keeps only attributes listed here.
+    preserved = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+    gm.meta.setdefault(preserved, {})["revconvert_summary"] = summary
 
 
 def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfig | None = None) -> fx.GraphModule:
@@ -285,19 +307,17 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     params_before = sum(p.numel() for p in model.parameters())
     converted_blocks = _rewrite(analysis, config)
     gm = analysis.graph_module
+    checkpointed = _checkpoint_stored_parts(gm) if config.checkpoint_stored else {}
     gm.training = model.training
     kept, overhead = _apply_keep(gm, analysis, example_input, config)
     stored = {b.name: f"{b.reason}: {b.message}" for b in report.blocks if not b.reversible}
-    gm.revconvert_summary = ConversionSummary(
+    keep_summary(gm, ConversionSummary(
         model=report.model, blocks=len(report.blocks), converted_blocks=converted_blocks,
         segments={name: [b.name for b in blocks] for name, blocks in analysis.runs.items()},
         stored_reasons=stored, params_before=params_before,
         params_after=sum(p.numel() for p in gm.parameters()),
         not_selected=[b.name for b in report.blocks if b.reversible and not b.selected],
-        kept_couplings=kept, recompute_overhead=overhead)
-    # GraphModule.__deepcopy__ rebuilds the module and keeps only attributes listed here.
-    preserved = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
-    gm.meta.setdefault(preserved, {})["revconvert_summary"] = gm.revconvert_summary
+        kept_couplings=kept, recompute_overhead=overhead, checkpointed=checkpointed))
     if not converted_blocks and report.converted_segments:
         warnings.warn(f"revconvert.convert: {report.model} is already converted "
                       f"({len(report.converted_segments)} reversible segments) and has no further eligible "

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import TraceError
+from .stored import attach_checkpointed_modules
 
 __all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from", "meta_copy", "model_name"]
 
@@ -43,9 +44,10 @@ class RevTracer(fx.Tracer):
         self.current_module: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from .runtime import ReversibleSegment  # a converted model's segments are opaque
+        from .runtime import ReversibleSegment  # a converted model's segments and runs are opaque
+        from .stored import CheckpointedRun
 
-        if isinstance(m, ReversibleSegment) or isinstance(m, self._leaf_types):
+        if isinstance(m, (ReversibleSegment, CheckpointedRun)) or isinstance(m, self._leaf_types):
             return True
         if module_qualified_name in self._leaf_names:
             return True
@@ -195,6 +197,7 @@ def trace(model: nn.Module, example_input: Any = None, *,
             f"kept as one opaque node (it then stays stored, never reversible), or concrete_args=... "
             f"to fix non-tensor arguments that drive control flow.") from e
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    attach_checkpointed_modules(gm)  # the graph names a CheckpointedRun, not the modules it runs
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(args) > len(placeholders):
         raise TraceError(f"example_input has {len(args)} tensors but {type(model).__name__}.forward "

@@ -185,3 +185,31 @@ class DropoutBlockNet(nn.Module):
         for b in self.blocks:
             x = x + b(x)
         return self.head(x.mean((2, 3)))
+
+
+class DropoutStemNet(nn.Module):
+    """Dropout and batch norm in the stem (a stored part), then identity blocks."""
+
+    def __init__(self, c: int = 8, n: int = 2, p: float = 0.3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Dropout(p))
+        self.blocks = nn.Sequential(*[FunctionalBlock(c) for _ in range(n)])
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class InplaceInputNet(nn.Module):
+    """Shifts its input in place before the stem (``x.sub_``), then identity blocks."""
+
+    def __init__(self, c: int = 8, n: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.Sequential(*[FunctionalBlock(c) for _ in range(n)])
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = x.sub_(0.5)
+        return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))

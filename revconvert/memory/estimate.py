@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from .segments import segmentation
 from ..runtime import ReversibleSegment
 from ..tracing import meta_copy, model_name
 from .step import StepResources, run_step
+
+if TYPE_CHECKING:
+    from ..convert import ConvertConfig
 
 __all__ = ["memory_profile", "DTYPES", "TRACE_OPTIONS"]
 
@@ -43,6 +46,7 @@ def memory_profile(
     optimizer: str | None = None,
     converted: bool = True,
     device: torch.device | str | None = None,
+    config: ConvertConfig | None = None,
     **trace_options: Any,
 ) -> MemoryProfile:
     """Estimate the memory of one training step, for the model and for its reversible conversion.
@@ -60,16 +64,19 @@ def memory_profile(
         converted: also estimate ``revconvert.convert(model)`` (side by side in the report).
         device: device to estimate for ("cpu", "cuda"); default the device of the model's parameters.
             It decides, for example, which optimizer implementation PyTorch picks.
+        config: the :class:`revconvert.ConvertConfig` of the conversion to estimate (default: the
+            default conversion), e.g. ``ConvertConfig(checkpoint_stored=True)``. Its tracing options
+            are used for both models; do not pass them as keywords too.
         **trace_options: tracing options for the audit and the conversion (``leaf_modules=...``,
-            ``autowrap_functions=...``, ``concrete_args=...``). To profile a conversion with other
-            options, convert the model yourself and pass it with ``converted=False``.
+            ``autowrap_functions=...``, ``concrete_args=...``).
 
     Returns:
         A :class:`MemoryProfile`; ``str()`` of it is the table, ``to_dict()`` is JSON-ready.
 
     Raises:
         ValueError: bad ``input_size``, ``batch_size``, ``dtype`` or ``optimizer`` (the message
-            lists the valid choices).
+            lists the valid choices), or tracing options both in ``config`` and as keywords.
+        TypeError: ``config`` is not a ``ConvertConfig``.
         TraceError: the model cannot be traced.
 
     Example:
@@ -93,18 +100,33 @@ def memory_profile(
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; memory_profile passes only "
                          f"tracing options on: {', '.join(TRACE_OPTIONS)}")
+    config = _check_config(config, trace_options)
+    trace_options = {name: getattr(config, name) for name in TRACE_OPTIONS}
 
-    original = _estimate(model, shape, batch_size, dtype, optimizer, device, False, trace_options)
+    original = _estimate(model, shape, batch_size, dtype, optimizer, device, None, trace_options)
     gc.collect()  # fx graphs are cyclic: release the first copy before making the second
     conv = None
     # A model that is already converted is profiled as it is: there is nothing to compare it with.
     already = any(isinstance(m, ReversibleSegment) for m in model.modules())
     if converted and not already:
-        conv = _estimate(model, shape, batch_size, dtype, optimizer, device, True, trace_options)
+        conv = _estimate(model, shape, batch_size, dtype, optimizer, device, config, trace_options)
         gc.collect()
     return MemoryProfile(original=original, converted=conv, batch_size=batch_size, input_size=shape,
                          dtype=str(dtype).removeprefix("torch."), device=device.type,
                          model_name=model_name(model))
+
+
+def _check_config(config: ConvertConfig | None, trace_options: dict[str, Any]) -> ConvertConfig:
+    from ..convert import ConvertConfig
+
+    if config is None:
+        return ConvertConfig(**trace_options)
+    if not isinstance(config, ConvertConfig):
+        raise TypeError(f"config must be a revconvert.ConvertConfig, got {type(config).__name__}")
+    if trace_options:
+        raise ValueError(f"tracing option(s) {', '.join(map(repr, sorted(trace_options)))} given both as "
+                         f"keywords and in config; set them in the ConvertConfig only")
+    return config
 
 
 def _check_input_size(input_size: Sequence[int] | int) -> tuple[int, ...]:
@@ -140,14 +162,15 @@ def _check_device(model: nn.Module, device: torch.device | str | None) -> torch.
 
 
 def _estimate(model: nn.Module, shape: tuple[int, ...], batch_size: int, dtype: torch.dtype,
-              optimizer: str | None, device: torch.device, converted: bool,
+              optimizer: str | None, device: torch.device, config: ConvertConfig | None,
               trace_options: dict[str, Any]) -> MemoryBreakdown:
+    """One breakdown: of ``model`` as it is (``config`` None), or of its conversion by ``config``."""
     work = _meta_copy(model)
     example = (batch_size, *shape)  # a shape: the audit traces on meta tensors, nothing is allocated
-    if converted:
-        from ..convert import ConvertConfig, convert
+    if config is not None:
+        from ..convert import convert
 
-        work = convert(work, example, config=ConvertConfig(**trace_options))
+        work = convert(work, example, config=config)
         work.train()
     seg = segmentation(work, example, **trace_options)
     seg.graph_module.train()

@@ -22,7 +22,8 @@ class SegmentMemory:
 
     Attributes:
         name: segment name from the audit's plan ("stem", "layer1.rev_1_2", "head").
-        kind: "stored" (autograd keeps its activations) or "reversible" (only its output is kept).
+        kind: "stored" (autograd keeps its activations), "reversible" (only its output is kept) or
+            "checkpointed" (a stored part run under activation checkpointing: only its inputs are kept).
         activation_bytes: bytes saved for backward by this segment, each storage counted once,
             parameters and buffers excluded.
         transient_bytes: extra peak the segment's backward needs beyond its activations and its

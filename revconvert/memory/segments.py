@@ -2,7 +2,8 @@
 
 This is the only place that knows how a model is cut into segments. The audit's ``analyze`` traces
 the model and assigns every fx node to a segment ("stem", "layer1.0", "layer1.rev_1_2", "head", ...);
-a converted model's ``ReversibleSegment`` is one leaf node whose segment is "reversible". The plan of
+a converted model's ``ReversibleSegment`` is one leaf node whose segment is "reversible", and a
+``CheckpointedRun`` one leaf node of the stored part it runs ("checkpointed"). The plan of
 an original model and the analysis of its conversion use the same names, so their rows line up.
 """
 
@@ -21,7 +22,7 @@ UNASSIGNED = "(unassigned)"
 
 @dataclass(frozen=True)
 class SegmentInfo:
-    """One planned segment: its name, "stored" or "reversible", and the blocks it covers."""
+    """One planned segment: its name, "stored", "checkpointed" or "reversible", and its blocks."""
 
     name: str
     kind: str
@@ -66,4 +67,6 @@ def segmentation(model: nn.Module, example_input: Any = None, **trace_options: A
 
 
 def _running_kind(plan: Any) -> str:
-    return "reversible" if plan.kind == "reversible" and getattr(plan, "converted", True) else "stored"
+    if plan.kind == "reversible" and getattr(plan, "converted", True):
+        return "reversible"
+    return "checkpointed" if getattr(plan, "checkpointed", False) else "stored"

@@ -1,0 +1,381 @@
+"""Activation checkpointing for the stored parts of a converted model.
+
+A conversion keeps the stem, the strided/projection blocks and the code between blocks as ordinary
+graph nodes, and autograd stores their activations; in a deep ResNet they hold most of what the
+converted model saves (resnet152: the stem and four projection blocks). This pass runs each such
+part as one :class:`CheckpointedRun`, under ``torch.utils.checkpoint`` (Chen et al. 2016, "Training
+Deep Nets with Sublinear Memory Cost"): only the part's inputs are kept, and its forward is run again
+in the backward pass. The training step costs the parts' forward FLOPs once more.
+
+The modules stay where they were: a run calls the very module objects its parent owns, without
+registering them a second time, so parameter names, ``state_dict`` keys, optimizers and
+``load_state_dict(original.state_dict(), strict=False)`` are unchanged.
+
+Stages: find (:func:`find_stored_regions`: contiguous runs of one stored part's nodes) ->
+rewrite (each run becomes one ``call_module`` node) -> ``lint()`` -> ``recompile()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import inspect
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["CheckpointedRun", "StoredRegion", "find_stored_regions", "checkpoint_stored_parts"]
+
+# Segments that stay as they are, and why: they are not stored parts in the sense of this pass.
+_NOT_CHECKPOINTED = {
+    "head": "its input is the last segment's output, which is kept anyway, and its own activations "
+            "(pooled features) are small",
+    "model": "the model has no residual block: there is no stored part to set apart from the rest",
+}
+
+
+class CheckpointedRun(nn.Module):
+    """Runs a region of a converted model's graph under activation checkpointing.
+
+    In training (grad enabled and an input or a parameter of the region requiring grad) the region
+    runs through ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: autograd keeps only
+    its inputs and runs it again in the backward pass. The recomputation replays the forward's random
+    state (dropout masks) and autocast state, and leaves norm running statistics as the forward left
+    them, so they are updated once per step. Otherwise it is a plain call of the region.
+
+    The region is an ``fx.GraphModule`` whose leaf modules are the parent's own module objects. It is
+    deliberately not a registered child: the parent keeps every parameter under its original name.
+    ``deepcopy``, ``torch.save``/``torch.load``, ``.to()`` and ``.train()`` of the parent carry it
+    along, since they copy or change those shared module objects. Replacing a module of the parent
+    by another object afterwards (``parent.conv1 = ...``) is not followed: convert again instead.
+    For the same reason ``nn.DataParallel``, whose replicas copy modules per device, is not supported
+    (``DistributedDataParallel`` is). Forward hooks on the region's modules fire twice per step.
+
+    Args:
+        region: the region's graph module (its ``call_module`` targets are the parent's names).
+        parts: the names of the segments it covers (``("layer2.0",)``, ``("stem",)``; the pass
+            makes one run per part).
+
+    Attributes:
+        parts: the segments it covers.
+        module_names: the parent's qualified names of the modules the region calls, in order.
+
+    Example:
+        >>> converted = revconvert.convert(torchvision.models.resnet18(),
+        ...                                config=revconvert.ConvertConfig(checkpoint_stored=True))
+        >>> converted.ckpt_layer2_0.parts, converted.ckpt_layer2_0.module_names[:2]
+        (('layer2.0',), ('layer2.0.conv1', 'layer2.0.bn1'))
+    """
+
+    def __init__(self, region: fx.GraphModule, *, parts: Sequence[str]) -> None:
+        super().__init__()
+        if not isinstance(region, fx.GraphModule):
+            raise TypeError(f"CheckpointedRun: region must be a torch.fx.GraphModule, got {type(region).__name__}")
+        parts = tuple(parts)
+        if not parts or not all(isinstance(p, str) for p in parts):
+            raise TypeError(f"CheckpointedRun: parts must be a non-empty sequence of names, got {parts!r}")
+        object.__setattr__(self, "_region", region)  # not a child: see the class docstring
+        self.parts = parts
+        self.module_names = tuple(dict.fromkeys(
+            str(n.target) for n in region.graph.nodes if n.op == "call_module"))
+
+    @property
+    def region(self) -> fx.GraphModule:
+        """The graph module this run executes (shares its modules with the parent)."""
+        return self._region
+
+    def extra_repr(self) -> str:
+        ops = [n for n in self._region.graph.nodes if n.op not in ("placeholder", "output")]
+        names = self.module_names
+        modules = "" if not names else (
+            f", modules={names[0]}" if len(names) == 1 else f", modules={names[0]} .. {names[-1]} ({len(names)})")
+        return f"parts={list(self.parts)}, nodes={len(ops)}{modules}"
+
+    def _wants_checkpoint(self, args: tuple[Any, ...]) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(args)):
+            return True
+        return any(p.requires_grad for p in self._region.parameters())
+
+    def forward(self, *args: Any) -> Any:
+        if not self._wants_checkpoint(args):
+            return self._region(*args)
+        norms = _tracked_norms(self._region)
+        return checkpoint(self._region, *args, use_reentrant=False, preserve_rng_state=True,
+                          context_fn=lambda: (contextlib.nullcontext(), _running_stats_frozen(norms)))
+
+
+def _tracked_norms(module: nn.Module) -> list[_NormBase]:
+    return [m for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(norms: list[_NormBase]) -> Iterator[None]:
+    """Run the recomputation without changing the norms' running statistics.
+
+    Momentum 0 makes the in-place update ``(1 - 0) * running + 0 * batch`` leave the values as they
+    are; the op and what it saves for backward stay those of the forward, which non-reentrant
+    checkpointing requires. (Restoring a snapshot in place instead would bump the version of the
+    running buffers after the recomputation saved them, and the backward would refuse them.) The
+    batch counter, which nothing saves, is put back afterwards.
+    """
+    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in norms]
+    try:
+        for m in norms:
+            m.momentum = 0.0
+        yield
+    finally:
+        with torch.no_grad():
+            for m, momentum, count in saved:
+                m.momentum = momentum
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
+
+
+@dataclass(frozen=True)
+class StoredRegion:
+    """A contiguous run of one stored part's nodes, to become one :class:`CheckpointedRun`.
+
+    Attributes:
+        name: the submodule name the run gets (``ckpt_stem``, ``ckpt_layer2_0``).
+        part: the segment the nodes belong to (``node.meta["revconvert"]["segment"]``).
+        nodes: the nodes it runs, in graph order.
+        inputs: values defined outside and used inside, in order of first use.
+        outputs: its values used outside, in graph order.
+    """
+
+    name: str
+    part: str
+    nodes: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+
+
+def _mutated(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The graph values ``node`` modifies in place (best effort: in-place modules, ``op_`` methods and
+    functions, ``x += ...``, ``x[i] = ...``, ``inplace=True`` and ``out=`` arguments)."""
+    first = [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
+    out = [node.kwargs["out"]] if isinstance(node.kwargs.get("out"), fx.Node) else []
+    if node.op == "call_module":
+        return first if getattr(gm.get_submodule(node.target), "inplace", False) else []
+    if node.op == "call_method":
+        name = str(node.target)
+        return first if name.endswith("_") and not name.endswith("__") else []
+    if node.op != "call_function":
+        return []
+    name = getattr(node.target, "__name__", "")
+    if node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")):
+        return first + out
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
+    except (TypeError, ValueError):  # builtins without a signature, or arguments fx rewrote
+        bound = node.kwargs
+    return (first if bound.get("inplace") is True else []) + out
+
+
+def _segment(node: fx.Node) -> str | None:
+    return node.meta.get("revconvert", {}).get("segment")
+
+
+def _module_name(gm: fx.GraphModule, part: str, taken: set[str]) -> str:
+    name = "ckpt_" + "".join(c if c.isalnum() or c == "_" else "_" for c in part)
+    base, k = name, 1
+    while name in taken or hasattr(gm, name):
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def find_stored_regions(gm: fx.GraphModule) -> list[StoredRegion]:
+    """The regions :func:`checkpoint_stored_parts` would create, without changing ``gm``.
+
+    A region is a maximal run of consecutive nodes of one stored part (``stem``, a stored block such
+    as ``layer2.0``, or the ``stored_k`` code between blocks); ``head`` and reversible segments are
+    left out. Placeholders and attribute reads never belong to a region (the run reads them as
+    inputs). In-place modifications must not change what the recomputation reads: a node that
+    modifies a value from outside its run stays outside, and a run whose input is modified later
+    stays inline.
+    """
+    from .runtime import ReversibleSegment
+
+    def opaque(node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                       (ReversibleSegment, CheckpointedRun))
+
+    reversible = {_segment(n) for n in gm.graph.nodes if opaque(n)
+                  and isinstance(gm.get_submodule(n.target), ReversibleSegment)}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last_mutation: dict[fx.Node, int] = {}  # value -> position of the last node modifying it in place
+    runs: list[tuple[str, list[fx.Node]]] = []
+    part: str | None = None
+    current: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        mutated = _mutated(gm, node)
+        last_mutation.update((v, order[node]) for v in mutated)
+        seg = _segment(node)
+        eligible = node.op != "output" and seg is not None and seg not in _NOT_CHECKPOINTED \
+            and seg not in reversible and not opaque(node)
+        if eligible and seg == part and (not mutated or set(mutated) <= set(current)):
+            current.append(node)
+            continue
+        if current:
+            runs.append((part, current))
+        part, current = (seg, [node]) if eligible and not mutated else (None, [])
+    if current:
+        runs.append((part, current))
+
+    taken = {name for name, _ in gm.named_children()}
+    regions = []
+    for part, nodes in runs:
+        inside = set(nodes)
+        inputs = dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside)
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        if any(last_mutation.get(a, -1) > order[nodes[-1]] for a in inputs):
+            continue  # the recomputation would read the modified input
+        if outputs:
+            regions.append(StoredRegion(name=_module_name(gm, part, taken), part=part,
+                                        nodes=tuple(n.name for n in nodes),
+                                        inputs=tuple(n.name for n in inputs),
+                                        outputs=tuple(n.name for n in outputs)))
+    return regions
+
+
+def _rewrite(gm: fx.GraphModule, region: StoredRegion, renamed: dict[str, fx.Node]) -> None:
+    """Replace the region's nodes by one call of a new :class:`CheckpointedRun`. ``renamed`` maps the
+    outputs of regions rewritten before to the nodes that replaced them, and is extended."""
+    graph = gm.graph
+    by_name = {n.name: n for n in graph.nodes}
+    by_name.update(renamed)
+    nodes = [by_name[n] for n in region.nodes]
+    inside = set(nodes)
+
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for name in region.inputs:
+        env[by_name[name]] = sub.placeholder(name)
+        env[by_name[name]].meta = dict(by_name[name].meta)
+    for n in nodes:
+        env[n] = sub.node_copy(n, env.__getitem__)
+    outputs = [by_name[n] for n in region.outputs]
+    sub.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
+    sub.lint()
+    run = CheckpointedRun(fx.GraphModule(gm, sub, class_name="CheckpointedRegion"), parts=(region.part,))
+    gm.add_submodule(region.name, run)
+
+    meta = {"segment": region.part}
+    with graph.inserting_after(nodes[-1]):
+        call = graph.call_module(region.name, tuple(by_name[n] for n in region.inputs))
+    vals = [o.meta.get("val") for o in outputs]
+    call.meta.update(val=vals[0] if len(outputs) == 1 else tuple(vals), revconvert=dict(meta))
+    replacements = [call]
+    if len(outputs) > 1:
+        replacements, anchor = [], call
+        for i, o in enumerate(outputs):
+            with graph.inserting_after(anchor):
+                anchor = graph.call_function(operator.getitem, (call, i))
+            anchor.meta.update(val=o.meta.get("val"), revconvert=dict(meta))
+            replacements.append(anchor)
+    for o, new in zip(outputs, replacements):
+        o.replace_all_uses_with(new, delete_user_cb=lambda user: user not in inside)
+        renamed[o.name] = new
+    for n in reversed(nodes):
+        graph.erase_node(n)
+
+
+def _checkpoint_stored_parts(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """In place: find, rewrite, lint, recompile. Returns run name -> the parts it covers."""
+    regions = find_stored_regions(gm)
+    renamed: dict[str, fx.Node] = {}
+    for region in regions:
+        _rewrite(gm, region, renamed)
+    gm.graph.lint()
+    # No eliminate_dead_code(): every output of a run has a user, so nothing became dead (and fx
+    # would drop an in-place method call whose result is unused). No delete_all_unused_submodules():
+    # the graph no longer names the runs' modules, but the parent must keep owning them.
+    gm.recompile()
+    return {r.name: [r.part] for r in regions}
+
+
+def checkpoint_stored_parts(converted: fx.GraphModule) -> fx.GraphModule:
+    """Return a copy of a converted model whose stored parts run under activation checkpointing.
+
+    The same as converting with ``ConvertConfig(checkpoint_stored=True)``; use it on a model that
+    :func:`revconvert.convert` returned in this session (the pass reads the segment each graph node
+    belongs to, which ``torch.save``/``torch.load`` does not keep). The argument is not modified.
+
+    Args:
+        converted: a model returned by :func:`revconvert.convert`.
+
+    Returns:
+        A deep copy in which every stored part (stem, strided/projection blocks, code between
+        blocks; not the head) is one :class:`CheckpointedRun` submodule, ``ckpt_<part>``; its
+        ``revconvert_summary.checkpointed`` lists them. Parameter names are unchanged.
+
+    Raises:
+        TypeError: ``converted`` is not an ``fx.GraphModule``.
+        ValueError: its graph does not say which segment each node belongs to.
+
+    Example:
+        >>> converted = revconvert.convert(torchvision.models.resnet18())
+        >>> lean = checkpoint_stored_parts(converted)
+        >>> lean.revconvert_summary.checkpointed
+        {'ckpt_stem': ['stem'], 'ckpt_layer2_0': ['layer2.0'], ...}
+    """
+    if not isinstance(converted, fx.GraphModule):
+        raise TypeError(f"checkpoint_stored_parts expects the fx.GraphModule revconvert.convert returns, "
+                        f"got {type(converted).__name__}")
+    unmarked = [n.name for n in converted.graph.nodes if n.op != "output" and _segment(n) is None]
+    if unmarked:
+        raise ValueError(f"checkpoint_stored_parts: nodes {unmarked[:3]} carry no segment "
+                         f"(node.meta['revconvert']); pass a model returned by revconvert.convert in this "
+                         f"session, or convert with ConvertConfig(checkpoint_stored=True)")
+    work = copy.deepcopy(converted)
+    done = _checkpoint_stored_parts(work)
+    from .convert import ConversionSummary, keep_summary
+
+    summary = getattr(work, "revconvert_summary", None)
+    if isinstance(summary, ConversionSummary):
+        keep_summary(work, dataclasses.replace(summary, checkpointed={**summary.checkpointed, **done}))
+    return work
+
+
+def attach_checkpointed_modules(gm: fx.GraphModule, owner: nn.Module | None = None) -> None:
+    """Make ``gm`` own, at their names, the modules its :class:`CheckpointedRun` nodes call.
+
+    An ``fx.GraphModule`` keeps only the submodules its graph names; a run's modules are named only
+    inside the run. Without this, a model traced or pruned from a converted one would lose their
+    parameters (optimizers, ``state_dict``, memory accounting). ``owner`` is where the runs live
+    (default ``gm``).
+    """
+    owner = gm if owner is None else owner
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        run = owner.get_submodule(node.target)
+        if not isinstance(run, CheckpointedRun):
+            continue
+        for name in run.module_names:
+            try:
+                present = gm.get_submodule(name) is run.region.get_submodule(name)
+            except AttributeError:
+                present = False
+            if not present:
+                gm.add_submodule(name, run.region.get_submodule(name))
