@@ -101,7 +101,9 @@ class CheckpointedRun(nn.Module):
         return f"parts={list(self.parts)}, nodes={len(ops)}{modules}"
 
     def _wants_checkpoint(self, args: tuple[Any, ...]) -> bool:
-        if not torch.is_grad_enabled():
+        from .runtime.segment import ordinary_autograd_enabled
+
+        if not torch.is_grad_enabled() or ordinary_autograd_enabled():
             return False
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(args)):
             return True
@@ -300,8 +302,44 @@ def _rewrite(gm: fx.GraphModule, region: StoredRegion, renamed: dict[str, fx.Nod
         graph.erase_node(n)
 
 
+def _defer_exit_activations(gm: fx.GraphModule) -> list[str]:
+    """Apply each reversible segment's exit activation in the stored part that reads its output.
+
+    A segment keeps its output for its backward; an exit activation applied inside the segment keeps
+    its own output too (ReLU's backward reads it), so the boundary would cost two tensors. As a graph
+    node of the next stored part, the activation runs inside that part's checkpointed run, whose kept
+    input is then the segment's output itself: one tensor. Only where every reader of the segment's
+    output belongs to one stored part (not the head). Returns the segments changed.
+    """
+    from .runtime import ReversibleSegment
+
+    reversible = {_segment(n) for n in gm.graph.nodes if n.op == "call_module"
+                  and isinstance(gm.get_submodule(n.target), ReversibleSegment)}
+    changed = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        segment = gm.get_submodule(node.target)
+        if not isinstance(segment, ReversibleSegment) or segment.exit_activation is None \
+                or not segment.apply_exit_activation or getattr(segment.exit_activation, "inplace", False):
+            continue
+        parts = {_segment(u) for u in node.users}
+        part = parts.pop() if len(parts) == 1 else None
+        if part is None or part in _NOT_CHECKPOINTED or part in reversible \
+                or any(u.op == "output" or _mutated(gm, u) for u in node.users):
+            continue
+        with gm.graph.inserting_after(node):
+            act = gm.graph.call_module(f"{node.target}.exit_activation", (node,))
+        act.meta.update(val=node.meta.get("val"), revconvert={"segment": part})
+        node.replace_all_uses_with(act, delete_user_cb=lambda user: user is not act)
+        segment.apply_exit_activation = False
+        changed.append(str(node.target))
+    return changed
+
+
 def _checkpoint_stored_parts(gm: fx.GraphModule) -> dict[str, list[str]]:
     """In place: find, rewrite, lint, recompile. Returns run name -> the parts it covers."""
+    _defer_exit_activations(gm)
     regions = find_stored_regions(gm)
     renamed: dict[str, fx.Node] = {}
     for region in regions:

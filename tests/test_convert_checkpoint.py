@@ -89,7 +89,10 @@ def test_family_checkpoints_the_stem_and_projection_blocks(name):
     ckpt = revconvert.convert(model, (2, 3, 64, 64), config=CKPT)
     assert list(_runs(ckpt)) == (BASIC if name in ("resnet18", "resnet34") else BOTTLENECK)
     assert ckpt.revconvert_summary.checkpointed == {r: [m.parts[0]] for r, m in _runs(ckpt).items()}
-    assert ckpt.ckpt_layer2_0.module_names[:2] == ("layer2.0.conv1", "layer2.0.bn1")
+    # layer2.0's run starts with the exit activation of the segment before it (deferred into it)
+    names = ckpt.ckpt_layer2_0.module_names
+    assert names[0].startswith("layer1.rev_") and names[0].endswith(".exit_activation")
+    assert names[1:3] == ("layer2.0.conv1", "layer2.0.bn1")
     # every stored parameter keeps its name: the original's keys minus the replaced blocks'
     replaced = set(ckpt.revconvert_summary.converted_blocks)
     kept = {k for k in model.state_dict() if not any(k.startswith(b + ".") for b in replaced)}
@@ -327,3 +330,23 @@ def test_cli_flag(tmp_path, capsys):
     assert "Stored parts under activation checkpointing" in capsys.readouterr().out
     assert main(["memory", "resnet18", "--input-size", "32", "--batch-size", "2", "--checkpoint-stored"]) == 0
     assert "stored -> checkpointed" in capsys.readouterr().out
+
+
+def test_segment_boundaries_keep_one_tensor_the_exit_activation_runs_in_the_next_part(monkeypatch):
+    import revconvert.stored as stored
+
+    torch.manual_seed(0)
+    model = tv_model("resnet50")
+    shape = (2, 3, 32, 32)
+    x = torch.randn(*shape, requires_grad=True)
+    deferred = revconvert.convert(model, shape, config=CKPT)
+    monkeypatch.setattr(stored, "_defer_exit_activations", lambda gm: [])
+    inline = revconvert.convert(model, shape, config=CKPT)
+    # The outputs of the segments read by layer2.0, layer3.0 and layer4.0 (N x C x H x W float32)
+    # are no longer kept twice (segment output + its ReLU's output).
+    boundary = sum(2 * c * s * s * 4 for c, s in ((256, 8), (512, 4), (1024, 2)))
+    assert saved_bytes(inline, x) - saved_bytes(deferred, x) == boundary
+    segments = {n: m for n, m in deferred.named_modules() if type(m).__name__ == "ReversibleSegment"}
+    assert [n for n, m in segments.items() if m.apply_exit_activation] == ["layer4.rev_1_2"]  # before the head
+    with torch.no_grad():
+        torch.testing.assert_close(deferred.eval()(x), inline.eval()(x), rtol=0, atol=0)

@@ -98,3 +98,20 @@ def test_memory_estimate_counts_kept_outputs_exactly(resnet50):
     measured = measure_memory(kept, x)
     assert estimate.activation_bytes == measured.activation_bytes
     assert estimate.activation_bytes > memory_profile(plain, (3, 64, 64), 2, converted=False).original.activation_bytes
+
+
+def test_ordinary_autograd_also_stores_the_checkpointed_parts(resnet50):
+    # The planner's denominator: the step with every activation stored, checkpointed parts included.
+    x = torch.randn(*SHAPE)
+    default = revconvert.convert(resnet50, SHAPE)
+    hybrid = revconvert.convert(resnet50, SHAPE, config=ConvertConfig(checkpoint_stored=True))
+    assert step_flops(hybrid, x, ordinary=True) == step_flops(default, x, ordinary=True)
+    assert step_flops(hybrid, x) > step_flops(default, x)
+
+
+def test_budget_with_checkpointed_parts_still_predicts_the_measured_flops(resnet50):
+    x = torch.randn(*SHAPE)
+    model = revconvert.convert(resnet50, SHAPE, config=ConvertConfig(checkpoint_stored=True, recompute_budget=0.2))
+    overhead = step_flops(model, x) / step_flops(model, x, ordinary=True) - 1
+    assert overhead <= 0.2
+    assert model.revconvert_summary.recompute_overhead == pytest.approx(overhead, abs=1e-12)

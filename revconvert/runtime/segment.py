@@ -15,7 +15,7 @@ from ._function import ReversibleFunction, make_plan
 from ._state import capture_rng, cuda_devices_of, preserve_running_stats, replay_rng
 from .coupling import ReversibleCoupling
 
-__all__ = ["ReconstructionError", "ReversibleSegment", "ordinary_autograd"]
+__all__ = ["ReconstructionError", "ReversibleSegment", "ordinary_autograd", "ordinary_autograd_enabled"]
 
 _ORDINARY = contextvars.ContextVar("revconvert_ordinary_autograd", default=False)
 
@@ -37,6 +37,11 @@ def ordinary_autograd() -> Iterator[None]:
         yield
     finally:
         _ORDINARY.reset(token)
+
+
+def ordinary_autograd_enabled() -> bool:
+    """True inside :func:`ordinary_autograd` (checkpointed parts of a converted model honour it too)."""
+    return _ORDINARY.get()
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,10 @@ class ReversibleSegment(nn.Module):
 
     Attributes:
         use_reversible_backward: ``False`` makes this segment use ordinary autograd.
+        apply_exit_activation: ``False`` leaves ``exit_activation`` to the caller, which calls
+            ``segment.exit_activation`` itself. A conversion with ``checkpoint_stored=True`` does
+            this so that the activation runs inside the next checkpointed part: the activation's
+            output is then recomputed, and only the segment's output is kept.
 
     Example:
         >>> import torch
@@ -115,6 +124,7 @@ class ReversibleSegment(nn.Module):
         self.dim = dim
         self.exit_activation = exit_activation
         self.use_reversible_backward: bool = True
+        self.apply_exit_activation: bool = True
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, use_reversible_backward={self.use_reversible_backward}"
@@ -150,13 +160,13 @@ class ReversibleSegment(nn.Module):
         dim = self._split_dim(x)
         if self._wants_reversible(x):
             y = _apply_reversible(self.couplings, dim, x)
-            act = self.exit_activation
+            act = self.exit_activation if self.apply_exit_activation else None
             if act is None:
                 return y
             # The output is saved for backward; an in-place activation must not overwrite it.
             return act(y.clone()) if getattr(act, "inplace", False) else act(y)
         y = self._plain(x, dim)
-        return y if self.exit_activation is None else self.exit_activation(y)
+        return y if self.exit_activation is None or not self.apply_exit_activation else self.exit_activation(y)
 
     @torch.no_grad()
     def reconstruction_errors(self, x: torch.Tensor) -> list[ReconstructionError]:
