@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .runtime._keep import KEEP_POLICIES
+
 __all__ = ["main", "load_model"]
 
 
@@ -93,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--only", action="append", metavar="NAME",
                    help="convert only these blocks or prefixes (repeatable), e.g. --only layer3")
     c.add_argument("--width", default="match-params", help="match-params (default), keep, or a factor")
-    _checkpoint_flag(c)
+    _conversion_flags(c)
     for name, helptext in (("memory", "estimate training memory, original vs converted"),
                            ("report", "the main job: audit + conversion + memory on one page")):
         m = sub.add_parser(name, help=helptext)
@@ -101,16 +103,39 @@ def _parser() -> argparse.ArgumentParser:
         m.add_argument("--batch-size", type=int, default=1)
         m.add_argument("--optimizer", choices=["sgd", "sgd-momentum", "adam", "adamw"], default=None)
         m.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-        _checkpoint_flag(m)
+        _conversion_flags(m)
         if name == "memory":
             m.add_argument("--plot", metavar="PNG", help="write a plot (needs the 'plot' extra)")
     return p
 
 
-def _checkpoint_flag(sp: argparse.ArgumentParser) -> None:
+def _conversion_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--checkpoint-stored", action="store_true",
                     help="also run the stored parts (stem, projection blocks) under activation "
                          "checkpointing: less memory, their forward runs twice")
+    sp.add_argument("--keep", choices=sorted(KEEP_POLICIES), default=None,
+                    help="couplings keep these outputs from the forward, so the backward recomputes less "
+                         "(every coupling, or those --recompute-budget picks)")
+    sp.add_argument("--recompute-budget", type=_budget, default=None, metavar="FRACTION",
+                    help="most extra FLOPs per step the memory-saving backward may cost, as a fraction of "
+                         "ordinary autograd (e.g. 0.2); couplings keep outputs until it fits")
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.2, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (a fraction of the ordinary step's FLOPs), got {text!r}")
+    return value
+
+
+def _config(args: argparse.Namespace, **kwargs: Any):  # noqa: ANN202 - ConvertConfig, imported lazily
+    import revconvert
+
+    return revconvert.ConvertConfig(checkpoint_stored=args.checkpoint_stored, keep=args.keep,
+                                    recompute_budget=args.recompute_budget, **kwargs)
 
 
 def _width(text: str) -> str | float:
@@ -133,8 +158,7 @@ def _run(args: argparse.Namespace) -> int:
         report = revconvert.audit(model, example)
         out, text = report.to_dict(), [str(report)]
     elif args.command == "convert":
-        config = revconvert.ConvertConfig(only=tuple(args.only) if args.only else None, width=_width(args.width),
-                                          checkpoint_stored=args.checkpoint_stored)
+        config = _config(args, only=tuple(args.only) if args.only else None, width=_width(args.width))
         converted = revconvert.convert(model, example, config=config)
         torch.save(converted, args.output)
         summary = converted.revconvert_summary
@@ -143,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if args.batch_size < 1:
             raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
-        config = revconvert.ConvertConfig(checkpoint_stored=True) if args.checkpoint_stored else None
+        config = _config(args)
         profile = revconvert.memory_profile(model, input_size=args.input_size, batch_size=args.batch_size,
                                             dtype=_DTYPES[args.dtype], optimizer=args.optimizer, config=config)
         if args.command == "report":

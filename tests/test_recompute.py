@@ -115,3 +115,24 @@ def test_budget_with_checkpointed_parts_still_predicts_the_measured_flops(resnet
     overhead = step_flops(model, x) / step_flops(model, x, ordinary=True) - 1
     assert overhead <= 0.2
     assert model.revconvert_summary.recompute_overhead == pytest.approx(overhead, abs=1e-12)
+
+
+def test_cli_recompute_flags(tmp_path, capsys):
+    import json
+
+    from revconvert.cli import main
+
+    out = tmp_path / "c.pt"
+    assert main(["convert", "resnet50", "-o", str(out), "--input-size", "64", "--recompute-budget", "0.15",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kept_couplings"] and summary["recompute_overhead"] <= 0.15
+    loaded = torch.load(out, weights_only=False)
+    assert sum(c.keep is not None for c in couplings(loaded)) == len(summary["kept_couplings"])
+    assert main(["convert", "resnet18", "-o", str(out), "--input-size", "64", "--keep", "spatial-convs",
+                 "--json"]) == 0
+    kept = json.loads(capsys.readouterr().out)["kept_couplings"]
+    assert len(kept) == len(couplings(torch.load(out, weights_only=False))) == 5  # every coupling of resnet18
+    with pytest.raises(SystemExit):
+        main(["convert", "resnet18", "-o", str(out), "--recompute-budget", "-1"])
+    assert "must be >= 0" in capsys.readouterr().err
