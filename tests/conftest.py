@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -32,10 +33,11 @@ def conv_bn(c: int, *, dropout: float = 0.0) -> torch.nn.Module:
     return nn.Sequential(*layers)
 
 
-def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd saves for backward in ``model(x)``, once per storage, parameters and buffers
-    excluded. Independent of revconvert's own counter; works on meta tensors too."""
-    skip = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+@contextlib.contextmanager
+def _counting_saved(owner: torch.nn.Module):
+    """Yields a dict storage id -> bytes of what autograd saves inside the block, parameters and
+    buffers of ``owner`` excluded. Independent of revconvert's own counter; works on meta tensors."""
+    skip = {t.untyped_storage()._cdata for t in [*owner.parameters(), *owner.buffers()]}
     seen, keep = {}, []
 
     def pack(t):
@@ -46,6 +48,13 @@ def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward in ``model(x)``, once per storage, parameters and buffers
+    excluded."""
+    with _counting_saved(model) as seen:
         model(x)
     return sum(seen.values())
 
@@ -81,3 +90,19 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
 @pytest.fixture
 def make_tv():
     return tv_model
+
+
+def _meta_flops_and_bytes(fn, x, owner=None, *, ordinary: bool = False) -> tuple[int, int]:
+    """(FLOPs of forward + backward, bytes saved for backward) of ``fn(x)``; works on meta tensors.
+    ``owner``: the module whose parameters and buffers are not counted (default ``fn``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import revconvert
+
+    counter = FlopCounterMode(display=False)
+    ctx = revconvert.ordinary_autograd() if ordinary else contextlib.nullcontext()
+    with counter, ctx:
+        with _counting_saved(fn if owner is None else owner) as seen:
+            out = fn(x)
+        out.sum().backward()
+    return counter.get_total_flops(), sum(seen.values())

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import revconvert
-from conftest import saved_bytes, tv_model
+from conftest import _meta_flops_and_bytes, saved_bytes, tv_model
 from revconvert import ConvertConfig
 from revconvert.runtime import ReversibleSegment, keep_spatial_convolutions
 
@@ -136,3 +136,30 @@ def test_cli_recompute_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["convert", "resnet18", "-o", str(out), "--recompute-budget", "-1"])
     assert "must be >= 0" in capsys.readouterr().err
+
+
+def test_resnet152_at_checkpoint_sequentials_flops_keeps_at_most_half_its_bytes():
+    """Issue 6's target, counted on meta tensors (same shapes and storages as real ones)."""
+    import math
+
+    from torch.utils.checkpoint import checkpoint_sequential
+
+    shape = (4, 3, 128, 128)
+    with torch.device("meta"):
+        model = tv_model("resnet152").train()
+    x = torch.empty(*shape, device="meta")
+
+    body = torch.nn.Sequential(torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool),
+                               *model.layer1, *model.layer2, *model.layer3, *model.layer4)
+
+    def sequential(inp):
+        h = checkpoint_sequential(body, round(math.sqrt(len(body))), inp, use_reentrant=False)
+        return model.fc(torch.flatten(model.avgpool(h), 1))
+
+    ckpt_flops, ckpt_bytes = _meta_flops_and_bytes(sequential, x, model)
+    ordinary_flops, _ = _meta_flops_and_bytes(revconvert.convert(model, shape), x, ordinary=True)
+    config = ConvertConfig(checkpoint_stored=True, recompute_budget=ckpt_flops / ordinary_flops - 1)
+    planned = revconvert.convert(model, shape, config=config)
+    flops, nbytes = _meta_flops_and_bytes(planned, x)
+    assert flops <= ckpt_flops
+    assert nbytes <= 0.5 * ckpt_bytes
