@@ -22,6 +22,7 @@ from torch import nn
 from ._format import format_count, render_table
 from .audit import Analysis, analyze
 from .errors import ConversionError
+from .ops import mutated_inputs
 from .recompute import plan_recompute
 from .runtime import ReversibleCoupling, ReversibleSegment
 from .runtime._keep import KEEP_POLICIES
@@ -188,6 +189,16 @@ def _check_example(example_input: Any) -> None:
                               f"such as (1, 3, 224, 224) with channels on dimension 1")
 
 
+def _eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Drop nodes whose value nothing uses, except side effects: fx's own pass would also drop an
+    in-place call whose result is unused (``h.mul_(2)`` as a statement), changing what the model
+    computes."""
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op in ("placeholder", "output") or node.users or node.is_impure() or mutated_inputs(gm, node):
+            continue
+        gm.graph.erase_node(node)
+
+
 def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
     gm = analysis.graph_module
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -224,7 +235,7 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
             gm.graph.erase_node(nodes[name])
         analysis.node_segment[new.name] = seg_name
     gm.graph.lint()
-    gm.graph.eliminate_dead_code()
+    _eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
     attach_checkpointed_modules(gm)  # re-converting: runs of the model name their modules only inside
     gm.recompile()

@@ -13,6 +13,7 @@ operation at half the outer channel width. A kind is one of:
 
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from .graph import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
 
-__all__ = ["op_kind", "describe_op", "CONV_TYPES", "NORM_TYPES", "is_inplace"]
+__all__ = ["op_kind", "describe_op", "CONV_TYPES", "NORM_TYPES", "is_inplace", "mutated_inputs"]
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
@@ -85,14 +86,34 @@ def describe_op(gm: fx.GraphModule, node: fx.Node) -> str:
     return node.op
 
 
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+
+
+def mutated_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The graph values ``node`` modifies in place (best effort: in-place modules, ``op_`` methods and
+    functions, ``x += ...``, ``x[i] = ...``, ``inplace=True`` and ``out=`` arguments)."""
+    first = [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
+    out = [node.kwargs["out"]] if isinstance(node.kwargs.get("out"), fx.Node) else []
+    if node.op == "call_module":
+        return first if getattr(gm.get_submodule(node.target), "inplace", False) else []
+    if node.op == "call_method":
+        name = str(node.target)
+        return first if name.endswith("_") and not name.endswith("__") else []
+    if node.op != "call_function":
+        return []
+    name = getattr(node.target, "__name__", "")
+    if node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")):
+        return first + out
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
+    except (TypeError, ValueError):  # builtins without a signature, or arguments fx rewrote
+        bound = node.kwargs
+    return (first if bound.get("inplace") is True else []) + out
+
+
 def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node`` overwrites its first input."""
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return bool(node.kwargs.get("inplace", False)) or (name.endswith("_") and not name.startswith("_")) \
-            or node.target in (operator.iadd, operator.imul, operator.isub, operator.itruediv)
-    if node.op == "call_method":
-        return str(node.target).endswith("_")
-    return False
+    first = node.args[0] if node.args else None
+    return isinstance(first, fx.Node) and first in mutated_inputs(gm, node)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
+
+from .ops import mutated_inputs
 
 __all__ = ["CheckpointedRun", "StoredRegion", "find_stored_regions", "checkpoint_stored_parts"]
 
@@ -164,33 +165,6 @@ class StoredRegion:
     outputs: tuple[str, ...]
 
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
-
-
-def _mutated(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
-    """The graph values ``node`` modifies in place (best effort: in-place modules, ``op_`` methods and
-    functions, ``x += ...``, ``x[i] = ...``, ``inplace=True`` and ``out=`` arguments)."""
-    first = [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
-    out = [node.kwargs["out"]] if isinstance(node.kwargs.get("out"), fx.Node) else []
-    if node.op == "call_module":
-        return first if getattr(gm.get_submodule(node.target), "inplace", False) else []
-    if node.op == "call_method":
-        name = str(node.target)
-        return first if name.endswith("_") and not name.endswith("__") else []
-    if node.op != "call_function":
-        return []
-    name = getattr(node.target, "__name__", "")
-    if node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")):
-        return first + out
-    try:
-        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
-    except (TypeError, ValueError):  # builtins without a signature, or arguments fx rewrote
-        bound = node.kwargs
-    return (first if bound.get("inplace") is True else []) + out
-
-
 def _segment(node: fx.Node) -> str | None:
     return node.meta.get("revconvert", {}).get("segment")
 
@@ -230,7 +204,7 @@ def find_stored_regions(gm: fx.GraphModule) -> list[StoredRegion]:
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             continue
-        mutated = _mutated(gm, node)
+        mutated = mutated_inputs(gm, node)
         last_mutation.update((v, order[node]) for v in mutated)
         seg = _segment(node)
         eligible = node.op != "output" and seg is not None and seg not in _NOT_CHECKPOINTED \
@@ -326,7 +300,7 @@ def _defer_exit_activations(gm: fx.GraphModule) -> list[str]:
         parts = {_segment(u) for u in node.users}
         part = parts.pop() if len(parts) == 1 else None
         if part is None or part in _NOT_CHECKPOINTED or part in reversible \
-                or any(u.op == "output" or _mutated(gm, u) for u in node.users):
+                or any(u.op == "output" or mutated_inputs(gm, u) for u in node.users):
             continue
         with gm.graph.inserting_after(node):
             act = gm.graph.call_module(f"{node.target}.exit_activation", (node,))

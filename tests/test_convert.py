@@ -350,3 +350,37 @@ def test_converting_a_converted_model_says_so():
     assert profile.converted is None  # nothing to compare an already converted model with
     assert profile.model_name == "ResNet"
     assert {s.kind for s in profile.original.segments} == {"stored", "reversible"}
+
+
+def test_an_inplace_statement_outside_the_blocks_survives_conversion():
+    """``h.mul_(2)`` whose result is unused is a side effect, not dead code."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+            self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.b1, self.b2, self.head = nn.Conv2d(3, 8, 3, padding=1), Block(8), Block(8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.stem(x)
+            h.mul_(2)
+            return self.head(self.b2(self.b1(h)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    for block in (model.b1, model.b2):
+        nn.init.zeros_(block.bn2.weight)  # each block is relu(x): the same function as a zero-init coupling
+    converted = revconvert.convert(model, (1, 3, 8, 8)).eval()
+    assert converted.revconvert_summary.converted_blocks == ["b1", "b2"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x))
