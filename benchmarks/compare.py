@@ -10,6 +10,8 @@ For each torchvision ResNet (weights=None) and one training step (forward, cross
 - ``revconvert``: ``revconvert.convert(model)`` with its memory-saving reversible backward;
 - ``revconvert-ordinary``: the same converted model under ``revconvert.ordinary_autograd()``, which
   stores every activation and so isolates the cost of the recomputation;
+- ``revconvert-keep``: ``ConvertConfig(keep="spatial-convs")``: every coupling keeps its 3x3 conv
+  outputs, so the backward recomputes only the cheap ops (more memory, fewer FLOPs, faster);
 - ``revconvert-budget``: revconvert at checkpoint_sequential's compute: ``ConvertConfig(
   checkpoint_stored=True, recompute_budget=B)`` where B is ckpt-sequential's extra FLOPs per step over
   the converted model's ordinary step, measured in this run. The stored parts (stem, projection
@@ -57,7 +59,7 @@ import revconvert
 from revconvert.memory.tracker import AllocationTracker, SavedTensorCounter
 
 METHODS = ("original", "ckpt-sequential", "ckpt-per-block", "revconvert", "revconvert-ordinary",
-           "revconvert-budget")
+           "revconvert-keep", "revconvert-budget")
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -116,6 +118,9 @@ def build_methods(name: str, x: torch.Tensor, target: torch.Tensor) -> list[Meth
         Method("revconvert", converted, none),
         Method("revconvert-ordinary", converted, revconvert.ordinary_autograd),
     ]
+    torch.manual_seed(0)
+    keep = revconvert.convert(original, x.shape, config=revconvert.ConvertConfig(keep="spatial-convs"))
+    methods.append(Method("revconvert-keep", keep.to(x.device).train(), none))
     # revconvert given checkpoint_sequential's compute: its extra FLOPs over the converted model's
     # ordinary step become the recompute budget (the planner's FLOP counts are exact, see tests).
     ckpt_flops = step_flops(methods[1], x, target)
