@@ -16,13 +16,14 @@ from revconvert.runtime import ReversibleCoupling, ReversibleSegment
 WORLD = 2
 
 
-def make_model() -> nn.Module:
+def make_model(keep: str | None = None) -> nn.Module:
     torch.manual_seed(0)
 
     def residual():  # no batch norm: per-process batch statistics would differ from the full batch
         return nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.Dropout(0.0), nn.Conv2d(2, 2, 1))
 
-    segment = ReversibleSegment([ReversibleCoupling(residual(), residual()) for _ in range(3)], exit_activation=nn.ReLU())
+    segment = ReversibleSegment([ReversibleCoupling(residual(), residual(), keep=keep) for _ in range(3)],
+                                exit_activation=nn.ReLU())
     return nn.Sequential(nn.Conv2d(3, 4, 1), segment, nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()
 
 
@@ -31,12 +32,12 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 3, 5, 5, dtype=torch.float64, generator=g), torch.randint(3, (8,), generator=g)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, keep: str | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model = nn.parallel.DistributedDataParallel(make_model())
+        model = nn.parallel.DistributedDataParallel(make_model(keep))
         x, target = batch()
         shard = slice(rank * 4, rank * 4 + 4)
         nn.functional.cross_entropy(model(x[shard]), target[shard]).backward()
@@ -53,9 +54,10 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
-def test_ddp_gloo_averaged_gradients_equal_full_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    model = make_model()
+@pytest.mark.parametrize("keep", [None, "spatial-convs"])
+def test_ddp_gloo_averaged_gradients_equal_full_batch(tmp_path, keep):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), keep), nprocs=WORLD, join=True)
+    model = make_model(keep)
     x, target = batch()
     nn.functional.cross_entropy(model(x), target).backward()
     for rank in range(WORLD):
