@@ -123,20 +123,13 @@ def build_methods(name: str, x: torch.Tensor, target: torch.Tensor) -> list[Meth
     methods.append(Method("revconvert-keep", keep.to(x.device).train(), none))
     # revconvert given checkpoint_sequential's compute: its extra FLOPs over the converted model's
     # ordinary step become the recompute budget (the planner's FLOP counts are exact, see tests).
-    ckpt_flops = step_flops(methods[1], x, target)
-    ordinary_flops = step_flops(methods[4], x, target)
+    ckpt_flops = measure(methods[1], x, target, "none")[2]
+    ordinary_flops = measure(methods[4], x, target, "none")[2]
     config = revconvert.ConvertConfig(checkpoint_stored=True, recompute_budget=ckpt_flops / ordinary_flops - 1)
     torch.manual_seed(0)
     budget = revconvert.convert(original, x.shape, config=config).to(x.device).train()
     methods.append(Method("revconvert-budget", budget, none))
     return methods
-
-
-def step_flops(method: Method, x: torch.Tensor, target: torch.Tensor) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step(method, x, target, grads="none")
-    return counter.get_total_flops()
 
 
 def step(method: Method, x: torch.Tensor, target: torch.Tensor, *, grads: str,

@@ -24,34 +24,22 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 import torchvision
-from torch.utils.flop_counter import FlopCounterMode
 
 import revconvert
 from revconvert import ConvertConfig
-from revconvert.memory.tracker import SavedTensorCounter
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from compare import Checkpointed  # noqa: E402 - the same checkpoint_sequential baseline
+from compare import Checkpointed, Method  # noqa: E402 - the same baseline and instruments
+from compare import measure as compare_measure  # noqa: E402
 
 
 def measure(model: torch.nn.Module, x: torch.Tensor, *, ordinary: bool = False) -> tuple[int, int]:
-    """(saved bytes, FLOPs) of one training step of ``model`` on ``x`` (meta tensors)."""
-    resident = [*model.parameters(), *model.buffers()]
-    saved = SavedTensorCounter(exclude=resident)
-    saved.segment = "step"
-    flops = FlopCounterMode(display=False)
-    ctx = revconvert.ordinary_autograd() if ordinary else contextlib.nullcontext()
+    """(saved bytes, FLOPs) of one training step of ``model`` on ``x``: compare.py's instruments."""
+    context = revconvert.ordinary_autograd if ordinary else contextlib.nullcontext
     target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    with flops, ctx:
-        with saved:
-            loss = F.cross_entropy(model(x), target)
-        saved.segment = None
-        loss.backward()
-    total = saved.total
-    saved.close()
-    return total, flops.get_total_flops()
+    saved, _, flops = compare_measure(Method("", model, context), x, target, "none")
+    return saved, flops
 
 
 def main(argv: list[str] | None = None) -> None:

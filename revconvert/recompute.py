@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from .memory.step import training_loss
 from .runtime import ReversibleSegment, ordinary_autograd
 from .runtime._keep import KeepPolicy, Record, Replay
 from .tracing import meta_copy
@@ -79,12 +80,6 @@ class RecomputePlan:
         return self.overhead <= self.budget + 1e-12
 
 
-def _loss(out: Any) -> torch.Tensor:
-    tensors = [t for t in (out if isinstance(out, (tuple, list)) else (out,))
-               if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return sum(t.float().sum() for t in tensors)  # type: ignore[return-value]
-
-
 class FlopCount(TorchDispatchMode):
     """FLOPs of the ops ``torch.utils.flop_counter`` knows (convolutions, matmuls), nothing else.
 
@@ -107,7 +102,7 @@ class FlopCount(TorchDispatchMode):
 
 def _step_flops(model: nn.Module, args: Sequence[Any]) -> int:
     with FlopCount() as counter:
-        _loss(model(*args)).backward()
+        training_loss(model(*args)).backward()
     return counter.total
 
 

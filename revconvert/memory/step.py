@@ -83,7 +83,8 @@ class _SegmentInterpreter(fx.Interpreter):
         return result
 
 
-def _loss(output: Any) -> torch.Tensor:
+def training_loss(output: Any) -> torch.Tensor:
+    """The sum of every output that requires grad: a loss whose backward reaches all of them."""
     tensors = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
     if not tensors:
         raise ValueError(
@@ -146,7 +147,7 @@ def run_step(seg: Segmentation, res: StepResources) -> MemoryBreakdown:
             output = interp.run(*res.inputs)
             interp.env.clear()  # the interpreter keeps the output's value; a training loop would not
             counter.segment = "(loss)"
-            loss = _loss(output)
+            loss = training_loss(output)
             counter.segment = None  # the backward's recomputation saves tensors only transiently
             del output
             tracker.phase = "backward"

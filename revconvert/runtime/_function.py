@@ -118,14 +118,23 @@ def _recording(policy: KeepPolicy | None) -> Iterator[Record | None]:
         yield rec
 
 
+@dataclass(frozen=True)
+class _KeptSpan:
+    """Where F's or G's kept outputs sit in the saved tensors, and the policy that chose them."""
+
+    policy: KeepPolicy
+    start: int
+    stop: int
+    signatures: list
+
+
 @contextlib.contextmanager
-def _replaying(kept: list[torch.Tensor], spans: tuple | None, which: int, where: str) -> Iterator[None]:
-    """Replay F's (``which=1``) or G's (``which=2``) kept outputs under the forward's policy."""
-    if spans is None:
+def _replaying(kept: list[torch.Tensor], span: _KeptSpan | None, where: str) -> Iterator[None]:
+    """Replay F's or G's kept outputs under the forward's policy."""
+    if span is None:
         yield
         return
-    start, stop, signatures = spans[which]
-    with Replay(spans[0], kept[start:stop], signatures, where) as rep:
+    with Replay(span.policy, kept[span.start:span.stop], span.signatures, where) as rep:
         yield
     rep.check_done()
 
@@ -149,8 +158,7 @@ class ReversibleFunction(torch.autograd.Function):
         cuda_devices = cuda_devices_of((x, *params))
         rng: list[tuple[RNGState, RNGState]] = []
         kept: list[torch.Tensor] = []
-        # kept_at[k]: (policy, (start, stop, signatures) of F's kept outputs, the same for G), or None
-        kept_at: list[tuple[KeepPolicy, tuple[int, int, list], tuple[int, int, list]] | None] = []
+        kept_at: list[tuple[_KeptSpan | None, _KeptSpan | None]] = []  # coupling k: (F's, G's)
         x1, x2 = x.chunk(2, plan.dim)
         for k, coupling in enumerate(plan.couplings):
             policy = coupling.keep
@@ -161,14 +169,12 @@ class ReversibleFunction(torch.autograd.Function):
             with _recording(policy) as rec_g:
                 y2 = x2 + _call_checked(coupling.G, y1, f"couplings[{k}].G")
             rng.append((rng_f, rng_g))
-            if policy is None:
-                kept_at.append(None)
-            else:
-                spans = []
-                for rec in (rec_f, rec_g):
-                    spans.append((len(kept), len(kept) + len(rec.kept), rec.signatures))
-                    kept += rec.kept
-                kept_at.append((policy, spans[0], spans[1]))
+            spans = []
+            for rec in (rec_f, rec_g):
+                spans.append(None if rec is None else
+                             _KeptSpan(policy, len(kept), len(kept) + len(rec.kept), rec.signatures))
+                kept += [] if rec is None else rec.kept
+            kept_at.append((spans[0], spans[1]))
             x1, x2 = y1, y2
         y = torch.cat((x1, x2), plan.dim)
         ctx.save_for_backward(y, *kept)
@@ -203,12 +209,12 @@ class ReversibleFunction(torch.autograd.Function):
             f_params = [i for i in plan.f_index[k] if needs_param[i]]
             g_params = [i for i in plan.g_index[k] if needs_param[i]]
             need_f = chain[k] or bool(f_params)
-            spans = ctx.kept_at[k]
+            kept_f, kept_g = ctx.kept_at[k]
 
             # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
             with preserve_running_stats(coupling.G), replay_rng(rng_g), replay_autocast(autocast):
                 z1 = y1.detach().requires_grad_(need_f)
-                with torch.enable_grad(), _replaying(kept, spans, 2, f"couplings[{k}].G"):
+                with torch.enable_grad(), _replaying(kept, kept_g, f"couplings[{k}].G"):
                     g = _call_checked(coupling.G, _non_leaf(z1), f"couplings[{k}].G")
                 x2 = y2 - g.detach()
                 grads = _vjp(g, ([z1] if need_f else []) + [plan.params[i] for i in g_params], gy2)
@@ -224,7 +230,7 @@ class ReversibleFunction(torch.autograd.Function):
             # F: reconstruct x1 = y1 - F(x2) and back-propagate dy1 (now total) through F.
             with preserve_running_stats(coupling.F), replay_rng(rng_f), replay_autocast(autocast):
                 z2 = x2.detach().requires_grad_(chain[k])
-                with torch.enable_grad(), _replaying(kept, spans, 1, f"couplings[{k}].F"):
+                with torch.enable_grad(), _replaying(kept, kept_f, f"couplings[{k}].F"):
                     f = _call_checked(coupling.F, _non_leaf(z2), f"couplings[{k}].F")
                 x1 = y1 - f.detach()
                 grads = _vjp(f, ([z2] if chain[k] else []) + [plan.params[i] for i in f_params], gy1)
