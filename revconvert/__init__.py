@@ -11,9 +11,9 @@ Example:
 from __future__ import annotations
 
 from .errors import ConversionError, RevConvertError, TraceError
-from .audit import AuditReport, BlockAudit, audit
+from .analysis.audit import AuditReport, BlockAudit, audit
 from .runtime import ReversibleCoupling, ReversibleSegment, ordinary_autograd
-from .convert import ConvertConfig, convert
+from .passes.convert import ConvertConfig, convert
 from .memory import MemoryBreakdown, MemoryProfile, measure_memory, memory_profile
 
 __all__ = [

@@ -132,7 +132,7 @@ def _budget(text: str) -> float:
 
 
 def _config(args: argparse.Namespace, **kwargs: Any):  # noqa: ANN202 - ConvertConfig, imported lazily
-    import revconvert
+    import revconvert  # lazy: keeps torch out of the CLI start-up
 
     return revconvert.ConvertConfig(checkpoint_stored=args.checkpoint_stored, keep=args.keep,
                                     recompute_budget=args.recompute_budget, **kwargs)
@@ -148,7 +148,7 @@ def _width(text: str) -> str | float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import revconvert
+    import revconvert  # lazy: keeps torch out of the CLI start-up
 
     model = load_model(args.model)
     example = (1, *args.input_size)
@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``revconvert`` console script."""
-    from .errors import RevConvertError
+    from .errors import RevConvertError  # lazy: keeps torch out of the CLI start-up
 
     args = _parser().parse_args(argv)
     try:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import revconvert
-from revconvert.tracing import trace
+from revconvert.analysis.tracing import trace
 from conftest import RESNET_FAMILY, assert_unchanged, snapshot, tv_model
 from toy_models import (CifarResNet, EscapingBranchNet, FunctionalResNet, OddChannelNet, PreActResNet,
                         UntraceableNet)

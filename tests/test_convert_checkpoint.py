@@ -17,7 +17,8 @@ import revconvert
 from revconvert import ConvertConfig
 from revconvert.cli import main
 from revconvert.memory import measure_memory, memory_profile
-from revconvert.stored import CheckpointedRun, checkpoint_stored_parts
+from revconvert.passes.checkpoint_stored import checkpoint_stored_parts
+from revconvert.runtime.checkpoint import CheckpointedRun
 from conftest import RESNET_FAMILY, assert_unchanged, saved_bytes, snapshot, tv_model
 from toy_models import CifarResNet, DropoutStemNet, InplaceInputNet, PreActResNet
 
@@ -333,7 +334,7 @@ def test_cli_flag(tmp_path, capsys):
 
 
 def test_segment_boundaries_keep_one_tensor_the_exit_activation_runs_in_the_next_part(monkeypatch):
-    import revconvert.stored as stored
+    import revconvert.passes.checkpoint_stored as stored
 
     torch.manual_seed(0)
     model = tv_model("resnet50")

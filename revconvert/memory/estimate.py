@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ..analysis.tracing import meta_copy, model_name
+from ..passes.convert import ConvertConfig, convert
+from ..runtime import ReversibleSegment
 from .optim import optimizer_spec
 from .report import MemoryBreakdown, MemoryProfile
 from .segments import segmentation
-from ..runtime import ReversibleSegment
-from ..tracing import meta_copy, model_name
 from .step import StepResources, run_step
-
-if TYPE_CHECKING:
-    from ..convert import ConvertConfig
 
 __all__ = ["memory_profile", "DTYPES", "TRACE_OPTIONS"]
 
@@ -117,8 +115,6 @@ def memory_profile(
 
 
 def _check_config(config: ConvertConfig | None, trace_options: dict[str, Any]) -> ConvertConfig:
-    from ..convert import ConvertConfig
-
     if config is None:
         return ConvertConfig(**trace_options)
     if not isinstance(config, ConvertConfig):
@@ -168,8 +164,6 @@ def _estimate(model: nn.Module, shape: tuple[int, ...], batch_size: int, dtype: 
     work = _meta_copy(model)
     example = (batch_size, *shape)  # a shape: the audit traces on meta tensors, nothing is allocated
     if config is not None:
-        from ..convert import convert
-
         work = convert(work, example, config=config)
         work.train()
     seg = segmentation(work, example, **trace_options)

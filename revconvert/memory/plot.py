@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .report import MemoryProfile
+from typing import Any
 
 __all__ = ["plot_profile"]
 
@@ -25,7 +22,7 @@ def _pyplot():  # noqa: ANN202 - matplotlib.pyplot, imported on demand
     return plt
 
 
-def plot_profile(profile: MemoryProfile, path: str) -> None:
+def plot_profile(profile: Any, path: str) -> None:
     """Draw ``profile`` to ``path``: left, activations per segment; right, the stacked peak parts."""
     plt = _pyplot()
     rows = profile.rows()

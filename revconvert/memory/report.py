@@ -172,7 +172,7 @@ class MemoryProfile:
         Raises:
             ImportError: matplotlib is missing (``pip install 'revconvert[plot]'``).
         """
-        from .plot import plot_profile
+        from .plot import plot_profile  # lazy: matplotlib is an optional extra
 
         plot_profile(self, path)
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from ..analysis.audit import analyze
+
 __all__ = ["Segmentation", "SegmentInfo", "segmentation"]
 
 UNASSIGNED = "(unassigned)"
@@ -49,8 +51,6 @@ class Segmentation:
 
 def segmentation(model: nn.Module, example_input: Any = None, **trace_options: Any) -> Segmentation:
     """Trace ``model`` with the audit and return its segment plan (the model is not modified)."""
-    from ..audit import analyze  # the audit imports the runtime and tracing; import when needed
-
     analysis = analyze(model, example_input, **trace_options)
     gm = analysis.graph_module
     node_segment = dict(analysis.node_segment)

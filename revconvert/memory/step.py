@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
+from .._loss import training_loss
 from .report import MemoryBreakdown, SegmentMemory
 from .segments import Segmentation, SegmentInfo
 from .tracker import AllocationTracker, SavedTensorCounter, Window, storage_bytes
@@ -81,20 +82,6 @@ class _SegmentInterpreter(fx.Interpreter):
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.register_hook(self.on_exit_grad(name))
         return result
-
-
-def training_loss(output: Any) -> torch.Tensor:
-    """The sum of every output that requires grad: a loss whose backward reaches all of them."""
-    tensors = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not tensors:
-        raise ValueError(
-            "the model's output does not require grad, so there is no backward pass to measure; "
-            "check that some parameters have requires_grad=True"
-        )
-    loss = tensors[0].sum()
-    for t in tensors[1:]:
-        loss = loss + t.sum()
-    return loss
 
 
 def _segment_param_bytes(seg: Segmentation) -> dict[str, int]:

@@ -16,8 +16,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError
-from .stored import attach_checkpointed_modules
+from ..errors import TraceError
+from ..runtime import ReversibleSegment
+from ..runtime.checkpoint import CheckpointedRun, attach_checkpointed_modules
 
 __all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from", "meta_copy", "model_name"]
 
@@ -44,9 +45,7 @@ class RevTracer(fx.Tracer):
         self.current_module: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from .runtime import ReversibleSegment  # a converted model's segments and runs are opaque
-        from .stored import CheckpointedRun
-
+        # A converted model's segments and runs are opaque.
         if isinstance(m, (ReversibleSegment, CheckpointedRun)) or isinstance(m, self._leaf_types):
             return True
         if module_qualified_name in self._leaf_names:

@@ -17,7 +17,9 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ._format import format_count, render_table
+from .._format import format_count, render_table
+from ..runtime import ReversibleSegment
+from ..runtime.checkpoint import CheckpointedRun
 from .graph import ResidualBlock, find_residual_blocks
 from .rules import BlockContext, Violation, check_block
 from .tracing import model_name, tensor_shape, trace
@@ -230,9 +232,6 @@ def analyze(model: nn.Module, example_input: Any = None, *,
             select: Callable[[str], bool] | None = None, **trace_options: Any) -> Analysis:
     """Trace, find, decide and plan. ``select(block_name)`` limits which eligible blocks are planned
     as reversible (default: all). See :func:`audit` for the arguments."""
-    from .runtime import ReversibleSegment
-    from .stored import CheckpointedRun
-
     gm = trace(model, example_input, **trace_options)
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {name: i for i, name in enumerate(nodes)}

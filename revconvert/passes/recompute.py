@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from .memory.step import training_loss
-from .runtime import ReversibleSegment, ordinary_autograd
-from .runtime._keep import KeepPolicy, Record, Replay
-from .tracing import meta_copy
+from .._loss import training_loss
+from ..analysis.tracing import meta_copy
+from ..runtime import ReversibleSegment, ordinary_autograd
+from ..runtime._keep import KeepPolicy, Record, Replay
 
 __all__ = ["CouplingCost", "RecomputePlan", "plan_recompute"]
 

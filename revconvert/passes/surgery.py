@@ -19,8 +19,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import ResidualBlock
-from .ops import CONV_TYPES, op_kind
+from ..analysis.graph import ResidualBlock
+from ..analysis.ops import CONV_TYPES, op_kind
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 

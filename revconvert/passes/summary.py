@@ -1,0 +1,69 @@
+"""ConversionSummary: what a conversion did, kept on the converted model as ``revconvert_summary``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+from .._format import format_count, render_table
+
+__all__ = ["ConversionSummary", "keep_summary"]
+
+
+@dataclass
+class ConversionSummary:
+    """What :func:`convert` did; available as ``converted.revconvert_summary``."""
+
+    model: str
+    blocks: int
+    converted_blocks: list[str]
+    segments: dict[str, list[str]]
+    stored_reasons: dict[str, str]
+    params_before: int
+    params_after: int
+    not_selected: list[str] = field(default_factory=list)
+    kept_couplings: list[str] = field(default_factory=list)
+    recompute_overhead: float | None = None
+    checkpointed: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+    def __str__(self) -> str:
+        lines = [f"{self.model}: converted {len(self.converted_blocks)} of {self.blocks} residual blocks "
+                 f"into {len(self.segments)} reversible segment(s); parameters "
+                 f"{format_count(self.params_before)} -> {format_count(self.params_after)} "
+                 f"({self.param_ratio:.3f}x)"]
+        if self.segments:
+            rows = [(name, len(blocks), f"{blocks[0]} .. {blocks[-1]}") for name, blocks in self.segments.items()]
+            lines += ["", render_table(("segment", "couplings", "replaces"), rows, align="lrl")]
+        if self.not_selected:
+            lines += ["", f"Eligible but not selected by the config ({len(self.not_selected)}): "
+                          f"{', '.join(self.not_selected)}"]
+        if self.recompute_overhead is not None:
+            lines += ["", f"Recomputation: {len(self.kept_couplings)} coupling(s) keep their spatial conv "
+                          f"outputs; estimated extra FLOPs per step {self.recompute_overhead:.1%} of ordinary "
+                          "autograd"]
+        elif self.kept_couplings:
+            lines += ["", f"{len(self.kept_couplings)} coupling(s) keep outputs for the recomputation"]
+        if self.stored_reasons:
+            lines += ["", "Kept as stored blocks:"]
+            lines += [f"  {name}: {reason}" for name, reason in self.stored_reasons.items()]
+        if self.checkpointed:
+            lines += ["", "Stored parts under activation checkpointing (recomputed in backward):"]
+            lines += [f"  {name}: {', '.join(parts)}" for name, parts in self.checkpointed.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "param_ratio": self.param_ratio}
+
+
+def keep_summary(gm: fx.GraphModule, summary: ConversionSummary) -> None:
+    """Set ``gm.revconvert_summary`` so that it survives ``copy.deepcopy``."""
+    gm.revconvert_summary = summary
+    # GraphModule.__deepcopy__ rebuilds the module and keeps only attributes listed here.
+    preserved = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+    gm.meta.setdefault(preserved, {})["revconvert_summary"] = summary
