@@ -229,10 +229,12 @@ def _free_name(name: str, taken: dict[str, str]) -> str:
 
 
 def analyze(model: nn.Module, example_input: Any = None, *,
-            select: Callable[[str], bool] | None = None, **trace_options: Any) -> Analysis:
+            select: Callable[[str], bool] | None = None, share_modules: bool = False,
+            **trace_options: Any) -> Analysis:
     """Trace, find, decide and plan. ``select(block_name)`` limits which eligible blocks are planned
-    as reversible (default: all). See :func:`audit` for the arguments."""
-    gm = trace(model, example_input, **trace_options)
+    as reversible (default: all); ``share_modules=True`` makes the graph module share ``model``'s
+    submodules (for a pass rewriting its own copy). See :func:`audit` for the other arguments."""
+    gm = trace(model, example_input, share_modules=share_modules, **trace_options)
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {name: i for i, name in enumerate(nodes)}
     found = find_residual_blocks(gm)

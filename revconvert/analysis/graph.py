@@ -51,6 +51,8 @@ class ResidualBlock:
         shortcut: nodes on the shortcut path (empty for an identity shortcut).
         shortcut_output: the other join operand (``fork`` for an identity shortcut).
         post_op: the activation applied to the join's result and nothing else, if any.
+        noop_shortcut: the shortcut nodes compute the identity (``nn.Identity()``, an
+            Identity-only ``nn.Sequential``, ``.contiguous()``): the shortcut is the identity.
     """
 
     name: str
@@ -62,10 +64,12 @@ class ResidualBlock:
     shortcut: tuple[str, ...]
     shortcut_output: str
     post_op: str | None
+    noop_shortcut: bool = False
 
     @property
     def identity_shortcut(self) -> bool:
-        return self.shortcut_output == self.fork
+        """The shortcut is the fork itself, or only no-op nodes (``nn.Identity()``) on the way."""
+        return self.shortcut_output == self.fork or self.noop_shortcut
 
     @property
     def output(self) -> str:
@@ -76,6 +80,21 @@ class ResidualBlock:
     def nodes(self) -> tuple[str, ...]:
         """Every node the block owns (branch, shortcut, join and post-op)."""
         return self.branch + self.shortcut + (self.join,) + ((self.post_op,) if self.post_op else ())
+
+
+_NOOP_METHODS = {"contiguous", "clone"}
+
+
+def _is_noop(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` returns its single input unchanged (fx traces an empty ``nn.Sequential`` away, but
+    ``nn.Identity`` is a leaf and stays a node)."""
+    if len(node.all_input_nodes) != 1 or node.kwargs:
+        return False
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, nn.Identity) or (isinstance(mod, nn.Sequential) and
+                                                all(isinstance(m, nn.Identity) for m in mod))
+    return node.op == "call_method" and node.target in _NOOP_METHODS and len(node.args) == 1
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -157,6 +176,16 @@ def _fork(idom: dict[str, str], order: dict[str, int], g: nx.DiGraph, a: fx.Node
     return max(candidates, key=order.__getitem__) if candidates else None
 
 
+def _path_length(end: fx.Node, fork: str) -> int:
+    """Nodes on the single-input chain from ``end`` back to ``fork`` (-1 if it is not a chain)."""
+    count, node = 0, end
+    while node.name != fork:
+        if len(node.all_input_nodes) != 1:
+            return -1
+        node, count = node.all_input_nodes[0], count + 1
+    return count
+
+
 def find_residual_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
     """All residual blocks of a traced graph, in graph order.
 
@@ -219,6 +248,8 @@ def find_residual_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
             shortcut=tuple(sorted(short_set, key=order.__getitem__)),
             shortcut_output=short_out.name,
             post_op=post_op,
+            noop_shortcut=bool(short_set) and all(_is_noop(gm, by_name[n]) for n in short_set)
+            and len(short_set) == _path_length(short_out, fork),
         ))
     # Drop joins nested inside another block's branch; keep the outermost residual connection.
     inner = {b.join for b in blocks for o in blocks if o is not b and b.join in o.branch}

@@ -6,14 +6,16 @@ check that returns None when the block passes or a short detail when it does not
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.fx as fx
 from torch import nn
 
+from .channels import ChannelPlan, param_expression, plan_channels
 from .graph import ResidualBlock
-from .ops import CONV_TYPES, describe_op, is_inplace, op_kind
+from .ops import CONV_TYPES, describe_op, is_inplace
 from .tracing import tensor_shape
 
 __all__ = ["Rule", "RULES", "Violation", "BlockContext", "check_block", "REASONS"]
@@ -29,6 +31,11 @@ class BlockContext:
 
     def node(self, name: str) -> fx.Node:
         return self.nodes[name]
+
+    @functools.cached_property
+    def channels(self) -> ChannelPlan:
+        """The branch's channel axis and width groups (:mod:`revconvert.analysis.channels`)."""
+        return plan_channels(self.gm, self.block, self.nodes)
 
     def branch_nodes(self) -> list[fx.Node]:
         return [self.nodes[n] for n in self.block.branch]
@@ -86,15 +93,17 @@ def _odd_channels(ctx: BlockContext) -> str | None:
     shape = ctx.in_shape
     if shape is None or len(shape) < 2:
         return f"input of shape {shape} has no channel dimension"
-    if shape[1] % 2:
-        return f"{shape[1]} channels"
+    axis = ctx.channels.axis  # from the graph: dimension 1, or the last one for a token layout
+    if shape[axis] % 2:
+        return f"{shape[axis]} channels on dimension {axis}"
     return None
 
 
 def _branch_escapes(ctx: BlockContext) -> str | None:
     inside = set(ctx.block.branch) | {ctx.block.join}
     for node in ctx.branch_nodes():
-        outside = [u.name for u in node.users if u.name not in inside]
+        # A user nothing reads (the unused half of ``out, _ = attention(...)``) is dead code.
+        outside = [u.name for u in node.users if u.name not in inside and (u.users or u.op == "output")]
         if outside:
             return f"{node.name} is also used by {', '.join(outside)}"
     return None
@@ -104,7 +113,7 @@ def _extra_input(ctx: BlockContext) -> str | None:
     allowed = set(ctx.block.branch) | {ctx.block.fork}
     for node in ctx.branch_nodes():
         for inp in node.all_input_nodes:
-            if inp.name not in allowed and inp.op != "get_attr":
+            if inp.name not in allowed and not param_expression(inp):
                 return f"{node.name} reads {inp.name}"
     return None
 
@@ -117,47 +126,19 @@ def _inplace_fork(ctx: BlockContext) -> str | None:
     return None
 
 
-def _unsupported(ctx: BlockContext) -> str | None:
-    for node in ctx.branch_nodes():
-        if op_kind(ctx.gm, node) is None:
-            return describe_op(ctx.gm, node)
-    return None
+def _plan_failure(code: str) -> Callable[[BlockContext], str | None]:
+    def check(ctx: BlockContext) -> str | None:
+        failure = ctx.channels.failure
+        if failure is None or failure.code != code:
+            return None
+        return failure.detail
+    check.__name__ = f"_{code.replace('-', '_')}"
+    return check
 
 
-def _not_sequential(ctx: BlockContext) -> str | None:
-    prev = ctx.block.fork
-    for node in ctx.branch_nodes():
-        inputs = [i.name for i in node.all_input_nodes if i.op != "get_attr"]
-        if inputs != [prev]:
-            return f"{node.name} takes {inputs or 'no tensor'} instead of the previous op's output"
-        prev = node.name
-    if prev != ctx.block.branch_output:
-        return f"the branch ends at {prev}, not at the join"
-    return None
-
-
-def _groups(ctx: BlockContext) -> str | None:
-    shape = ctx.in_shape
-    if not shape or len(shape) < 2:
-        return None
-    half = shape[1] // 2
-    nodes = ctx.branch_nodes()
-    convs = [n for n in nodes if isinstance(ctx.module(n), CONV_TYPES)]
-    # Only the first conv's input and the last conv's output have the outer (split) width; inner
-    # widths are chosen by the surgery to fit every group count.
-    touching_outer = {convs[0].name, convs[-1].name} if convs else set()
-    outer_norms = {n.name for n in nodes if not convs or
-                   nodes.index(n) < nodes.index(convs[0]) or nodes.index(n) > nodes.index(convs[-1])}
-    for node in nodes:
-        mod = ctx.module(node)
-        if isinstance(mod, CONV_TYPES) and node.name in touching_outer and mod.groups > 1:
-            depthwise = mod.groups == mod.in_channels == mod.out_channels
-            if not depthwise and half % mod.groups:
-                return f"{node.target} has groups={mod.groups}, which does not divide {half} channels"
-            if depthwise and node is convs[-1] and len(convs) > 1:
-                return f"{node.target} is depthwise and writes the block output from an inner width"
-        if isinstance(mod, nn.GroupNorm) and node.name in outer_norms and half % mod.num_groups:
-            return f"{node.target} has {mod.num_groups} groups, which does not divide {half} channels"
+def _channel_axis(ctx: BlockContext) -> str | None:
+    if ctx.channels.failure is None and ctx.channels.axis != 1:
+        return f"dimension {ctx.channels.axis} of {ctx.in_shape}"
     return None
 
 
@@ -170,9 +151,11 @@ RULES: tuple[Rule, ...] = (
     Rule("branch-escapes", "a branch result is used outside the block ({detail})", _branch_escapes),
     Rule("extra-input", "the branch depends on more than the block input ({detail})", _extra_input),
     Rule("inplace-fork", "the branch overwrites the block input ({detail})", _inplace_fork),
-    Rule("unsupported-layer", "the channel surgery cannot rebuild a layer of the branch: {detail}", _unsupported),
-    Rule("non-sequential-branch", "the branch is not a simple chain of layers ({detail})", _not_sequential),
-    Rule("groups", "grouped layers do not fit half the channels ({detail})", _groups),
+    Rule("unsupported-layer", "the channel surgery cannot rebuild a layer of the branch: {detail}",
+         _plan_failure("unsupported-layer")),
+    Rule("groups", "grouped layers do not fit half the channels ({detail})", _plan_failure("groups")),
+    Rule("channel-axis", "the block's channels are its last dimension ({detail}), as in a transformer; "
+         "couplings split dimension 1 only", _channel_axis),
 )
 
 REASONS: dict[str, str] = {r.code: r.message for r in RULES}

@@ -20,7 +20,27 @@ from ..errors import TraceError
 from ..runtime import ReversibleSegment
 from ..runtime.checkpoint import CheckpointedRun, attach_checkpointed_modules
 
-__all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from", "meta_copy", "model_name"]
+__all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from", "meta_copy", "model_name",
+           "is_default_leaf"]
+
+# Library modules kept as single nodes by default, so the surgery can copy them whole:
+# - subclasses of torch's norm layers defined elsewhere (timm's BatchNormAct2d, GroupNormAct,
+#   LayerNorm2d, ...). Traced through, their Python code runs eagerly on the module's own buffers
+#   (``num_batches_tracked.add_(1)``), reads ``x.shape`` and hard-codes momentum and train/eval
+#   mode into the graph; as leaves they keep every setting and buffer.
+# - stochastic depth: traced through, the graph would freeze ``self.training`` (drop paths in
+#   eval mode, or never) and draw its mask from shape reads of the block's tensors.
+_NORM_BASES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_STOCHASTIC_DEPTH = frozenset({"torchvision.ops.stochastic_depth.StochasticDepth", "timm.layers.drop.DropPath",
+                               "timm.models.layers.drop.DropPath"})
+
+
+def is_default_leaf(m: nn.Module) -> bool:
+    """Whether revconvert keeps ``m`` as one graph node although fx would trace through it."""
+    cls = type(m)
+    if f"{cls.__module__}.{cls.__qualname__}" in _STOCHASTIC_DEPTH:
+        return True
+    return isinstance(m, _NORM_BASES) and not cls.__module__.startswith("torch.nn")
 
 
 class RevTracer(fx.Tracer):
@@ -48,7 +68,7 @@ class RevTracer(fx.Tracer):
         # A converted model's segments and runs are opaque.
         if isinstance(m, (ReversibleSegment, CheckpointedRun)) or isinstance(m, self._leaf_types):
             return True
-        if module_qualified_name in self._leaf_names:
+        if module_qualified_name in self._leaf_names or is_default_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -157,17 +177,20 @@ class _MetaShapeProp(fx.Interpreter):
 def trace(model: nn.Module, example_input: Any = None, *,
           leaf_modules: Iterable[type | str] = (),
           autowrap_functions: Iterable[Callable[..., Any]] = (),
-          concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+          concrete_args: dict[str, Any] | None = None, share_modules: bool = False) -> fx.GraphModule:
     """Symbolically trace ``model`` and annotate every node with its output on meta tensors.
 
     Args:
-        model: the model; it is not modified (the returned GraphModule shares its submodules, so
-            treat them as read-only).
+        model: the model; it is not modified: fx runs the Python code of every module it traces
+            through, so eager statements there (``self.num_batches_tracked.add_(1)``) would change
+            the caller's buffers; by default a meta copy is traced instead.
         example_input: a tensor, a tuple of tensors, or a shape; default ``(1, 3, 224, 224)``.
             Only shape and dtype matter: it is replaced by a meta tensor.
         leaf_modules: module types or qualified names not to trace through.
         autowrap_functions: functions recorded as single graph nodes.
         concrete_args: passed to ``fx.Tracer.trace`` to specialise non-tensor arguments.
+        share_modules: trace ``model`` itself, so the GraphModule shares its submodules (for a pass
+            that works on its own copy and rewrites it).
 
     Returns:
         An ``fx.GraphModule`` whose nodes carry ``node.meta["val"]`` (meta tensors).
@@ -184,8 +207,18 @@ def trace(model: nn.Module, example_input: Any = None, *,
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     args = example_from(example_input, dtype)
     tracer = RevTracer(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    root = model if share_modules else meta_copy(model)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        try:
+            graph = tracer.trace(root, concrete_args=concrete_args)
+        except Exception:
+            if share_modules:
+                raise
+            # Code that reads parameter values while traced (``.item()``) cannot run on meta
+            # tensors: trace a real copy instead, still never the caller's model.
+            root = copy.deepcopy(model)
+            tracer = RevTracer(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+            graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as e:
         where = tracer.current_module[-1] if tracer.current_module else ""
         culprit = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else \
@@ -202,7 +235,7 @@ def trace(model: nn.Module, example_input: Any = None, *,
         raise TraceError(f"example_input has {len(args)} tensors but {type(model).__name__}.forward "
                          f"takes {len(placeholders)} inputs")
     meta_args = [a.detach().to("meta") if isinstance(a, torch.Tensor) else a for a in args]
-    _MetaShapeProp(gm, meta_copy(model), model).run(*meta_args)
+    _MetaShapeProp(gm, root if not share_modules else meta_copy(model), model).run(*meta_args)
     return gm
 
 

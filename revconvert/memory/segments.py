@@ -50,8 +50,9 @@ class Segmentation:
 
 
 def segmentation(model: nn.Module, example_input: Any = None, **trace_options: Any) -> Segmentation:
-    """Trace ``model`` with the audit and return its segment plan (the model is not modified)."""
-    analysis = analyze(model, example_input, **trace_options)
+    """Trace ``model`` with the audit and return its segment plan. The graph module shares ``model``'s
+    submodules (callers run it), so pass a copy: tracing runs the Python code of traced-through modules."""
+    analysis = analyze(model, example_input, share_modules=True, **trace_options)
     gm = analysis.graph_module
     node_segment = dict(analysis.node_segment)
     plans = list(analysis.report.segments)

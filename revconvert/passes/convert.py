@@ -29,7 +29,8 @@ from ..runtime.checkpoint import attach_checkpointed_modules
 from .checkpoint_stored import _checkpoint_stored_parts
 from .recompute import plan_recompute
 from .summary import ConversionSummary, keep_summary
-from .surgery import branch_spec, build_residual_function, choose_scale, out_of_place_copy
+from ..analysis.channels import plan_channels
+from .surgery import build_residual_function, choose_widths, out_of_place_copy
 
 __all__ = ["ConvertConfig", "ConversionSummary", "convert"]
 
@@ -151,19 +152,23 @@ def _eliminate_dead_code(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
+def _rewrite(analysis: Analysis, config: ConvertConfig) -> tuple[list[str], dict[str, float]]:
+    """Replace each planned run by a ReversibleSegment; returns the converted block names and the
+    parameter ratio (coupling / block) of every coupling off by more than 10%."""
     gm = analysis.graph_module
     nodes = {n.name: n for n in gm.graph.nodes}
+    mismatched: dict[str, float] = {}
     for seg_name, blocks in analysis.runs.items():
         couplings = []
         for block in blocks:
-            spec = branch_spec(gm, block)
-            half = nodes[block.fork].meta["val"].shape[1] // 2
-            scale, align = choose_scale(spec, half, config.width)
+            plan = plan_channels(gm, block, nodes)
+            widths = choose_widths(plan, config.width)
+            if config.width == "match-params" and abs(widths.ratio - 1) > 0.1:
+                mismatched[block.name] = widths.ratio
             pre = None
             if block.post_op and config.post_activation == "move":
                 pre = out_of_place_copy(gm, nodes[block.post_op])
-            make = lambda: build_residual_function(gm, block, spec, scale=scale, align=align,  # noqa: E731
+            make = lambda: build_residual_function(gm, block, plan, widths,  # noqa: E731
                                                    pre_activation=pre, zero_init=config.zero_init)
             couplings.append(ReversibleCoupling(make(), make()))
         last = blocks[-1]
@@ -183,7 +188,9 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
         new.meta["val"] = exit_node.meta.get("val")
         exit_node.replace_all_uses_with(new)
         order = {n: i for i, n in enumerate(nodes)}
-        for name in sorted({n for b in blocks for n in b.nodes}, key=order.__getitem__, reverse=True):
+        owned = {n for b in blocks for n in b.nodes}
+        dead = {u.name for n in owned for u in nodes[n].users if u.name not in owned and not u.users}
+        for name in sorted(owned | dead, key=order.__getitem__, reverse=True):
             gm.graph.erase_node(nodes[name])
         analysis.node_segment[new.name] = seg_name
     gm.graph.lint()
@@ -193,7 +200,7 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
     gm.recompile()
     for n in gm.graph.nodes:
         n.meta["revconvert"] = {"segment": analysis.node_segment.get(n.name, "head")}
-    return [b.name for blocks in analysis.runs.values() for b in blocks]
+    return [b.name for blocks in analysis.runs.values() for b in blocks], mismatched
 
 
 def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
@@ -254,13 +261,19 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     trace_options = dict(leaf_modules=config.leaf_modules, autowrap_functions=config.autowrap_functions,
                          concrete_args=config.concrete_args)
     work = copy.deepcopy(model)  # every edit below happens on this copy
-    analysis = analyze(work, example_input, **trace_options)
+    analysis = analyze(work, example_input, share_modules=True, **trace_options)
     select = _selector(analysis, config)
     if select is not None:
-        analysis = analyze(work, example_input, select=select, **trace_options)
+        analysis = analyze(work, example_input, select=select, share_modules=True, **trace_options)
     report = analysis.report
     params_before = sum(p.numel() for p in model.parameters())
-    converted_blocks = _rewrite(analysis, config)
+    converted_blocks, mismatched = _rewrite(analysis, config)
+    if mismatched:
+        worst = min(mismatched.items(), key=lambda kv: -abs(kv[1] - 1))
+        warnings.warn(f"revconvert.convert: {len(mismatched)} coupling(s) of {report.model} are more than 10% off the "
+                      f"parameters of the block they replace (e.g. {worst[0]}: {worst[1]:.2f}x), because their "
+                      f"branch has no inner width to scale (a single convolution); see "
+                      f"revconvert_summary.param_mismatch", stacklevel=2)
     gm = analysis.graph_module
     checkpointed = _checkpoint_stored_parts(gm) if config.checkpoint_stored else {}
     gm.training = model.training
@@ -272,7 +285,8 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
         stored_reasons=stored, params_before=params_before,
         params_after=sum(p.numel() for p in gm.parameters()),
         not_selected=[b.name for b in report.blocks if b.reversible and not b.selected],
-        kept_couplings=kept, recompute_overhead=overhead, checkpointed=checkpointed))
+        kept_couplings=kept, recompute_overhead=overhead, checkpointed=checkpointed,
+        param_mismatch=mismatched))
     if not converted_blocks and report.converted_segments:
         warnings.warn(f"revconvert.convert: {report.model} is already converted "
                       f"({len(report.converted_segments)} reversible segments) and has no further eligible "

@@ -27,6 +27,9 @@ class ConversionSummary:
     kept_couplings: list[str] = field(default_factory=list)
     recompute_overhead: float | None = None
     checkpointed: dict[str, list[str]] = field(default_factory=dict)
+    # coupling -> its parameters / the replaced block's, where more than 10% off (a branch of one
+    # convolution has no inner width to scale: its coupling has about half the parameters)
+    param_mismatch: dict[str, float] = field(default_factory=dict)
 
     @property
     def param_ratio(self) -> float:
@@ -49,6 +52,9 @@ class ConversionSummary:
                           "autograd"]
         elif self.kept_couplings:
             lines += ["", f"{len(self.kept_couplings)} coupling(s) keep outputs for the recomputation"]
+        if self.param_mismatch:
+            lines += ["", "Couplings more than 10% off their block's parameters (no inner width to scale):"]
+            lines += [f"  {name}: {ratio:.2f}x" for name, ratio in self.param_mismatch.items()]
         if self.stored_reasons:
             lines += ["", "Kept as stored blocks:"]
             lines += [f"  {name}: {reason}" for name, reason in self.stored_reasons.items()]

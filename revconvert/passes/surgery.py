@@ -1,17 +1,23 @@
 """Channel surgery: rebuild a residual block's branch as the F and G of a reversible coupling.
 
-F and G keep the branch's layer sequence (convolutions with their kernel, padding, dilation and
-groups at stride 1; norms; activations; dropout). Their outer width is half the block's channels;
-their inner width is scaled so that F and G together have about as many parameters as the block
-they replace. The activation that followed the original addition (``relu(x + B(x))``) is not
-invertible: it moves to the front of F and G (pre-activation style).
+The branch may be any graph the channel propagation (:mod:`revconvert.analysis.channels`) can
+follow: chains of convolutions and norms, squeeze-excitation gates, channels-last MLPs with
+``permute``/``LayerNorm``/``Linear``, layer scale, stochastic depth. F and G copy that graph at new
+widths: the outer width is half the block's channels (the coupling's split), inner widths are
+scaled by one factor chosen so that F and G together have about as many parameters as the branch.
+Every module is rebuilt by copying it and resizing its parameters, buffers and width attributes,
+so all its other settings (activation, eps, momentum, padding, drop rate) are kept. A chain of
+layers becomes an ``nn.Sequential``, any other graph an ``fx.GraphModule``.
+
+The activation that followed the original addition (``relu(x + B(x))``) is not invertible: it
+moves to the front of F and G (pre-activation style).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +25,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..analysis.channels import OUTER, ChannelPlan, ModulePlan, param_expression
 from ..analysis.graph import ResidualBlock
-from ..analysis.ops import CONV_TYPES, op_kind
+from ..analysis.ops import mutated_inputs
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
-
-__all__ = ["BranchSpec", "branch_spec", "build_residual_function", "choose_scale", "NodeOp", "out_of_place_copy"]
+__all__ = ["Widths", "choose_widths", "build_residual_function", "NodeOp", "out_of_place_copy"]
 
 _DROPOUT_FN_TO_MODULE = {"dropout": nn.Dropout, "dropout1d": nn.Dropout1d, "dropout2d": nn.Dropout2d,
                          "dropout3d": nn.Dropout3d, "alpha_dropout": nn.AlphaDropout}
@@ -56,201 +61,90 @@ class NodeOp(nn.Module):
 
 
 @dataclass(frozen=True)
-class BranchSpec:
-    """A branch as a layer chain: for each node, its kind and its (input, output) channel counts,
-    and whether each count is *outer* (the block's width, halved by the split) or *inner*."""
+class Widths:
+    """The widths chosen for one block's F and G.
 
-    nodes: tuple[str, ...]
-    kinds: tuple[str, ...]
-    channels: tuple[tuple[int, int], ...]
-    outer: tuple[tuple[bool, bool], ...]
-    modules: tuple[nn.Module | None, ...]  # the called module of each node (None for functions)
-    params: int  # parameters of the original branch
-
-
-def branch_spec(gm: fx.GraphModule, block: ResidualBlock) -> BranchSpec:
-    nodes = {n.name: n for n in gm.graph.nodes}
-    chain = [nodes[n] for n in block.branch]
-    kinds = tuple(op_kind(gm, n) or "unsupported" for n in chain)
-    conv_pos = [i for i, k in enumerate(kinds) if k == "conv"]
-    first, last = (conv_pos[0], conv_pos[-1]) if conv_pos else (len(chain), -1)
-    channels, outer = [], []
-    prev = nodes[block.fork].meta["val"].shape[1]
-    for i, n in enumerate(chain):
-        out = n.meta["val"].shape[1]
-        channels.append((prev, out))
-        # Before the first conv and after the last one the tensor has the block's (outer) width.
-        outer.append((i <= first, i < first or i >= last))
-        prev = out
-    params = 0
-    for n in chain:
-        if n.op == "call_module":
-            params += sum(p.numel() for p in gm.get_submodule(n.target).parameters())
-    modules = tuple(gm.get_submodule(n.target) if n.op == "call_module" else None for n in chain)
-    return BranchSpec(tuple(block.branch), kinds, tuple(channels), tuple(outer), modules, params)
-
-
-def _align(spec: BranchSpec) -> int:
-    """Inner widths must be multiples of every group count that acts on them."""
-    align = 1
-    for mod, (o_in, o_out) in zip(spec.modules, spec.outer):
-        if isinstance(mod, CONV_TYPES) and mod.groups > 1 and not _depthwise(mod) and not (o_in and o_out):
-            align = math.lcm(align, mod.groups)
-        if isinstance(mod, nn.GroupNorm) and not o_in:
-            align = math.lcm(align, mod.num_groups)
-    return align
-
-
-def _depthwise(conv: nn.Module) -> bool:
-    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
-
-
-def _new_width(c: int, is_outer: bool, half: int, scale: float, align: int) -> int:
-    if is_outer:
-        return half
-    return max(align, int(round(c * scale / align)) * align)
-
-
-def _widths(spec: BranchSpec, half: int, scale: float, align: int) -> list[tuple[int, int]]:
-    """New (input, output) channel counts of every branch op, propagated along the chain so they
-    always agree: a conv sets the width (outer -> half, inner -> scaled), a depthwise conv keeps it,
-    every other op passes it through."""
-    widths, cur = [], half
-    for mod, (_, c_out), (_, o_out) in zip(spec.modules, spec.channels, spec.outer):
-        kind = mod.type if isinstance(mod, _Desc) else type(mod)
-        if mod is not None and issubclass(kind, CONV_TYPES):
-            out = cur if _depthwise(mod) else _new_width(c_out, o_out, half, scale, align)
-        else:
-            out = cur
-        widths.append((cur, out))
-        cur = out
-    return widths
-
-
-def _count_params(spec: BranchSpec, half: int, scale: float, align: int) -> int:
-    total = 0
-    for mod, (w_in, w_out) in zip(spec.modules, _widths(spec, half, scale, align)):
-        if mod is None:
-            continue
-        kind = mod.type if isinstance(mod, _Desc) else type(mod)
-        if issubclass(kind, CONV_TYPES):
-            groups = w_in if _depthwise(mod) else mod.groups
-            total += w_in // groups * w_out * math.prod(mod.kernel_size) + (w_out if mod.bias is not None else 0)
-        elif issubclass(kind, _NORMS):
-            total += 2 * w_out if mod.affine else 0
-        else:
-            total += mod.other_params if isinstance(mod, _Desc) else sum(p.numel() for p in mod.parameters())
-    return total
-
-
-def choose_scale(spec: BranchSpec, half: int, width: str | float) -> tuple[float, int]:
-    """The inner-width scale (and alignment) for F and G.
-
-    ``width="match-params"`` picks the scale whose two residual functions together have the
-    parameter count closest to the original branch; ``"keep"`` keeps inner widths; a number scales
-    them by that factor.
+    Attributes:
+        groups: new width of every width group of the plan.
+        scale: the factor applied to inner widths.
+        params: parameters of F and G together.
+        target: parameters of the original branch.
     """
-    align = _align(spec)
-    if width == "keep":
-        return 1.0, align
+
+    groups: dict[int, int]
+    scale: float
+    params: int
+    target: int
+
+    @property
+    def ratio(self) -> float:
+        return self.params / max(self.target, 1)
+
+
+def choose_widths(plan: ChannelPlan, width: str | float) -> Widths:
+    """The widths of F and G for ``plan``.
+
+    ``width="match-params"`` picks the inner-width scale whose two residual functions together have
+    the parameter count closest to the original branch; ``"keep"`` keeps inner widths; a number
+    scales them by that factor. A branch without inner widths (one convolution) cannot be matched:
+    its coupling has about half the parameters, which :func:`revconvert.convert` reports.
+    """
+    half = plan.widths[OUTER] // 2
+    target = plan.param_count(plan.widths)
+
+    def at(scale: float) -> Widths:
+        groups = plan.new_widths(half, scale)
+        return Widths(groups, scale, 2 * plan.param_count(groups), target)
+
+    if width == "keep" or not plan.inner_groups:
+        return at(1.0)
     if not isinstance(width, str):
-        return float(width), align
-    return _match_params(_signature(spec), half, align), align
+        return at(float(width))
+    best = at(1.0)
+    for i in range(1, 801):  # scales 0.005 .. 4.0; a parameter count is a few integer products
+        cand = at(i / 200)
+        if abs(cand.params - target) < abs(best.params - target):
+            best = cand
+    return best
 
 
-def _signature(spec: BranchSpec) -> tuple:
-    """Everything the parameter count depends on; blocks of one stage share it."""
-    def desc(m: nn.Module | None) -> tuple:
-        if m is None:
-            return ()
-        return (type(m), getattr(m, "kernel_size", None), getattr(m, "groups", None),
-                getattr(m, "bias", None) is not None, getattr(m, "affine", None),
-                getattr(m, "in_channels", None), getattr(m, "out_channels", None),
-                sum(p.numel() for p in m.parameters()) if not isinstance(m, CONV_TYPES + _NORMS) else None)
-    return (spec.channels, spec.outer, spec.params, tuple(desc(m) for m in spec.modules))
+# -- rebuilding modules ------------------------------------------------------------------------
 
-
-@functools.lru_cache(maxsize=256)
-def _match_params(signature: tuple, half: int, align: int) -> float:
-    spec = _SpecView(signature)
-    target = signature[2]
-    best = (math.inf, 1.0)
-    for i in range(1, 801):  # scales 0.005 .. 4.0; two cheap integer sums per candidate
-        s = i / 200
-        err = abs(2 * _count_params(spec, half, s, align) - target)
-        if err < best[0]:
-            best = (err, s)
-    return best[1]
-
-
-class _SpecView:
-    """Just enough of a BranchSpec, rebuilt from a signature, for :func:`_count_params`."""
-
-    def __init__(self, signature: tuple) -> None:
-        self.channels, self.outer = signature[0], signature[1]
-        self.modules = tuple(_Desc(d) if d else None for d in signature[3])
-
-
-class _Desc:
-    def __init__(self, d: tuple) -> None:
-        self.type, self.kernel_size, self.groups, has_bias, self.affine, self.in_channels, \
-            self.out_channels, self.other_params = d
-        self.bias = 0 if has_bias else None
-
-
-def _init_conv(conv: nn.Module) -> None:
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
-
-
-def _rebuild(gm: fx.GraphModule, node: fx.Node, w_in: int, w_out: int, first: bool) -> nn.Module:
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, CONV_TYPES):
-            groups = w_in if _depthwise(mod) else mod.groups
-            new = nn.utils.skip_init(type(mod), w_in, w_out, mod.kernel_size, stride=1, padding=mod.padding,
-                                     dilation=mod.dilation, groups=groups, bias=mod.bias is not None,
-                                     padding_mode=mod.padding_mode, device=mod.weight.device,
-                                     dtype=mod.weight.dtype)
-            _init_conv(new)  # skip_init: initialise once, the torchvision way
-            return new
-        if isinstance(mod, nn.GroupNorm):
-            new = nn.GroupNorm(mod.num_groups, w_out, eps=mod.eps, affine=mod.affine)
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            new = type(mod)(w_out, eps=mod.eps, momentum=mod.momentum, affine=mod.affine,
-                            track_running_stats=mod.track_running_stats)
+def _resize(mod: nn.Module, plan: ModulePlan, widths: Widths, cplan: ChannelPlan) -> nn.Module:
+    """A copy of ``mod`` with its tensors and width attributes at the new widths, freshly initialised."""
+    new = copy.deepcopy(mod)
+    g = widths.groups
+    for name, template in plan.tensors:
+        owner_path, _, leaf = name.rpartition(".")
+        owner = new.get_submodule(owner_path)
+        old = getattr(owner, leaf)
+        fresh = torch.empty(cplan.size(template, g), dtype=old.dtype, device=old.device)
+        with torch.no_grad():
+            fresh.fill_(old.float().mean().to(old.dtype) if old.numel() and old.is_floating_point() else 0)
+        if isinstance(old, nn.Parameter):
+            setattr(owner, leaf, nn.Parameter(fresh, requires_grad=old.requires_grad))
         else:
-            # The first op reads the caller's half; it must never overwrite it.
-            return out_of_place_copy(gm, node) if first else copy.deepcopy(mod)
-        ref = next(iter(mod.parameters()), None)
-        if ref is None:
-            ref = next((b for b in mod.buffers() if b.is_floating_point()), None)
-        return new if ref is None else new.to(dtype=ref.dtype, device=ref.device)
-    # functional forms
-    name = getattr(node.target, "__name__", str(node.target))
-    if node.op == "call_function" and name in _DROPOUT_FN_TO_MODULE:
-        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-        return _DROPOUT_FN_TO_MODULE[name](p)  # module form follows train/eval, unlike a traced flag
-    return _node_op(node, out_of_place=first)
-
-
-def _node_op(node: fx.Node, *, out_of_place: bool) -> NodeOp:
-    """``node``'s function or method as a module; ``out_of_place`` swaps ``relu_`` for ``relu``
-    and drops ``inplace=True``."""
-    slot = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node))
-    args = tuple(None if i == slot else a for i, a in enumerate(node.args))
-    kwargs = dict(node.kwargs)
-    target = node.target
-    if out_of_place:
-        name = getattr(target, "__name__", str(target))
-        if kwargs.get("inplace"):
-            kwargs["inplace"] = False
-        if node.op == "call_method" and name.endswith("_"):
-            target = name[:-1]
-        elif node.op == "call_function" and name.endswith("_") and hasattr(torch, name[:-1]):
-            target = getattr(torch, name[:-1])
-    return NodeOp(node.op, target, args, kwargs, slot)
+            owner.register_buffer(leaf, fresh, persistent=leaf not in owner._non_persistent_buffers_set)
+    for path, attr, group in plan.attrs:
+        sub = new.get_submodule(path)
+        value = getattr(sub, attr)
+        setattr(sub, attr, type(value)([g[group]]) if isinstance(value, (tuple, list)) else g[group])
+    if plan.kind == "conv":
+        if new.groups > 1 and plan.in_group == plan.out_group:  # depthwise stays depthwise
+            new.groups = g[plan.in_group]
+        new.in_channels, new.out_channels = g[plan.in_group], g[plan.out_group]
+        nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")  # as torchvision does
+        if new.bias is not None:
+            nn.init.zeros_(new.bias)
+    elif plan.kind == "linear":
+        new.in_features, new.out_features = g[plan.in_group], g[plan.out_group]
+        new.reset_parameters()
+    elif plan.tensors:  # a norm and kin: its own initialisation (weight 1, bias 0, fresh statistics)
+        for sub in new.modules():
+            owns = any(True for _ in sub.parameters(recurse=False)) or any(True for _ in sub.buffers(recurse=False))
+            if owns and callable(getattr(sub, "reset_parameters", None)):
+                sub.reset_parameters()
+    return new
 
 
 def out_of_place_copy(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
@@ -264,33 +158,185 @@ def out_of_place_copy(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
     return _node_op(node, out_of_place=True)
 
 
-def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, spec: BranchSpec, *,
-                            scale: float, align: int, pre_activation: nn.Module | None,
-                            zero_init: bool) -> nn.Sequential:
-    """One residual function (F or G) for ``block``: ``[pre_activation,] *rebuilt branch layers``."""
-    by_name = {n.name: n for n in gm.graph.nodes}
-    half = by_name[block.fork].meta["val"].shape[1] // 2
-    layers: list[nn.Module] = []
+def _node_op(node: fx.Node, *, out_of_place: bool) -> NodeOp:
+    """``node``'s function or method as a module; ``out_of_place`` swaps ``relu_`` for ``relu``
+    and drops ``inplace=True``."""
+    slot = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node))
+    args = tuple(None if i == slot else a for i, a in enumerate(node.args))
+    op, target, kwargs = _out_of_place(node) if out_of_place else (node.op, node.target, dict(node.kwargs))
+    return NodeOp(op, target, args, kwargs, slot)
+
+
+def _out_of_place(node: fx.Node) -> tuple[str, Any, dict]:
+    kwargs = dict(node.kwargs)
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    if kwargs.get("inplace"):
+        kwargs["inplace"] = False
+    if node.op == "call_method" and name.endswith("_"):
+        target = name[:-1]
+    elif node.op == "call_function" and name.startswith("__i") and name.endswith("__"):
+        target = getattr(operator, name[3:-2], target)
+    elif node.op == "call_function" and name.endswith("_") and hasattr(torch, name[:-1]):
+        target = getattr(torch, name[:-1])
+    return node.op, target, kwargs
+
+
+def _dropout_module(node: fx.Node) -> nn.Module | None:
+    """A traced ``F.dropout(x, p, training=...)`` froze the training flag; its module form follows
+    the coupling's train/eval mode."""
+    name = getattr(node.target, "__name__", "")
+    if node.op != "call_function" or name not in _DROPOUT_FN_TO_MODULE:
+        return None
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    return _DROPOUT_FN_TO_MODULE[name](p)
+
+
+# -- building F and G --------------------------------------------------------------------------
+
+def _local(target: str, owner: str | None) -> str:
+    if owner and target.startswith(owner + "."):
+        return target[len(owner) + 1:]
+    return target
+
+
+def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, plan: ChannelPlan, widths: Widths, *,
+                            pre_activation: nn.Module | None, zero_init: bool) -> nn.Module:
+    """One residual function (F or G) for ``block``: ``[pre_activation,] *rebuilt branch``.
+
+    An ``nn.Sequential`` when the branch is a chain of one-input layers, else an ``fx.GraphModule``
+    with the branch's graph at the new widths.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    branch = [nodes[n] for n in block.branch]
+    inside = set(block.branch)
+    # Parameters the branch uses directly, and what is computed from them (``gamma.reshape(...)``).
+    extra: dict[str, fx.Node] = {}
+    for n in branch:
+        stack = [i for i in n.all_input_nodes if i.name not in inside and i.name != block.fork]
+        while stack:
+            i = stack.pop()
+            if i.name not in extra and param_expression(i):
+                extra[i.name] = i
+                stack += i.all_input_nodes
+    order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
+    copied = sorted([*extra.values(), *branch], key=lambda n: order[n.name])
+
+    graph = fx.Graph()
+    root: dict[str, Any] = {}
+    x = graph.placeholder("x")
+    env: dict[str, fx.Node] = {block.fork: x}
     if pre_activation is not None:  # out of place already (out_of_place_copy); F and G each own one
-        layers.append(copy.deepcopy(pre_activation))
-    for name, (w_in, w_out) in zip(spec.nodes, _widths(spec, half, scale, align)):
-        layers.append(_rebuild(gm, by_name[name], w_in, w_out, first=not layers))
+        root["pre_activation"] = copy.deepcopy(pre_activation)
+        env[block.fork] = graph.call_module("pre_activation", (x,))
+    reads_input = {block.fork} if pre_activation is None else set()
+    for n in copied:
+        args = fx.map_arg(n.args, lambda a: env[a.name])
+        kwargs = fx.map_arg(n.kwargs, lambda a: env[a.name])
+        overwrites_input = any(m.name in reads_input for m in mutated_inputs(gm, n))
+        if n.op == "get_attr":
+            tensor = _get(gm, str(n.target))
+            template = plan.attrs.get(str(n.target))
+            new = tensor.detach().clone()
+            if template is not None:
+                new = torch.full(plan.size(template, widths.groups), float(tensor.detach().float().mean()) if tensor.numel()
+                                 else 0.0, dtype=tensor.dtype, device=tensor.device)
+            if isinstance(tensor, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            target = _local(str(n.target), block.owner)
+            root[target] = new
+            env[n.name] = graph.get_attr(target)
+        elif n.op == "call_module":
+            mod = gm.get_submodule(n.target)
+            new_mod = _resize(mod, plan.modules[n.name], widths, plan)
+            if overwrites_input and getattr(new_mod, "inplace", False):
+                new_mod.inplace = False  # F and G must not overwrite the coupling's input half
+            target = _local(str(n.target), block.owner)
+            root[target] = new_mod
+            env[n.name] = graph.call_module(target, args, kwargs)
+        elif _dropout_module(n) is not None:
+            target = f"dropout_{n.name}"
+            root[target] = _dropout_module(n)
+            env[n.name] = graph.call_module(target, (args[0],))
+        else:
+            op, fn, kwargs = _out_of_place(n) if overwrites_input else (n.op, n.target, kwargs)
+            if op == "call_method":
+                env[n.name] = graph.call_method(fn, args, kwargs)
+            else:
+                env[n.name] = graph.call_function(fn, args, kwargs)
+        env[n.name].meta.update(source=n.name, val=n.meta.get("val"))
+    graph.output(env[block.branch_output])
+    fn = fx.GraphModule(root, graph, class_name="ResidualFunction")
+    fn.graph.lint()
     if zero_init:
-        _zero_last(layers)
-    return nn.Sequential(*layers)
+        _zero_last(fn, env[block.branch_output])
+    return _as_sequential(fn) or fn
 
 
-def _zero_last(layers: list[nn.Module]) -> None:
-    """Start the residual function at zero so the coupling starts as the identity map."""
-    convs = [i for i, m in enumerate(layers) if isinstance(m, CONV_TYPES)]
-    if not convs:
-        return
-    norms = [m for m in layers[convs[-1]:] if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
-             and m.affine]
-    if norms:
-        nn.init.zeros_(norms[-1].weight)
-    else:
-        nn.init.zeros_(layers[convs[-1]].weight)
-        if layers[convs[-1]].bias is not None:
-            nn.init.zeros_(layers[convs[-1]].bias)
+def _get(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
 
+
+def _as_sequential(fn: fx.GraphModule) -> nn.Sequential | None:
+    """The graph as an ``nn.Sequential`` when it is a chain of one-tensor layers (easier to read)."""
+    layers: list[nn.Module] = []
+    prev = None
+    for n in fn.graph.nodes:
+        if n.op == "placeholder":
+            prev = n
+            continue
+        if n.op == "output":
+            return nn.Sequential(*layers) if n.args[0] is prev else None
+        tensors = n.all_input_nodes
+        if n.op == "get_attr" or tensors != [prev] or len(prev.users) != 1:
+            return None
+        if n.op == "call_module":
+            if len(n.args) != 1 or n.kwargs:
+                return None
+            layers.append(fn.get_submodule(n.target))
+        else:
+            layers.append(_node_op(n, out_of_place=False))
+        prev = n
+    return None
+
+
+def _zero_last(fn: fx.GraphModule, out: fx.Node) -> None:
+    """Start the residual function at zero so the coupling starts as the identity map: zero the
+    last scale on the way back from the output (a norm's weight, layer scale, else the last
+    convolution or Linear), through parameter-free and element-wise nodes."""
+    node = out
+    while True:
+        if node.op == "get_attr":
+            t = _get(fn, str(node.target))
+            if isinstance(t, nn.Parameter):
+                nn.init.zeros_(t)
+            return
+        if node.op == "call_module":
+            mod = fn.get_submodule(node.target)
+            weight = getattr(mod, "weight", None)
+            if isinstance(weight, nn.Parameter):
+                nn.init.zeros_(weight)
+                bias = getattr(mod, "bias", None)
+                if isinstance(bias, nn.Parameter):
+                    nn.init.zeros_(bias)
+                return
+            if any(True for _ in mod.parameters()):
+                return  # some other parametrised module: leave it as initialised
+        tensors = list(node.all_input_nodes)
+        if not tensors or node.op == "placeholder":
+            return
+        params = [a for a in tensors if param_expression(a)]
+        if params and (node.target in ("mul", "mul_") or node.target in (operator.mul, operator.imul, torch.mul)):
+            node = params[0]  # layer scale: zero the parameter
+            while node.op != "get_attr":
+                node = node.all_input_nodes[0]
+            continue
+        # follow the widest operand (``x * gate``: x)
+        node = max(tensors, key=lambda a: math.prod(getattr(_val_of(a), "shape", (0,))))
+
+
+def _val_of(node: fx.Node) -> Any:
+    return node.meta.get("val")
