@@ -1,0 +1,293 @@
+"""The residual CNNs people use beyond ResNet (issue 13): torchvision and timm families whose blocks
+have squeeze-excitation gates, stochastic depth, channels-last MLPs, layer scale and timm's
+norm-activation layers. Each converts all of its identity residual blocks, starts as the identity,
+keeps its parameter count, and its memory-saving backward gives ordinary autograd's float64 gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import revconvert
+from revconvert.runtime import ReversibleCoupling
+
+# (library, name, identity residual blocks at 64x64)
+FAMILIES = [
+    ("torchvision", "mobilenet_v3_small", 6),   # squeeze-excitation with Hardsigmoid, Hardswish
+    ("torchvision", "efficientnet_b0", 9),      # squeeze-excitation, SiLU, stochastic depth
+    ("torchvision", "regnet_y_400mf", 12),      # squeeze-excitation in a bottleneck
+    ("torchvision", "convnext_tiny", 18),       # permute, LayerNorm/Linear channels-last, layer scale
+    ("timm", "resnetv2_50", 12),                # pre-activation, BatchNormAct2d
+    ("timm", "seresnet50", 12),                 # squeeze-excitation via .mean((2, 3))
+    ("timm", "mobilenetv2_100", 10),            # BatchNormAct2d with ReLU6 and Identity activations
+    ("timm", "efficientnet_b0", 9),             # BatchNormAct2d with SiLU, SE, DropPath
+    ("timm", "convnext_atto", 12),              # nn.Identity shortcut, gamma.reshape(1, -1, 1, 1)
+]
+
+
+def build(lib: str, name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if lib == "timm":
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name, drop_path_rate=0.2)  # exercise DropPath's random masks
+    return torchvision.models.get_model(name, weights=None)
+
+
+def _gradients_match(converted: nn.Module, x: torch.Tensor) -> float:
+    """Largest relative difference between the memory-saving backward's gradients and ordinary
+    autograd's, with the same random draws (dropout, stochastic depth). Each tensor's difference is
+    relative to its largest gradient, floored at 1e-6 of the model's largest: a gradient that is
+    zero in exact arithmetic (a norm's bias feeding another norm) is rounding noise in both."""
+    reference = copy.deepcopy(converted)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(5)
+    converted(x1).square().sum().backward()
+    torch.manual_seed(5)
+    with revconvert.ordinary_autograd():
+        reference(x2).square().sum().backward()
+    pairs = [(x1.grad, x2.grad)] + [(p.grad, q.grad) for p, q in zip(converted.parameters(), reference.parameters())]
+    assert all(got is not None for got, _ in pairs)
+    scale = max(want.abs().max().item() for _, want in pairs)
+    worst = max(((got - want).abs().max() / want.abs().max().clamp_min(1e-6 * scale)).item() for got, want in pairs)
+    for a, b in zip(converted.buffers(), reference.buffers()):  # norm statistics updated once, alike
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    return worst
+
+
+@pytest.mark.parametrize("lib,name,identity_blocks", FAMILIES, ids=[f"{lib}-{n}" for lib, n, _ in FAMILIES])
+def test_family_converts_every_identity_block_exactly(lib, name, identity_blocks):
+    model = build(lib, name).double()
+    report = revconvert.audit(model, (2, 3, 64, 64))
+    identity = [b.name for b in report.blocks if b.shortcut == "identity"]
+    assert len(identity) == identity_blocks
+    converted = revconvert.convert(model, (2, 3, 64, 64))
+    summary = converted.revconvert_summary
+    assert sorted(summary.converted_blocks) == sorted(identity)
+    assert 0.95 <= summary.param_ratio <= 1.05 and not summary.param_mismatch
+    # every stored key of the original is there, num_batches_tracked included
+    stored = {k for k in model.state_dict() if not any(k.startswith(b + ".") for b in identity)}
+    assert stored <= set(converted.state_dict())
+
+    # identity start: every F and G returns zeros
+    outputs = []
+    hooks = [m.register_forward_hook(lambda mod, a, out: outputs.append(out.abs().max().item()))
+             for c in converted.modules() if isinstance(c, ReversibleCoupling) for m in (c.F, c.G)]
+    converted.eval()
+    with torch.no_grad():
+        converted(torch.randn(2, 3, 64, 64, dtype=torch.float64))
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == 2 * identity_blocks and max(outputs) == 0.0
+
+    converted.train()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # leave the identity start so F and G take part in the gradients
+        for p in converted.parameters():
+            if p.dim() and not p.any():
+                p.copy_(torch.rand(p.shape, generator=gen, dtype=p.dtype) * 0.5 + 0.5)
+    assert _gradients_match(converted, torch.randn(2, 3, 64, 64, dtype=torch.float64)) <= 1e-8
+
+
+# -- the building blocks, on tiny hand-written models with exact answers -----------------------------
+
+class _IdentityShortcut(nn.Module):
+    def __init__(self, shortcut: nn.Module) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.shortcut = shortcut
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.body(h) + self.shortcut(h)
+
+
+@pytest.mark.parametrize("shortcut", [nn.Identity(), nn.Sequential(nn.Identity()), nn.Sequential()],
+                         ids=["Identity", "Sequential(Identity)", "empty-Sequential"])
+def test_identity_like_shortcut_is_the_identity(shortcut):
+    model = _IdentityShortcut(shortcut)
+    (block,) = revconvert.audit(model, (1, 3, 8, 8)).blocks
+    assert block.shortcut == "identity" and block.reversible, block.message
+    converted = revconvert.convert(model, (1, 3, 8, 8))
+    assert converted.revconvert_summary.converted_blocks == [block.name]
+
+
+class _DropPathNet(nn.Module):
+    """Two residual blocks ending in timm's DropPath: per-sample random masks from the global RNG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import DropPath
+
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                                  nn.Conv2d(8, 8, 3, padding=1), DropPath(0.5)) for _ in range(2))
+
+    def forward(self, x):
+        h = self.stem(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return h
+
+
+def test_drop_path_masks_are_replayed_in_the_recomputation():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    converted = revconvert.convert(_DropPathNet().double(), (8, 3, 8, 8))
+    assert len(converted.revconvert_summary.converted_blocks) == 2
+    for p in converted.parameters():  # leave the identity start
+        if not p.any():
+            nn.init.uniform_(p, 0.5, 1.5)
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():  # the masks are random per sample and per call: replay is needed
+        torch.manual_seed(1)
+        a = converted(x)
+        torch.manual_seed(2)
+        b = converted(x)
+    assert not torch.equal(a, b)
+    assert _gradients_match(converted, x) <= 1e-8
+    converted.eval()  # a leaf module follows eval mode: no paths dropped
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), converted(x), rtol=0, atol=0)
+
+
+def test_audit_leaves_a_timm_model_untouched_and_stored_buffers_kept():
+    """Issue 12 item 5: tracing through timm's BatchNormAct2d ran ``num_batches_tracked.add_(1)`` on
+    the caller's model, and its conversion lost every ``num_batches_tracked`` of the stored parts."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("mobilenetv2_100")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    revconvert.audit(model, (1, 3, 64, 64))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    converted = revconvert.convert(model, (1, 3, 64, 64))
+    done = converted.revconvert_summary.converted_blocks
+    stored = {k: v for k, v in before.items() if not any(k.startswith(b + ".") for b in done)}
+    assert any(k.endswith("num_batches_tracked") for k in stored)
+    converted.load_state_dict({**converted.state_dict(), **stored}, strict=True)
+
+
+def test_norm_act_layers_keep_their_settings():
+    """Issue 12 item 10: a rebuilt BatchNormAct2d keeps its activation (ReLU6, or Identity in a linear
+    bottleneck), eps and momentum; also when named in leaf_modules."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+
+    model = timm.create_model("mobilenetv2_100")
+    for m in model.modules():
+        if isinstance(m, BatchNormAct2d):
+            m.eps, m.momentum = 1e-3, 0.01
+    for options in ({}, {"leaf_modules": (BatchNormAct2d,)}):
+        converted = revconvert.convert(model, (1, 3, 64, 64), config=revconvert.ConvertConfig(**options))
+        coupling = next(m for m in converted.modules() if isinstance(m, ReversibleCoupling))
+        norms = [m for m in coupling.F.modules() if isinstance(m, BatchNormAct2d)]
+        assert [type(n.act) for n in norms] == [nn.ReLU6, nn.ReLU6, nn.Identity]
+        assert all(n.eps == 1e-3 and n.momentum == 0.01 for n in norms)
+        assert [n.num_features for n in norms] == [n.weight.numel() for n in norms]
+
+
+class _ChannelScale(nn.Module):
+    """A user layer: per-channel scale and shift, kept opaque through leaf_modules."""
+
+    def __init__(self, channels: int, *, table: int = 0) -> None:
+        super().__init__()
+        self.channels = channels
+        self.scale = nn.Parameter(torch.full((channels,), 2.0))
+        self.shift = nn.Parameter(torch.zeros(channels, 1, 1))
+        if table:
+            self.table = nn.Parameter(torch.zeros(channels, table))
+
+    def forward(self, x):
+        return x * self.scale[:, None, None] + self.shift
+
+
+class _UserLayerNet(_IdentityShortcut):
+    def __init__(self, table: int = 0) -> None:
+        super().__init__(nn.Identity())
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), _ChannelScale(8, table=table), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+
+def test_a_leaf_layer_is_resized_or_refused_by_name():
+    converted = revconvert.convert(_UserLayerNet(), (1, 3, 8, 8), config=revconvert.ConvertConfig(
+        leaf_modules=(_ChannelScale,)))
+    coupling = next(m for m in converted.modules() if isinstance(m, ReversibleCoupling))
+    layer = coupling.F[1]
+    inner = coupling.F[0].out_channels  # the layer sits at the inner (parameter-matched) width
+    assert isinstance(layer, _ChannelScale) and layer.channels == inner
+    assert layer.scale.shape == (inner,) and layer.shift.shape == (inner, 1, 1)
+    assert torch.equal(layer.scale, torch.full((inner,), 2.0))  # a constant stays that constant
+    report = revconvert.audit(_UserLayerNet(table=3), (1, 3, 8, 8), leaf_modules=(_ChannelScale,))
+    (block,) = report.blocks
+    assert block.reason == "unsupported-layer" and "_ChannelScale" in block.message and "table" in block.message
+
+
+class _OneConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.blocks = nn.ModuleList(nn.Conv2d(16, 16, 3, padding=1) for _ in range(2))
+
+    def forward(self, x):
+        h = self.stem(x)
+        for conv in self.blocks:
+            h = torch.relu(h + conv(h))
+        return h
+
+
+def test_single_conv_branch_reports_its_parameter_shortfall():
+    """Issue 12 item 9: one C->C convolution becomes two C/2->C/2 ones, half the parameters, with no
+    inner width to widen. The conversion keeps the layer sequence and says so (warning + summary)."""
+    with pytest.warns(UserWarning, match=r"more than 10% off the parameters"):
+        converted = revconvert.convert(_OneConv(), (1, 3, 8, 8))
+    mismatch = converted.revconvert_summary.param_mismatch
+    assert len(mismatch) == 2
+    assert all(r == pytest.approx((2 * (8 * 8 * 9 + 8)) / (16 * 16 * 9 + 16)) for r in mismatch.values())
+    assert "more than 10% off" in str(converted.revconvert_summary)
+    with warnings.catch_warnings():  # a block with an inner width is matched: no warning
+        warnings.simplefilter("error")
+        revconvert.convert(_IdentityShortcut(nn.Identity()), (1, 3, 8, 8))
+
+
+def test_transformer_blocks_show_their_real_reason():
+    """Issue 14 item 6: a ViT's token count (dimension 1) is not its channel count."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+    report = revconvert.audit(vit, (1, 3, 32, 32))
+    reasons = [b.reason for b in report.blocks]
+    assert reasons == ["unsupported-layer", "channel-axis"] * 2
+    assert "MultiheadAttention" in report.blocks[0].message
+    assert "odd-channels" not in str(report) and "17 channels" not in str(report)
+
+
+@pytest.mark.parametrize("config", [dict(checkpoint_stored=True), dict(keep="spatial-convs"),
+                                    dict(recompute_budget=0.2, checkpoint_stored=True)],
+                         ids=["checkpoint_stored", "keep", "recompute_budget"])
+def test_conversion_options_hold_on_se_and_channels_last_blocks(config):
+    for lib, name in (("torchvision", "mobilenet_v3_small"), ("timm", "convnext_atto")):
+        model = build(lib, name).double()
+        converted = revconvert.convert(model, (2, 3, 64, 64), config=revconvert.ConvertConfig(**config))
+        assert len(converted.revconvert_summary.converted_blocks) == {"mobilenet_v3_small": 6}.get(name, 12)
+        with torch.no_grad():
+            for p in converted.parameters():
+                if p.dim() and not p.any():
+                    nn.init.uniform_(p, 0.5, 1.0)
+        assert _gradients_match(converted, torch.randn(2, 3, 64, 64, dtype=torch.float64)) <= 1e-8
+
+
+@pytest.mark.parametrize("lib,name", [("torchvision", "mobilenet_v3_small"), ("timm", "convnext_atto")])
+def test_memory_estimate_matches_measurement_on_new_families(lib, name):
+    model = build(lib, name)
+    converted = revconvert.convert(model, (1, 3, 64, 64))
+    profile = revconvert.memory_profile(model, (3, 64, 64), 2)
+    measured = revconvert.measure_memory(converted, torch.randn(2, 3, 64, 64))
+    assert profile.converted.activation_bytes == pytest.approx(measured.activation_bytes, rel=0.01)
+    assert profile.converted.activation_bytes < 0.8 * profile.original.activation_bytes
