@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from .channels import ChannelPlan, param_expression, plan_channels
+from .channels import ChannelPlan, param_expression
+from .propagation import plan_channels
 from .graph import ResidualBlock
 from .ops import CONV_TYPES, describe_op, is_inplace
 from .tracing import tensor_shape

@@ -29,7 +29,7 @@ from ..runtime.checkpoint import attach_checkpointed_modules
 from .checkpoint_stored import _checkpoint_stored_parts
 from .recompute import plan_recompute
 from .summary import ConversionSummary, keep_summary
-from ..analysis.channels import plan_channels
+from ..analysis.propagation import plan_channels
 from .surgery import build_residual_function, choose_widths, out_of_place_copy
 
 __all__ = ["ConvertConfig", "ConversionSummary", "convert"]
@@ -271,9 +271,10 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     if mismatched:
         worst = min(mismatched.items(), key=lambda kv: -abs(kv[1] - 1))
         warnings.warn(f"revconvert.convert: {len(mismatched)} coupling(s) of {report.model} are more than 10% off the "
-                      f"parameters of the block they replace (e.g. {worst[0]}: {worst[1]:.2f}x), because their "
-                      f"branch has no inner width to scale (a single convolution); see "
-                      f"revconvert_summary.param_mismatch", stacklevel=2)
+                      f"parameters of the block they replace (e.g. {worst[0]}: {worst[1]:.2f}x): a branch without "
+                      f"an inner width (a single convolution) or with very narrow inner layers cannot be "
+                      f"matched by scaling its inner widths; see revconvert_summary.param_mismatch",
+                      stacklevel=2)
     gm = analysis.graph_module
     checkpointed = _checkpoint_stored_parts(gm) if config.checkpoint_stored else {}
     gm.training = model.training

@@ -27,7 +27,7 @@ class ConversionSummary:
     kept_couplings: list[str] = field(default_factory=list)
     recompute_overhead: float | None = None
     checkpointed: dict[str, list[str]] = field(default_factory=dict)
-    # coupling -> its parameters / the replaced block's, where more than 10% off (a branch of one
+    # block -> its coupling's parameters / the block's, where more than 10% off (a branch of one
     # convolution has no inner width to scale: its coupling has about half the parameters)
     param_mismatch: dict[str, float] = field(default_factory=dict)
 
@@ -53,7 +53,8 @@ class ConversionSummary:
         elif self.kept_couplings:
             lines += ["", f"{len(self.kept_couplings)} coupling(s) keep outputs for the recomputation"]
         if self.param_mismatch:
-            lines += ["", "Couplings more than 10% off their block's parameters (no inner width to scale):"]
+            lines += ["", "Couplings more than 10% off their block's parameters (no inner width, or too narrow "
+                          "a one, to scale):"]
             lines += [f"  {name}: {ratio:.2f}x" for name, ratio in self.param_mismatch.items()]
         if self.stored_reasons:
             lines += ["", "Kept as stored blocks:"]

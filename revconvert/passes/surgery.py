@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..analysis.channels import OUTER, ChannelPlan, ModulePlan, param_expression
+from ..analysis.channels import OUTER, ChannelPlan, ModulePlan, param_expression, resolve_attr
 from ..analysis.graph import ResidualBlock
 from ..analysis.ops import mutated_inputs
 
@@ -235,7 +235,7 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, plan: Chan
         kwargs = fx.map_arg(n.kwargs, lambda a: env[a.name])
         overwrites_input = any(m.name in reads_input for m in mutated_inputs(gm, n))
         if n.op == "get_attr":
-            tensor = _get(gm, str(n.target))
+            tensor = resolve_attr(gm, str(n.target))
             template = plan.attrs.get(str(n.target))
             new = tensor.detach().clone()
             if template is not None:
@@ -273,13 +273,6 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, plan: Chan
     return _as_sequential(fn) or fn
 
 
-def _get(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
-
-
 def _as_sequential(fn: fx.GraphModule) -> nn.Sequential | None:
     """The graph as an ``nn.Sequential`` when it is a chain of one-tensor layers (easier to read)."""
     layers: list[nn.Module] = []
@@ -310,7 +303,7 @@ def _zero_last(fn: fx.GraphModule, out: fx.Node) -> None:
     node = out
     while True:
         if node.op == "get_attr":
-            t = _get(fn, str(node.target))
+            t = resolve_attr(fn, str(node.target))
             if isinstance(t, nn.Parameter):
                 nn.init.zeros_(t)
             return

@@ -1,0 +1,439 @@
+"""Following channel widths through a residual branch's fx graph (see :mod:`revconvert.analysis.channels`).
+
+One walk over the branch in graph order gives every tensor a channel axis and a width group: ops are
+sorted into a few families (element-wise, broadcasting binary ops, reductions, pooling, permute,
+reshape, convolutions, ``Linear``, modules resized by their tensors); anything else stops the walk
+with ``unsupported-layer`` and the op's name.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .channels import OUTER, WIDTH_ATTRS, ChannelPlan, Failure, ModulePlan, param_expression, resolve_attr
+from .graph import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, ResidualBlock
+from .ops import CONV_TYPES, DROPOUT_TYPES, describe_op
+
+__all__ = ["plan_channels"]
+
+_BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
+                     operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul,
+                     torch.div, torch.maximum, torch.minimum}
+_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum"}
+_UNARY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout,
+                    torch.neg, operator.neg, torch.exp, torch.abs, torch.square, torch.sqrt, torch.rsqrt}
+_UNARY_METHODS = {"contiguous", "clone", "neg", "exp", "abs", "square", "sqrt", "rsqrt", "float", "to",
+                  "type_as", "detach"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_POOL_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+                   F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                   F.max_pool1d, F.max_pool2d, F.max_pool3d}
+_RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+_PARAM_FREE_SHAPED = (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+                      nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd, nn.Flatten)
+# torch norms that act on dimension 1 and on the last dimension(s); subclasses from other
+# libraries (timm's LayerNorm2d normalises dimension 1) are checked by their tensor shapes only.
+_CHANNELS_FIRST_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d,
+                         nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+class _Groups:
+    """Union-find over width groups."""
+
+    def __init__(self, outer_width: int) -> None:
+        self.parent = [0]
+        self.width = [outer_width]
+
+    def new(self, width: int) -> int:
+        self.parent.append(len(self.parent))
+        self.width.append(width)
+        return len(self.parent) - 1
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            lo, hi = min(a, b), max(a, b)  # the outer group (0) stays the root
+            self.parent[hi] = lo
+
+
+class _Stop(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+def _val(node: object) -> object:
+    return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    v = _val(node)
+    if not isinstance(v, torch.Tensor):
+        raise _Stop("unsupported-layer", f"{node.name} is not a tensor")
+    return tuple(v.shape)
+
+
+def _dims(arg: object, ndim: int) -> tuple[int, ...] | None:
+    if arg is None:
+        return None
+    items = arg if isinstance(arg, (tuple, list)) else (arg,)
+    return tuple(int(d) % ndim for d in items)
+
+
+class _Propagation:
+    def __init__(self, gm: fx.GraphModule, block: ResidualBlock, nodes: dict[str, fx.Node], axis: int) -> None:
+        self.gm, self.block, self.nodes = gm, block, nodes
+        fork = nodes[block.fork]
+        shape = _shape(fork)
+        self.groups = _Groups(shape[axis])
+        # node name -> (axis, group) of its channels; None for non-tensors (shape reads)
+        self.info: dict[str, tuple[int, int] | None] = {fork.name: (axis, OUTER)}
+        self.modules: dict[str, tuple[str, int, int, tuple, tuple]] = {}
+        self.attrs: dict[str, tuple] = {}
+        self.align: list[tuple[int, int]] = []
+        self.axis = axis
+
+    # -- helpers ----------------------------------------------------------------------------
+    def channel(self, node: fx.Node) -> tuple[int, int]:
+        if node.op == "get_attr":
+            raise _Stop("unsupported-layer", f"parameter {node.target} used as an operation input")
+        info = self.info.get(node.name)
+        if info is None:
+            raise _Stop("unsupported-layer", f"{node.name} has no channel axis")
+        return info
+
+    def width(self, node: fx.Node) -> int:
+        axis, _ = self.channel(node)
+        return _shape(node)[axis]
+
+    def first(self, node: fx.Node) -> fx.Node:
+        arg = node.args[0] if node.args else None
+        if not isinstance(arg, fx.Node):
+            raise _Stop("unsupported-layer", f"{node.name} has no tensor input")
+        return arg
+
+    # -- the walk ---------------------------------------------------------------------------
+    def run(self) -> None:
+        for name in self.block.branch:
+            node = self.nodes[name]
+            try:
+                self.info[name] = self.visit(node)
+            except _Stop as stop:
+                raise _Located(stop.code, name, stop.detail) from None
+        out = self.nodes[self.block.branch_output]
+        axis, group = self.channel(out)
+        if axis != self.axis:
+            raise _Located("unsupported-layer", out.name, f"the branch output's channels are on dimension "
+                                                         f"{axis}, not {self.axis}")
+        self.groups.union(group, OUTER)
+
+    def visit(self, node: fx.Node) -> tuple[int, int] | None:
+        if node.op == "call_module":
+            return self.visit_module(node, self.gm.get_submodule(node.target))
+        if node.op == "get_attr":
+            return None
+        fn = node.target
+        is_fn, is_method = node.op == "call_function", node.op == "call_method"
+        tensors = [a for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+        if not isinstance(_val(node), torch.Tensor):
+            return None  # a shape read: re-evaluated at the new width by the rebuilt graph
+        if (is_fn and fn in ACTIVATION_FUNCTIONS | _UNARY_FUNCTIONS) or \
+                (is_method and fn in ACTIVATION_METHODS | _UNARY_METHODS):
+            if len(tensors) != 1:
+                return self.visit_binary(node, tensors)
+            return self.same(node, tensors[0])
+        if (is_fn and fn in _BINARY_FUNCTIONS) or (is_method and fn in _BINARY_METHODS):
+            if len(tensors) == 1 and tensors[0].op != "get_attr":
+                self.no_literal_width(node, tensors[0])
+                return self.same(node, tensors[0])  # arithmetic with a number
+            return self.visit_binary(node, tensors)
+        if (is_fn and fn in _REDUCE_FUNCTIONS) or (is_method and fn in _REDUCE_METHODS):
+            return self.visit_reduce(node)
+        if is_fn and fn in _POOL_FUNCTIONS:
+            return self.channels_kept(node, self.first(node), need_axis=1)
+        if (is_fn and fn in (torch.permute,)) or (is_method and fn == "permute"):
+            return self.visit_permute(node)
+        if (is_fn and fn in _RESHAPE_FUNCTIONS) or (is_method and fn in _RESHAPE_METHODS):
+            return self.visit_reshape(node)
+        raise _Stop("unsupported-layer", describe_op(self.gm, node))
+
+    def same(self, node: fx.Node, inp: fx.Node) -> tuple[int, int]:
+        info = self.channel(inp)
+        if _shape(node) != _shape(inp):
+            return self.channels_kept(node, inp)
+        return info
+
+    def channels_kept(self, node: fx.Node, inp: fx.Node, need_axis: int | None = None) -> tuple[int, int]:
+        axis, group = self.channel(inp)
+        out, shape = _shape(node), _shape(inp)
+        if need_axis is not None and axis != need_axis:
+            raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} acts on dimension {need_axis}, "
+                                             f"the channels are on dimension {axis}")
+        if len(out) != len(shape) or out[axis] != shape[axis]:
+            raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} changes the channel dimension "
+                                             f"({shape} -> {out})")
+        return axis, group
+
+    def no_literal_width(self, node: fx.Node, inp: fx.Node) -> None:
+        """A literal equal to the channel count would not follow the new width (``view(-1, 64)``)."""
+        width = self.width(inp)
+        literals = [a for a in node.args[1:] if isinstance(a, int) and not isinstance(a, bool)]
+        literals += [d for a in node.args[1:] if isinstance(a, (tuple, list)) for d in a if isinstance(d, int)]
+        if width > 1 and width in literals and node.target not in (operator.mul, operator.truediv, "mul", "div"):
+            raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} has the channel count {width} "
+                                             f"written into its arguments")
+
+    # -- modules ----------------------------------------------------------------------------
+    def visit_module(self, node: fx.Node, mod: nn.Module) -> tuple[int, int]:
+        if not isinstance(_val(node), torch.Tensor):
+            raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} (its output is not one tensor)")
+        inp = self.first(node)
+        axis, group = self.channel(inp)
+        shape, out = _shape(inp), _shape(node)
+        name = describe_op(self.gm, node)
+        if isinstance(mod, CONV_TYPES):
+            if axis != 1:
+                raise _Stop("unsupported-layer", f"{name} convolves dimension 1, the channels are on {axis}")
+            if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:
+                k = tuple(mod.kernel_size)
+                tensors = [("weight", ((group, 1), 1) + k)] + ([("bias", ((group, 1),))] if mod.bias is not None
+                                                                else [])
+                self.modules[node.name] = ("conv", group, group, tuple(tensors), ())
+                return axis, group
+            if mod.groups > 1 and mod.groups == mod.in_channels:
+                raise _Stop("unsupported-layer", f"{name} is depthwise with a channel multiplier")
+            new = self.groups.new(out[1])
+            if mod.groups > 1:
+                self.align += [(group, mod.groups), (new, mod.groups)]
+            k = tuple(mod.kernel_size)
+            tensors = [("weight", ((new, 1), (group, mod.groups)) + k)]
+            tensors += [("bias", ((new, 1),))] if mod.bias is not None else []
+            self.modules[node.name] = ("conv", group, new, tuple(tensors), ())
+            return axis, new
+        if isinstance(mod, nn.Linear):
+            if axis != len(shape) - 1:
+                raise _Stop("unsupported-layer", f"{name} acts on the last dimension, the channels are on {axis}")
+            new = self.groups.new(out[-1])
+            tensors = [("weight", ((new, 1), (group, 1)))] + ([("bias", ((new, 1),))] if mod.bias is not None else [])
+            self.modules[node.name] = ("linear", group, new, tuple(tensors), ())
+            return axis, new
+        tensors = list(mod.named_parameters()) + list(mod.named_buffers())
+        if not tensors:
+            if len(node.all_input_nodes) != 1:
+                raise _Stop("unsupported-layer", f"{name} takes {len(node.all_input_nodes)} inputs")
+            if not isinstance(mod, (*ACTIVATION_MODULES, *DROPOUT_TYPES, nn.Identity, *_PARAM_FREE_SHAPED)) and \
+                    out != shape:
+                raise _Stop("unsupported-layer", f"{name} changes the tensor shape ({shape} -> {out})")
+            if isinstance(mod, nn.Flatten):
+                return self.visit_reshape(node)
+            self.channels_kept(node, inp, need_axis=1 if isinstance(mod, _PARAM_FREE_SHAPED) else None)
+            self.modules[node.name] = ("copy", group, group, (), self.width_attrs(mod, shape[axis], group, name))
+            return axis, group
+        # A module whose only width-dependence is its parameters and buffers: resized copy.
+        if len(node.all_input_nodes) != 1 or out != shape:
+            raise _Stop("unsupported-layer", name)
+        if isinstance(mod, _CHANNELS_FIRST_NORMS) and axis != 1:
+            raise _Stop("unsupported-layer", f"{name} normalises dimension 1, the channels are on {axis}")
+        if type(mod) is nn.LayerNorm and (axis != len(shape) - 1 or len(mod.normalized_shape) != 1):
+            raise _Stop("unsupported-layer", f"{name} normalises {tuple(mod.normalized_shape)} at the end, "
+                                             f"the channels are dimension {axis} of {shape}")
+        width = shape[axis]
+        templates = []
+        for tname, t in tensors:
+            if t.dim() and not all(d in (width, 1) for d in t.shape):
+                raise _Stop("unsupported-layer", f"{name} cannot be rebuilt at a new width: its tensor {tname} "
+                                                 f"has shape {tuple(t.shape)} for {width} channels")
+            templates.append((tname, tuple((group, 1) if d == width and d != 1 else d for d in t.shape)))
+        num_groups = getattr(mod, "num_groups", None)
+        if isinstance(num_groups, int) and num_groups > 1:
+            self.align.append((group, num_groups))
+        self.modules[node.name] = ("resize", group, group, tuple(templates),
+                                   self.width_attrs(mod, width, group, name))
+        return axis, group
+
+    def width_attrs(self, mod: nn.Module, width: int, group: int, name: str) -> tuple:
+        attrs = []
+        for path, sub in mod.named_modules():
+            for attr in WIDTH_ATTRS:
+                value = sub.__dict__.get(attr)
+                if value == width or value == (width,) or value == [width]:
+                    attrs.append((path, attr, group))
+        return tuple(attrs)
+
+    # -- functions --------------------------------------------------------------------------
+    def visit_binary(self, node: fx.Node, tensors: list[fx.Node]) -> tuple[int, int]:
+        out = _shape(node)
+        nd = len(out)
+        ref = None  # (position from the right, group)
+        carriers = []
+        for t in tensors:
+            if t.op == "get_attr":
+                continue
+            info = self.info.get(t.name)
+            shape = _shape(t)
+            if info is None:
+                continue
+            axis, group = info
+            if shape[axis] == 1 and out[nd - len(shape) + axis] != 1:
+                continue  # broadcast along the channels
+            carriers.append((len(shape) - axis, group, t))
+        if not carriers:
+            raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} has no input with channels")
+        pos = carriers[0][0]
+        for p, g, t in carriers:
+            if p != pos:
+                raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} combines tensors whose channels "
+                                                 f"are on different dimensions")
+            self.groups.union(carriers[0][1], g)
+        axis, group = nd - pos, carriers[0][1]
+        width = out[axis]
+        for t in tensors:
+            shape = _shape(t)
+            if t.op != "get_attr" and self.info.get(t.name) is not None:
+                continue
+            d = axis - (nd - len(shape))
+            if param_expression(t):
+                self.per_channel_param(t, d, width, group)
+            elif 0 <= d < len(shape) and shape[d] not in (1,) and width > 1:
+                raise _Stop("unsupported-layer", f"{t.name} ({shape}) has a size along the channels that "
+                                                 f"would not follow a new width")
+        return axis, group
+
+    def per_channel_param(self, t: fx.Node, d: int, width: int, group: int) -> None:
+        """A parameter used directly (layer scale ``gamma * x``), possibly reshaped on the way."""
+        shape = _shape(t)
+        root = t
+        while root.op != "get_attr":
+            if len(root.all_input_nodes) != 1 or root.target not in (*_RESHAPE_METHODS, *_RESHAPE_FUNCTIONS, *_UNARY_METHODS):
+                raise _Stop("unsupported-layer", f"{t.name} is computed from parameters by {describe_op(self.gm, root)}")
+            if root is not t or root.op != "get_attr":
+                literals = [a for a in root.args[1:] if isinstance(a, int)]
+                literals += [x for a in root.args[1:] if isinstance(a, (tuple, list)) for x in a if isinstance(x, int)]
+                if width > 1 and width in literals:
+                    raise _Stop("unsupported-layer", f"{describe_op(self.gm, root)} has the channel count {width} "
+                                                     f"written into its arguments")
+            root = root.all_input_nodes[0]
+        param = _shape(root)
+        sized = [i for i, s in enumerate(param) if s != 1]
+        at_channels = 0 <= d < len(shape) and shape[d] == width
+        if sized and (len(sized) != 1 or param[sized[0]] != width or not at_channels or
+                      any(s != 1 for i, s in enumerate(shape) if i != d)):
+            raise _Stop("unsupported-layer", f"parameter {root.target} of shape {param} is not per channel")
+        template = tuple((group, 1) if i in sized and width > 1 else s for i, s in enumerate(param))
+        previous = self.attrs.get(str(root.target))
+        if previous is not None and previous != template:
+            raise _Stop("unsupported-layer", f"parameter {root.target} is used at two widths")
+        self.attrs[str(root.target)] = template
+
+    def visit_reduce(self, node: fx.Node) -> tuple[int, int]:
+        inp = self.first(node)
+        axis, group = self.channel(inp)
+        ndim = len(_shape(inp))
+        dims = _dims(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None), ndim)
+        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        if dims is None or axis in dims:
+            raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} reduces over the channels")
+        return (axis if keep else axis - sum(d < axis for d in dims)), group
+
+    def visit_permute(self, node: fx.Node) -> tuple[int, int]:
+        inp = self.first(node)
+        axis, group = self.channel(inp)
+        rest = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("dims"),)
+        perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        perm = [int(p) % len(_shape(inp)) for p in perm]
+        return perm.index(axis), group
+
+    def visit_reshape(self, node: fx.Node) -> tuple[int, int]:
+        inp = node.args[0] if node.op != "call_module" else node.args[0]
+        axis, group = self.channel(inp)
+        shape, out = _shape(inp), _shape(node)
+        if node.op != "call_module":
+            self.no_literal_width(node, inp)
+        before = math.prod(shape[:axis])
+        for b in range(len(out)):
+            if math.prod(out[:b]) == before and out[b] == shape[axis]:
+                return b, group
+        raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} splits or merges the channel dimension "
+                                         f"({shape} -> {out})")
+
+    # -- result -----------------------------------------------------------------------------
+    def plan(self) -> ChannelPlan:
+        find = self.groups.find
+        gm = self.gm
+        plan = ChannelPlan(axis=self.axis)
+        for g in range(len(self.groups.parent)):
+            plan.widths.setdefault(find(g), self.groups.width[g])
+
+        def tmpl(t: Template) -> Template:
+            return tuple(d if isinstance(d, int) else (find(d[0]), d[1]) for d in t)
+        for name, (kind, gi, go, tensors, attrs) in self.modules.items():
+            plan.modules[name] = ModulePlan(kind, find(gi), find(go), tuple((n, tmpl(t)) for n, t in tensors),
+                                            tuple((p, a, find(g)) for p, a, g in attrs))
+        plan.attrs = {k: tmpl(t) for k, t in self.attrs.items()}
+        counted = [t for k, t in plan.attrs.items() if isinstance(resolve_attr(gm, k), nn.Parameter)]
+        for name, mp in plan.modules.items():
+            params = {n for n, _ in gm.get_submodule(self.nodes[name].target).named_parameters()}
+            counted += [t for n, t in mp.tensors if n in params]
+        plan.counted = tuple(counted)
+        for g, a in self.align:
+            g = find(g)
+            plan.align[g] = math.lcm(plan.align.get(g, 1), a)
+        return plan
+
+
+class _Located(Exception):
+    def __init__(self, code: str, node: str, detail: str) -> None:
+        super().__init__(detail)
+        self.failure = Failure(code, node, detail)
+
+
+def plan_channels(gm: fx.GraphModule, block: ResidualBlock, nodes: dict[str, fx.Node] | None = None) -> ChannelPlan:
+    """Propagate channel widths through ``block``'s branch; see the module docstring.
+
+    The block's channel axis is found from the graph: dimension 1 (NCHW) if the branch can be
+    followed that way, else the last dimension (channels-last, token layouts), whichever gets
+    further. A plan with ``failure`` set says where and why the branch cannot be rebuilt.
+    """
+    nodes = nodes or {n.name: n for n in gm.graph.nodes}
+    shape = _val(nodes[block.fork])
+    ndim = shape.dim() if isinstance(shape, torch.Tensor) else 0
+    if ndim < 2:
+        return ChannelPlan(axis=1, failure=Failure("odd-channels", block.fork, f"input of shape "
+                                                   f"{tuple(shape.shape) if ndim else shape} has no channel axis"))
+    order = {name: i for i, name in enumerate(block.branch)}
+    best: ChannelPlan | None = None
+    best_reach = -1
+    for axis in ((1, ndim - 1) if ndim > 2 else (1,)):
+        prop = _Propagation(gm, block, nodes, axis)
+        try:
+            prop.run()
+        except _Located as stop:
+            reach = order.get(stop.failure.node, len(order))
+            if reach > best_reach:
+                best, best_reach = ChannelPlan(axis=axis, failure=stop.failure), reach
+            continue
+        plan = prop.plan()
+        half = plan.widths[OUTER] // 2
+        for g in (OUTER,):
+            a = plan.align.get(g, 1)
+            if half % a and plan.widths[OUTER] % 2 == 0:
+                return ChannelPlan(axis=axis, widths=plan.widths, failure=Failure(
+                    "groups", block.branch[0], f"a grouped layer needs widths that are multiples of {a}, "
+                                               f"which does not divide {half} channels"))
+        return plan
+    assert best is not None
+    return best
