@@ -118,9 +118,7 @@ def _resize(mod: nn.Module, plan: ModulePlan, widths: Widths, cplan: ChannelPlan
         owner_path, _, leaf = name.rpartition(".")
         owner = new.get_submodule(owner_path)
         old = getattr(owner, leaf)
-        fresh = torch.empty(cplan.size(template, g), dtype=old.dtype, device=old.device)
-        with torch.no_grad():
-            fresh.fill_(old.float().mean().to(old.dtype) if old.numel() and old.is_floating_point() else 0)
+        fresh = _filled(old, cplan.size(template, g))
         if isinstance(old, nn.Parameter):
             setattr(owner, leaf, nn.Parameter(fresh, requires_grad=old.requires_grad))
         else:
@@ -145,6 +143,17 @@ def _resize(mod: nn.Module, plan: ModulePlan, widths: Widths, cplan: ChannelPlan
             if owns and callable(getattr(sub, "reset_parameters", None)):
                 sub.reset_parameters()
     return new
+
+
+def _filled(old: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of ``size`` filled with the mean of ``old`` (a constant such as layer scale's 1e-6 or a
+    norm's weight 1 stays that constant); tensor ops only, so meta tensors work too."""
+    with torch.no_grad():
+        if old.is_floating_point() and old.numel():
+            value = old.detach().mean()
+        else:
+            value = torch.zeros((), dtype=old.dtype, device=old.device)
+        return value.expand(size).clone()
 
 
 def out_of_place_copy(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
@@ -238,9 +247,8 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, plan: Chan
             tensor = resolve_attr(gm, str(n.target))
             template = plan.attrs.get(str(n.target))
             new = tensor.detach().clone()
-            if template is not None:
-                new = torch.full(plan.size(template, widths.groups), float(tensor.detach().float().mean()) if tensor.numel()
-                                 else 0.0, dtype=tensor.dtype, device=tensor.device)
+            if template is not None:  # a per-channel parameter at the new width, filled with its mean
+                new = _filled(tensor, plan.size(template, widths.groups))
             if isinstance(tensor, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=tensor.requires_grad)
             target = _local(str(n.target), block.owner)
