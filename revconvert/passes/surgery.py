@@ -278,6 +278,8 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, plan: Chan
     fn.graph.lint()
     if zero_init:
         _zero_last(fn, env[block.branch_output])
+    for n in fn.graph.nodes:  # the original's shapes served the zero-init walk only
+        n.meta.pop("val", None)
     return _as_sequential(fn) or fn
 
 
