@@ -98,7 +98,10 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for spec in args.models:
-        rows.append(row(spec, args.side, args.batch))
+        try:
+            rows.append(row(spec, args.side, args.batch))
+        except Exception as e:  # a failure is a row of the table, not the end of the run
+            rows.append({"model": spec, "error": f"{type(e).__name__}: {e}".splitlines()[0][:80]})
         print(f"# {spec}: {rows[-1]}", flush=True)
     print()
     print(f"Input 1x3x{args.side}x{args.side} (saved activations: batch {args.batch}, float32, estimated on fake "

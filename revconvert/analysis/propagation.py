@@ -205,6 +205,10 @@ class _Propagation:
         axis, group = self.channel(inp)
         shape, out = _shape(inp), _shape(node)
         name = describe_op(self.gm, node)
+        if isinstance(mod, (*CONV_TYPES, nn.Linear)):
+            other = [n for n, _ in [*mod.named_parameters(), *mod.named_buffers()] if n not in ("weight", "bias")]
+            if other:  # e.g. a scaled weight-standardised conv's gain: not resized with the weight
+                raise _Stop("unsupported-layer", f"{name} has tensors besides weight and bias ({', '.join(other)})")
         if isinstance(mod, CONV_TYPES):
             if axis != 1:
                 raise _Stop("unsupported-layer", f"{name} convolves dimension 1, the channels are on {axis}")
@@ -278,8 +282,7 @@ class _Propagation:
     def visit_binary(self, node: fx.Node, tensors: list[fx.Node]) -> tuple[int, int]:
         out = _shape(node)
         nd = len(out)
-        ref = None  # (position from the right, group)
-        carriers = []
+        carriers = []  # (position of the channel axis from the right, group, node)
         for t in tensors:
             if t.op == "get_attr":
                 continue
@@ -320,12 +323,11 @@ class _Propagation:
         while root.op != "get_attr":
             if len(root.all_input_nodes) != 1 or root.target not in (*_RESHAPE_METHODS, *_RESHAPE_FUNCTIONS, *_UNARY_METHODS):
                 raise _Stop("unsupported-layer", f"{t.name} is computed from parameters by {describe_op(self.gm, root)}")
-            if root is not t or root.op != "get_attr":
-                literals = [a for a in root.args[1:] if isinstance(a, int)]
-                literals += [x for a in root.args[1:] if isinstance(a, (tuple, list)) for x in a if isinstance(x, int)]
-                if width > 1 and width in literals:
-                    raise _Stop("unsupported-layer", f"{describe_op(self.gm, root)} has the channel count {width} "
-                                                     f"written into its arguments")
+            literals = [a for a in root.args[1:] if isinstance(a, int)]
+            literals += [x for a in root.args[1:] if isinstance(a, (tuple, list)) for x in a if isinstance(x, int)]
+            if width > 1 and width in literals:
+                raise _Stop("unsupported-layer", f"{describe_op(self.gm, root)} has the channel count {width} "
+                                                 f"written into its arguments")
             root = root.all_input_nodes[0]
         param = _shape(root)
         sized = [i for i, s in enumerate(param) if s != 1]
@@ -358,7 +360,7 @@ class _Propagation:
         return perm.index(axis), group
 
     def visit_reshape(self, node: fx.Node) -> tuple[int, int]:
-        inp = node.args[0] if node.op != "call_module" else node.args[0]
+        inp = self.first(node)
         axis, group = self.channel(inp)
         shape, out = _shape(inp), _shape(node)
         if node.op != "call_module":
@@ -427,13 +429,11 @@ def plan_channels(gm: fx.GraphModule, block: ResidualBlock, nodes: dict[str, fx.
                 best, best_reach = ChannelPlan(axis=axis, failure=stop.failure), reach
             continue
         plan = prop.plan()
-        half = plan.widths[OUTER] // 2
-        for g in (OUTER,):
-            a = plan.align.get(g, 1)
-            if half % a and plan.widths[OUTER] % 2 == 0:
-                return ChannelPlan(axis=axis, widths=plan.widths, failure=Failure(
-                    "groups", block.branch[0], f"a grouped layer needs widths that are multiples of {a}, "
-                                               f"which does not divide {half} channels"))
+        half, a = plan.widths[OUTER] // 2, plan.align.get(OUTER, 1)
+        if half % a and plan.widths[OUTER] % 2 == 0:  # odd widths are the odd-channels rule's
+            return ChannelPlan(axis=axis, widths=plan.widths, failure=Failure(
+                "groups", block.branch[0], f"a grouped layer needs widths that are multiples of {a}, "
+                                           f"which does not divide {half} channels"))
         return plan
     assert best is not None
     return best
