@@ -16,6 +16,7 @@ moves to the front of F and G (pre-activation style).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -100,11 +101,20 @@ def choose_widths(plan: ChannelPlan, width: str | float) -> Widths:
         return at(1.0)
     if not isinstance(width, str):
         return at(float(width))
-    best = at(1.0)
+    return at(_best_scale(tuple(sorted(plan.widths.items())), tuple(sorted(plan.align.items())), plan.counted))
+
+
+@functools.lru_cache(maxsize=256)
+def _best_scale(widths: tuple, align: tuple, counted: tuple) -> float:
+    """The scale whose F and G together come closest to the branch's parameters; blocks of one stage
+    share the answer (cached on everything the count depends on)."""
+    plan = ChannelPlan(axis=1, widths=dict(widths), align=dict(align), counted=counted)
+    half, target = plan.widths[OUTER] // 2, plan.param_count(plan.widths)
+    best, best_err = 1.0, abs(2 * plan.param_count(plan.new_widths(half, 1.0)) - target)
     for i in range(1, 801):  # scales 0.005 .. 4.0; a parameter count is a few integer products
-        cand = at(i / 200)
-        if abs(cand.params - target) < abs(best.params - target):
-            best = cand
+        err = abs(2 * plan.param_count(plan.new_widths(half, i / 200)) - target)
+        if err < best_err:
+            best, best_err = i / 200, err
     return best
 
 
@@ -112,12 +122,19 @@ def choose_widths(plan: ChannelPlan, width: str | float) -> Widths:
 
 def _resize(mod: nn.Module, plan: ModulePlan, widths: Widths, cplan: ChannelPlan) -> nn.Module:
     """A copy of ``mod`` with its tensors and width attributes at the new widths, freshly initialised."""
-    new = copy.deepcopy(mod)
+    # Copy everything but the tensors about to be replaced (a large conv weight need not be copied).
+    memo: dict[int, Any] = {}
+    for name, _ in plan.tensors:
+        old = mod.get_parameter(name) if name in dict(mod.named_parameters()) else mod.get_buffer(name)
+        memo[id(old)] = nn.Parameter(old.new_empty(0), requires_grad=old.requires_grad) \
+            if isinstance(old, nn.Parameter) else old.new_empty(0)
+    new = copy.deepcopy(mod, memo)
     g = widths.groups
     for name, template in plan.tensors:
         owner_path, _, leaf = name.rpartition(".")
         owner = new.get_submodule(owner_path)
-        old = getattr(owner, leaf)
+        old = mod.get_submodule(owner_path)._parameters.get(leaf)
+        old = old if old is not None else mod.get_submodule(owner_path)._buffers[leaf]
         fresh = _filled(old, cplan.size(template, g))
         if isinstance(old, nn.Parameter):
             setattr(owner, leaf, nn.Parameter(fresh, requires_grad=old.requires_grad))
