@@ -267,6 +267,20 @@ def test_transformer_blocks_show_their_real_reason():
     assert "odd-channels" not in str(report) and "17 channels" not in str(report)
 
 
+class _ReduceFirst(_IdentityShortcut):
+    """NCHW with an odd width: a channel mean before the first conv must not make W the channels."""
+
+    def forward(self, x):
+        h = self.stem(x)
+        return h + self.body(h - h.mean(1, keepdim=True))
+
+
+def test_channel_axis_comes_from_the_first_layer_that_has_one():
+    report = revconvert.audit(_ReduceFirst(nn.Identity()), (1, 3, 8, 7))
+    (block,) = report.blocks  # W = 7 is odd; the channels (8, by the convolutions) are not
+    assert block.reason == "unsupported-layer" and "reduces over the channels" in block.message
+
+
 @pytest.mark.parametrize("config", [dict(checkpoint_stored=True), dict(keep="spatial-convs"),
                                     dict(recompute_budget=0.2, checkpoint_stored=True)],
                          ids=["checkpoint_stored", "keep", "recompute_budget"])

@@ -403,12 +403,35 @@ class _Located(Exception):
         self.failure = Failure(code, node, detail)
 
 
+_LAST_AXIS_FUNCTIONS = {F.linear, F.layer_norm}
+_FIRST_AXIS_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.group_norm, F.instance_norm}
+
+
+def _channel_axis(gm: fx.GraphModule, block: ResidualBlock, nodes: dict[str, fx.Node], ndim: int) -> int:
+    """The block's channel axis, from the first layer of its branch that says which axis it mixes or
+    normalises: a convolution or batch/group norm -> dimension 1; ``Linear`` or ``LayerNorm`` ->
+    the last one (a transformer's tokens, a channels-last layout). Dimension 1 if none does."""
+    for name in block.branch:
+        node = nodes[name]
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, (*CONV_TYPES, *_CHANNELS_FIRST_NORMS)):
+                return 1
+            if isinstance(mod, nn.Linear) or type(mod) is nn.LayerNorm:
+                return ndim - 1
+        elif node.op == "call_function" and node.target in _FIRST_AXIS_FUNCTIONS:
+            return 1
+        elif node.op == "call_function" and node.target in _LAST_AXIS_FUNCTIONS:
+            return ndim - 1
+    return 1
+
+
 def plan_channels(gm: fx.GraphModule, block: ResidualBlock, nodes: dict[str, fx.Node] | None = None) -> ChannelPlan:
     """Propagate channel widths through ``block``'s branch; see the module docstring.
 
-    The block's channel axis is found from the graph: dimension 1 (NCHW) if the branch can be
-    followed that way, else the last dimension (channels-last, token layouts), whichever gets
-    further. A plan with ``failure`` set says where and why the branch cannot be rebuilt.
+    The block's channel axis is read from the graph (:func:`_channel_axis`), not assumed: a ViT
+    block's input ``(N, 197, 768)`` has 768 channels, not 197. A plan with ``failure`` set says
+    where and why the branch cannot be rebuilt.
     """
     nodes = nodes or {n.name: n for n in gm.graph.nodes}
     shape = _val(nodes[block.fork])
@@ -416,24 +439,16 @@ def plan_channels(gm: fx.GraphModule, block: ResidualBlock, nodes: dict[str, fx.
     if ndim < 2:
         return ChannelPlan(axis=1, failure=Failure("odd-channels", block.fork, f"input of shape "
                                                    f"{tuple(shape.shape) if ndim else shape} has no channel axis"))
-    order = {name: i for i, name in enumerate(block.branch)}
-    best: ChannelPlan | None = None
-    best_reach = -1
-    for axis in ((1, ndim - 1) if ndim > 2 else (1,)):
-        prop = _Propagation(gm, block, nodes, axis)
-        try:
-            prop.run()
-        except _Located as stop:
-            reach = order.get(stop.failure.node, len(order))
-            if reach > best_reach:
-                best, best_reach = ChannelPlan(axis=axis, failure=stop.failure), reach
-            continue
-        plan = prop.plan()
-        half, a = plan.widths[OUTER] // 2, plan.align.get(OUTER, 1)
-        if half % a and plan.widths[OUTER] % 2 == 0:  # odd widths are the odd-channels rule's
-            return ChannelPlan(axis=axis, widths=plan.widths, failure=Failure(
-                "groups", block.branch[0], f"a grouped layer needs widths that are multiples of {a}, "
-                                           f"which does not divide {half} channels"))
-        return plan
-    assert best is not None
-    return best
+    axis = _channel_axis(gm, block, nodes, ndim)
+    prop = _Propagation(gm, block, nodes, axis)
+    try:
+        prop.run()
+    except _Located as stop:
+        return ChannelPlan(axis=axis, failure=stop.failure)
+    plan = prop.plan()
+    half, a = plan.widths[OUTER] // 2, plan.align.get(OUTER, 1)
+    if half % a and plan.widths[OUTER] % 2 == 0:  # odd widths are the odd-channels rule's
+        return ChannelPlan(axis=axis, widths=plan.widths, failure=Failure(
+            "groups", block.branch[0], f"a grouped layer needs widths that are multiples of {a}, "
+                                       f"which does not divide {half} channels"))
+    return plan
