@@ -304,3 +304,22 @@ def test_memory_estimate_matches_measurement_on_new_families(lib, name):
     measured = revconvert.measure_memory(converted, torch.randn(2, 3, 64, 64))
     assert profile.converted.activation_bytes == pytest.approx(measured.activation_bytes, rel=0.01)
     assert profile.converted.activation_bytes < 0.8 * profile.original.activation_bytes
+
+
+class _ReadsABuffer(_IdentityShortcut):
+    """Python code that reads a buffer's value while traced cannot run on a meta copy."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Identity())
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x):
+        h = self.stem(x) * float(self.scale.item())
+        return h + self.body(h)
+
+
+def test_audit_traces_a_copy_even_when_code_reads_buffer_values():
+    model = _ReadsABuffer()
+    (block,) = revconvert.audit(model, (1, 3, 8, 8)).blocks
+    assert block.reversible
+    assert not model.scale.is_meta
