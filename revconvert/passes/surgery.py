@@ -29,6 +29,7 @@ from torch import nn
 from ..analysis.channels import OUTER, ChannelPlan, ModulePlan, param_expression, resolve_attr
 from ..analysis.graph import ResidualBlock
 from ..analysis.ops import mutated_inputs
+from ..errors import ConversionError
 
 __all__ = ["Widths", "choose_widths", "build_residual_function", "NodeOp", "out_of_place_copy"]
 
@@ -159,6 +160,13 @@ def _resize(mod: nn.Module, plan: ModulePlan, widths: Widths, cplan: ChannelPlan
             owns = any(True for _ in sub.parameters(recurse=False)) or any(True for _ in sub.buffers(recurse=False))
             if owns and callable(getattr(sub, "reset_parameters", None)):
                 sub.reset_parameters()
+    for name, template in plan.tensors:  # a reset_parameters that reads another width attribute
+        t = new.get_parameter(name) if name in dict(new.named_parameters()) else new.get_buffer(name)
+        if tuple(t.shape) != cplan.size(template, g):
+            raise ConversionError(f"cannot rebuild {type(mod).__name__} at a new width: after resizing, its "
+                                  f"{name} has shape {tuple(t.shape)} instead of {cplan.size(template, g)} (its "
+                                  f"reset_parameters reads a width attribute revconvert does not know); "
+                                  f"keep the block stored with ConvertConfig(select=...)")
     return new
 
 
