@@ -30,9 +30,10 @@ OUTER = 0
 # width divided by ``divisor`` (a grouped convolution's weight has in_channels / groups columns).
 Template = tuple  # tuple[int | tuple[int, int], ...]
 
-# Attributes that record a module's width; resized together with its tensors.
+# Attributes that record a module's width; resized together with its tensors. Not ``dim``, which
+# as often names an axis (``nn.Softmax(dim=2)``) as a width.
 WIDTH_ATTRS = ("num_features", "normalized_shape", "num_channels", "num_parameters", "in_channels",
-               "out_channels", "in_features", "out_features", "channels", "dim")
+               "out_channels", "in_features", "out_features", "channels")
 
 @dataclass(frozen=True)
 class ModulePlan:
