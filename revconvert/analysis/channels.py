@@ -35,6 +35,7 @@ Template = tuple  # tuple[int | tuple[int, int], ...]
 WIDTH_ATTRS = ("num_features", "normalized_shape", "num_channels", "num_parameters", "in_channels",
                "out_channels", "in_features", "out_features", "channels")
 
+
 @dataclass(frozen=True)
 class ModulePlan:
     """How one module of the branch is rebuilt.

@@ -321,8 +321,10 @@ class _Propagation:
         shape = _shape(t)
         root = t
         while root.op != "get_attr":
-            if len(root.all_input_nodes) != 1 or root.target not in (*_RESHAPE_METHODS, *_RESHAPE_FUNCTIONS, *_UNARY_METHODS):
-                raise _Stop("unsupported-layer", f"{t.name} is computed from parameters by {describe_op(self.gm, root)}")
+            shape_only = root.target in (*_RESHAPE_METHODS, *_RESHAPE_FUNCTIONS, *_UNARY_METHODS)
+            if len(root.all_input_nodes) != 1 or not shape_only:
+                raise _Stop("unsupported-layer",
+                            f"{t.name} is computed from parameters by {describe_op(self.gm, root)}")
             literals = [a for a in root.args[1:] if isinstance(a, int)]
             literals += [x for a in root.args[1:] if isinstance(a, (tuple, list)) for x in a if isinstance(x, int)]
             if width > 1 and width in literals:
