@@ -262,8 +262,8 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     params_before = sum(p.numel() for p in model.parameters())
     converted_blocks = _rewrite(analysis, config)
     gm = analysis.graph_module
-    checkpointed = _checkpoint_stored_parts(gm) if config.checkpoint_stored else {}
     gm.training = model.training
+    checkpointed = _checkpoint_stored_parts(gm) if config.checkpoint_stored else {}
     kept, overhead = _apply_keep(gm, analysis, example_input, config)
     stored = {b.name: f"{b.reason}: {b.message}" for b in report.blocks if not b.reversible}
     keep_summary(gm, ConversionSummary(

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import flop_registry
 from .._loss import training_loss
 from ..analysis.tracing import meta_copy
 from ..runtime import ReversibleSegment, ordinary_autograd
-from ..runtime._keep import KeepPolicy, Record, Replay
+from ..runtime._keep import KeepPolicy, recording, replaying
 
 __all__ = ["CouplingCost", "RecomputePlan", "plan_recompute"]
 
@@ -127,14 +127,14 @@ def _coupling_costs(model: nn.Module, args: Sequence[Any], policy: KeepPolicy) -
             for k, coupling in enumerate(seg.couplings):
                 kept_bytes = saved = 0
                 for fn, arg in ((coupling.F, x2), (coupling.G, x1)):
-                    with Record(policy) as rec:
+                    # The runtime's own mechanism, so the plan keeps exactly what a step will keep.
+                    with recording(policy, fn) as kept:
                         fn(arg)
                     with FlopCount() as full:
                         fn(arg)
-                    with FlopCount() as replayed, \
-                            Replay(policy, rec.kept, rec.signatures, f"{seg_name}.couplings[{k}]"):
+                    with FlopCount() as replayed, replaying(policy, fn, kept, f"{seg_name}.couplings[{k}]"):
                         fn(arg)
-                    kept_bytes += sum(t.numel() * t.element_size() for t in rec.kept)
+                    kept_bytes += sum(t.numel() * t.element_size() for t in kept.tensors)
                     saved += full.total - replayed.total
                 costs.append(CouplingCost(f"{seg_name}.couplings.{k}", kept_bytes, saved))
     return costs

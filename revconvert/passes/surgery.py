@@ -48,6 +48,12 @@ class NodeOp(nn.Module):
             return getattr(args[0], self.target)(*args[1:], **self.kwargs)
         return self.target(*args, **self.kwargs)
 
+    @property
+    def draws_random(self) -> bool:
+        """Whether the wrapped function may draw random numbers (the runtime then replays them)."""
+        name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", "")
+        return any(part in name.lower() for part in ("dropout", "rand", "bernoulli", "normal", "drop_path"))
+
     def extra_repr(self) -> str:
         name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", self.target)
         rest = [repr(a) for i, a in enumerate(self.args) if i != self.slot]

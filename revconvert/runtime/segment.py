@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._function import ReversibleFunction, make_plan
-from ._state import capture_rng, cuda_devices_of, preserve_running_stats, replay_rng
+from ._function import Plan, ReversibleFunction, make_plan
+from ._state import capture_rng, cuda_devices_of, frozen_running_stats, module_generation, recompute_needs, \
+    replay_rng
 from .coupling import ReversibleCoupling
 
 __all__ = ["ReconstructionError", "ReversibleSegment", "ordinary_autograd", "ordinary_autograd_enabled"]
@@ -125,6 +126,19 @@ class ReversibleSegment(nn.Module):
         self.exit_activation = exit_activation
         self.use_reversible_backward: bool = True
         self.apply_exit_activation: bool = True
+        self._plan: Plan | None = None
+
+    def __getstate__(self) -> dict:
+        # The plan holds references to modules and parameters; copies and pickles make their own.
+        return {**self.__dict__, "_plan": None}
+
+    def plan(self, dim: int) -> Plan:
+        """The Function's plan for this segment, made once and remade only when a module changed
+        (a submodule, parameter or buffer registered anywhere, see ``module_generation``)."""
+        plan = getattr(self, "_plan", None)  # absent in segments pickled by older versions
+        if plan is None or plan.dim != dim or plan.generation != module_generation():
+            plan = self._plan = make_plan(self.couplings, dim)
+        return plan
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, use_reversible_backward={self.use_reversible_backward}"
@@ -150,16 +164,16 @@ class ReversibleSegment(nn.Module):
             x1, x2 = coupling(x1, x2)
         return torch.cat((x1, x2), dim)
 
-    def _wants_reversible(self, x: torch.Tensor) -> bool:
+    def _wants_reversible(self, x: torch.Tensor, dim: int) -> bool:
         if not self.use_reversible_backward or _ORDINARY.get() or not torch.is_grad_enabled():
             return False
-        return x.requires_grad or any(p.requires_grad for p in self.couplings.parameters())
+        return x.requires_grad or any(p.requires_grad for p in self.plan(dim).params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the couplings on the halves of ``x`` and return one tensor of the same shape."""
         dim = self._split_dim(x)
-        if self._wants_reversible(x):
-            y = _apply_reversible(self.couplings, dim, x)
+        if self._wants_reversible(x, dim):
+            y = _apply_reversible(self.plan(dim), x)
             act = self.exit_activation if self.apply_exit_activation else None
             if act is None:
                 return y
@@ -192,7 +206,7 @@ class ReversibleSegment(nn.Module):
         devices = cuda_devices_of((x, *self.parameters()))
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=list(devices)))
-            stack.enter_context(preserve_running_stats(self))
+            stack.enter_context(frozen_running_stats(recompute_needs(self).norms))
             x1, x2 = x.chunk(2, dim)
             inputs, states = [], []
             for coupling in self.couplings:
@@ -225,6 +239,5 @@ def _max_abs(t: torch.Tensor) -> float:
 # torch.compile cannot trace the Function (module calls and RNG stashing inside forward); dynamo runs
 # it eagerly instead, breaking the graph at each segment. Gradients are unchanged.
 @torch.compiler.disable
-def _apply_reversible(couplings: nn.ModuleList, dim: int, x: torch.Tensor) -> torch.Tensor:
-    plan = make_plan(couplings, dim)
+def _apply_reversible(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     return ReversibleFunction.apply(plan, x, *plan.params)
