@@ -48,6 +48,9 @@ class ConvertConfig:
         width: inner width of F and G: ``"match-params"`` (scaled so the coupling has about the
             parameters of the block it replaces), ``"keep"`` (original inner widths, on half the
             outer channels), or a float factor applied to the inner widths.
+        width_multiple: inner widths of F and G are rounded to multiples of this (default 8, which
+            tensor cores and vectorised CPU kernels run fastest; 1 turns rounding off). A block whose
+            parameter match would then miss by more than 10% keeps unrounded widths.
         post_activation: ``"move"`` puts the activation that followed the residual addition at the
             front of F and G and applies it once at the segment exit; ``"drop"`` removes it.
         zero_init: start the last norm of F and G at zero so every coupling starts as the identity.
@@ -75,6 +78,7 @@ class ConvertConfig:
     only: tuple[str, ...] | None = None
     select: Callable[[str], bool] | None = None
     width: str | float = "match-params"
+    width_multiple: int = 8
     post_activation: str = "move"
     zero_init: bool = True
     memory_saving: bool = True
@@ -93,6 +97,9 @@ class ConvertConfig:
                              f"got {self.width!r}")
         if not isinstance(self.width, str) and not (isinstance(self.width, (int, float)) and self.width > 0):
             raise ValueError(f"ConvertConfig.width must be positive, got {self.width!r}")
+        multiple = self.width_multiple
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or not 1 <= multiple <= 128:
+            raise ValueError(f"ConvertConfig.width_multiple must be an integer from 1 to 128, got {multiple!r}")
         if self.post_activation not in _POST:
             raise ValueError(f"ConvertConfig.post_activation must be one of {_POST}, got {self.post_activation!r}")
         if self.keep is not None and self.keep not in KEEP_POLICIES:
@@ -159,7 +166,7 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
         for block in blocks:
             spec = branch_spec(gm, block)
             half = nodes[block.fork].meta["val"].shape[1] // 2
-            scale, align = choose_scale(spec, half, config.width)
+            scale, align = choose_scale(spec, half, config.width, config.width_multiple)
             pre = None
             if block.post_op and config.post_activation == "move":
                 pre = out_of_place_copy(gm, nodes[block.post_op])

@@ -149,19 +149,27 @@ def _count_params(spec: BranchSpec, half: int, scale: float, align: int) -> int:
     return total
 
 
-def choose_scale(spec: BranchSpec, half: int, width: str | float) -> tuple[float, int]:
+def choose_scale(spec: BranchSpec, half: int, width: str | float, multiple: int = 1) -> tuple[float, int]:
     """The inner-width scale (and alignment) for F and G.
 
     ``width="match-params"`` picks the scale whose two residual functions together have the
     parameter count closest to the original branch; ``"keep"`` keeps inner widths; a number scales
-    them by that factor.
+    them by that factor. Inner widths are multiples of ``multiple`` (hardware likes channel counts
+    that are multiples of 8: tensor cores, CPU kernels blocking channels by 8 or 16) and of every
+    group count acting on them; where rounding to ``multiple`` would move a matched coupling more
+    than 10% away from the block's parameters, only the group counts are honoured.
     """
-    align = _align(spec)
+    groups = _align(spec)
+    align = math.lcm(groups, max(1, multiple))
     if width == "keep":
-        return 1.0, align
+        return 1.0, groups
     if not isinstance(width, str):
         return float(width), align
-    return _match_params(_signature(spec), half, align), align
+    signature = _signature(spec)
+    scale = _match_params(signature, half, align)
+    if align != groups and abs(2 * _count_params(spec, half, scale, align) - spec.params) > 0.10 * spec.params:
+        return _match_params(signature, half, groups), groups
+    return scale, align
 
 
 def _signature(spec: BranchSpec) -> tuple:
