@@ -281,3 +281,33 @@ def test_a_cuda_training_step_never_synchronises():
         finally:
             torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()
+
+
+def test_compiled_functions_give_the_eager_gradients_and_statistics():
+    seg = _segment().double()
+    ref = copy.deepcopy(seg)
+    seg.compile_options = {"backend": "aot_eager"}
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    grads = []
+    for model in (seg, ref):
+        for _ in range(2):  # the second step runs the cached compiled graphs
+            xi = x.clone().requires_grad_()
+            model(xi).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in model.parameters()])
+    for g, r in zip(*grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    for (name, a), b in zip(ref.named_buffers(), seg.buffers(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+    plan = seg.plan(1)
+    assert all(call is not c.F for call, c in zip(plan.f_calls, seg.couplings))  # really compiled
+    seg.compile_options = None
+    assert all(call is c.F for call, c in zip(seg.plan(1).f_calls, seg.couplings))
+
+
+def test_functions_that_draw_random_numbers_stay_eager_when_compiling():
+    seg = ReversibleSegment([ReversibleCoupling(conv_bn(8, dropout=0.2), conv_bn(8))],
+                            compile={"backend": "aot_eager"})
+    plan = seg.plan(1)
+    assert plan.f_calls[0] is seg.couplings[0].F and plan.g_calls[0] is not seg.couplings[0].G
+    with pytest.raises(TypeError, match="compile"):
+        ReversibleSegment([ReversibleCoupling(conv_bn(8), conv_bn(8))], compile="yes")

@@ -68,6 +68,10 @@ class ConvertConfig:
             (``ckpt_stem``, ``ckpt_layer2_0``, ...): autograd keeps only each part's inputs and runs
             its forward again in the backward pass, so a training step costs their forward FLOPs
             once more. Parameter names and ``state_dict`` keys are unchanged.
+        compile: run the couplings' F and G through ``torch.compile`` (True, or a dict of its
+            options) in the forward and in the recomputation (``ReversibleSegment(compile=...)``).
+            ``torch.compile(converted)`` alone compiles the stored parts and leaves each reversible
+            segment as an eager graph break; this compiles inside them too.
         leaf_modules, autowrap_functions, concrete_args: tracing options (see ``revconvert.audit``).
 
     Example:
@@ -85,6 +89,7 @@ class ConvertConfig:
     keep: str | None = None
     recompute_budget: float | None = None
     checkpoint_stored: bool = False
+    compile: bool | dict = field(default=False, hash=False)
     leaf_modules: tuple[type | str, ...] = ()
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
     concrete_args: dict[str, Any] | None = field(default=None, hash=False)
@@ -97,6 +102,9 @@ class ConvertConfig:
                              f"got {self.width!r}")
         if not isinstance(self.width, str) and not (isinstance(self.width, (int, float)) and self.width > 0):
             raise ValueError(f"ConvertConfig.width must be positive, got {self.width!r}")
+        if not isinstance(self.compile, (bool, dict)):
+            raise ValueError(f"ConvertConfig.compile must be a bool or a dict of torch.compile options, "
+                             f"got {self.compile!r}")
         multiple = self.width_multiple
         if isinstance(multiple, bool) or not isinstance(multiple, int) or not 1 <= multiple <= 128:
             raise ValueError(f"ConvertConfig.width_multiple must be an integer from 1 to 128, got {multiple!r}")
@@ -177,7 +185,7 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
         exit_act = None
         if last.post_op and config.post_activation == "move":
             exit_act = out_of_place_copy(gm, nodes[last.post_op])
-        segment = ReversibleSegment(couplings, dim=1, exit_activation=exit_act)
+        segment = ReversibleSegment(couplings, dim=1, exit_activation=exit_act, compile=config.compile)
         segment.use_reversible_backward = config.memory_saving
         segment.source_blocks = tuple(b.name for b in blocks)
         segment.train(gm.get_submodule(nodes[blocks[0].branch[0]].target).training

@@ -9,10 +9,13 @@ Parameter gradients are returned from ``backward`` so autograd accumulates them 
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from ._keep import Kept, KeepPolicy, kept_modules, recording, replaying
@@ -47,6 +50,7 @@ class Plan:
     ``g_index[k]`` are the positions of coupling k's F and G parameters in it. ``f_needs``/``g_needs``
     say what recomputing each F and G must take care of; ``norms`` are all their tracked norms.
     ``generation`` is :func:`module_generation` when the plan was made: the plan is stale once it moves.
+    ``f_calls``/``g_calls`` are what runs F and G: the modules, or their compiled versions.
     """
 
     couplings: tuple[ReversibleCoupling, ...]
@@ -59,6 +63,9 @@ class Plan:
     norms: tuple[nn.Module, ...] = ()
     random: bool = False
     generation: int = -1
+    f_calls: tuple = ()
+    g_calls: tuple = ()
+    compile_options: dict | None = None
     _kept_modules: dict = field(default_factory=dict, compare=False, repr=False)
 
     def kept_modules(self, module: nn.Module, policy: KeepPolicy) -> tuple[nn.Module, ...] | None:
@@ -69,10 +76,10 @@ class Plan:
         return self._kept_modules[key]
 
 
-def make_plan(couplings: Sequence[ReversibleCoupling], dim: int) -> Plan:
+def make_plan(couplings: Sequence[ReversibleCoupling], dim: int, compile_options: dict | None = None) -> Plan:
     """Collect the couplings' parameters once each (a parameter shared by two modules appears once)
-    and what recomputing their F and G needs."""
-    generation = module_generation()
+    and what recomputing their F and G needs. With ``compile_options``, F and G run compiled (see
+    :func:`compiled_call`)."""
     params: list[nn.Parameter] = []
     position: dict[int, int] = {}
 
@@ -93,8 +100,42 @@ def make_plan(couplings: Sequence[ReversibleCoupling], dim: int) -> Plan:
     g_needs = tuple(recompute_needs(c.G) for c in couplings)
     norms = tuple(dict.fromkeys(m for needs in f_needs + g_needs for m in needs.norms))
     random = any(n.random for n in f_needs + g_needs)
+    f_calls = tuple(compiled_call(c.F, n, compile_options) for c, n in zip(couplings, f_needs))
+    g_calls = tuple(compiled_call(c.G, n, compile_options) for c, n in zip(couplings, g_needs))
     return Plan(tuple(couplings), dim, tuple(params), tuple(f_index), tuple(g_index), f_needs, g_needs,
-                norms, random, generation)
+                norms, random, module_generation(), f_calls, g_calls, compile_options)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_call(module: nn.Module, needs: RecomputeNeeds, options: dict | None) -> nn.Module:
+    """``module`` compiled with ``torch.compile(**options)``, or ``module`` itself.
+
+    The module is traced with ``torch.fx`` first, so each F and G has its own generated code and
+    its own compile cache (``torch.compile`` on many instances of one class shares a cache per code
+    object, which fills up). Modules that draw random numbers stay eager: the recomputation must
+    replay their draws exactly, which a compiled graph does not promise; so do modules fx cannot
+    trace. The compiled callable is cached per module and structure, so a plan rebuilt after an
+    unrelated change does not compile again.
+    """
+    if not options and options != {}:
+        return module
+    if needs.random:
+        return module
+    key = (tuple(map(id, module.modules())), tuple(map(id, module.parameters())), tuple(sorted(options.items())))
+    cached = _COMPILED.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        traced = fx.symbolic_trace(module)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "run it eagerly"
+        warnings.warn(f"ReversibleSegment: {type(module).__name__} cannot be traced for torch.compile "
+                      f"({type(e).__name__}: {e}); it runs eagerly", RuntimeWarning, stacklevel=3)
+        return module
+    compiled = torch.compile(traced, **options)
+    _COMPILED[module] = (key, compiled)
+    return compiled
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -133,7 +174,14 @@ def _vjp(
     # Ordinary autograd casts an incoming gradient to its output's dtype (autocast mixes dtypes).
     if grad.dtype != output.dtype:
         grad = grad.to(output.dtype)
-    return torch.autograd.grad(output, inputs, grad, allow_unused=True)
+    if _run_backward is None:
+        return torch.autograd.grad(output, inputs, grad, allow_unused=True)
+    # The engine call behind torch.autograd.grad, without its Python argument checks (shapes, dtypes,
+    # hooks for functorch), which cost more than a small kernel: here the arguments are ours.
+    return _run_backward((output,), (grad,), False, False, tuple(inputs), True, False)
+
+
+_run_backward = getattr(getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None)
 
 
 def _forward_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str,
@@ -141,7 +189,7 @@ def _forward_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str
     policy = plan.couplings[k].keep
     if policy is None:
         kept.append(None)
-        return _call_checked(fn, arg, k, name)
+        return _call_checked((plan.f_calls if name == "F" else plan.g_calls)[k], arg, k, name)
     with recording(policy, fn, plan.kept_modules(fn, policy)) as record:
         out = _call_checked(fn, arg, k, name)
     kept.append(record)
@@ -151,7 +199,7 @@ def _forward_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str
 def _recompute_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str,
                    kept: Kept | None, policy: KeepPolicy | None) -> torch.Tensor:
     if kept is None:
-        return _call_checked(fn, arg, k, name)
+        return _call_checked((plan.f_calls if name == "F" else plan.g_calls)[k], arg, k, name)
     with replaying(policy, fn, kept, f"couplings[{k}].{name}", plan.kept_modules(fn, policy)):
         return _call_checked(fn, arg, k, name)
 

@@ -148,17 +148,18 @@ def frozen_running_stats(norms: Sequence[_NormBase]) -> Iterator[None]:
     saved = []
     try:
         for m in norms:
-            counter = m._buffers.get("num_batches_tracked")
-            saved.append((m, m.momentum, counter))
-            m.momentum = 0.0
+            attrs, buffers = m.__dict__, m._buffers  # plain dict writes: Module.__setattr__ is slow
+            counter = buffers.get("num_batches_tracked")
+            saved.append((attrs, buffers, attrs["momentum"], counter))
+            attrs["momentum"] = 0.0
             if counter is not None:
-                m._buffers["num_batches_tracked"] = None if _counter_hideable(m) else _scratch_counter(counter)
+                buffers["num_batches_tracked"] = None if _counter_hideable(m) else _scratch_counter(counter)
         yield
     finally:
-        for m, momentum, counter in saved:
-            m.momentum = momentum
+        for attrs, buffers, momentum, counter in saved:
+            attrs["momentum"] = momentum
             if counter is not None:
-                m._buffers["num_batches_tracked"] = counter
+                buffers["num_batches_tracked"] = counter
 
 
 @contextlib.contextmanager
