@@ -27,10 +27,13 @@ Suites (CPU ones run with ``torch.set_num_threads(1)`` and time each step in thr
   sizes): resnet152 at 32x3x224x224, float32 and bf16 autocast; rows original,
   ``checkpoint_sequential`` (``compare.Checkpointed``: round(sqrt(n)) segments over
   ``[stem, 50 blocks]`` = 7 for resnet152), memory-saving, ordinary, and ``torch.compile``d original
-  and memory-saving. CUDA-event times, 3 warm-up steps, 10 interleaved timed steps; peak memory =
-  ``max_memory_allocated`` during one step minus ``memory_allocated`` before it (gradients are
-  None at the start, so they count). PyTorch's default TF32 setting for convolutions (on) is kept.
-  A compile failure becomes a row "compile failed: <reason>".
+  and memory-saving (inductor; in bfloat16 only unless ``--compile-dtypes``: compiling is the
+  suite's longest part, and a precision change compiles again). CUDA-event times, 3 warm-up steps
+  (the first one compiles; its time is the "compile s" column), 10 interleaved timed steps; peak
+  memory = ``max_memory_allocated`` during one step minus ``memory_allocated`` before it (gradients
+  are None at the start, so they count). PyTorch's default TF32 setting for convolutions (on) and
+  ``cudnn.benchmark`` (off) are kept. A variant that raises becomes a row "compile failed: <reason>"
+  (or "failed: ...") and the suite goes on.
 
 Every measured ratio is printed at the end with its target and PASS/MISS.
 
@@ -184,7 +187,7 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
                Method("ckpt-sequential", Checkpointed(original, per_block=False), null),
                Method("memory-saving", converted, null),
                Method("ordinary", converted, revconvert.ordinary_autograd)]
-    if args.compile_backend != "none":
+    if args.compile_backend != "none" and args.compile_dtypes:
         methods += [Method("compiled original", torch.compile(original, backend=args.compile_backend), null),
                     Method("compiled memory-saving", torch.compile(converted, backend=args.compile_backend),
                            null)]
@@ -201,6 +204,8 @@ def gpu_suite(args: argparse.Namespace) -> list[Row]:
         suite = f"gpu {dtype_name}"
         live: list[Method] = []
         for m in methods:
+            if m.name.startswith("compiled") and dtype_name not in args.compile_dtypes:
+                continue
             row = Row(suite, m.name)
             rows.append(row)
             t0 = time.perf_counter()
@@ -232,7 +237,7 @@ def gpu_suite(args: argparse.Namespace) -> list[Row]:
 # --------------------------------------------------------------------------------------------- #
 # targets and report
 # --------------------------------------------------------------------------------------------- #
-def targets(rows: Sequence[Row], dtypes: Sequence[str]) -> list[Target]:
+def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence[str]) -> list[Target]:
     """Issue 11's targets for every suite that ran."""
     by_suite: dict[str, list[Row]] = {}
     for r in rows:
@@ -259,9 +264,10 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str]) -> list[Target]:
                 Target(f"gpu {dtype}: memory-saving / ckpt-sequential time",
                        ratio(gpu, "memory-saving", "ckpt-sequential", "time_s"), 1.0, strict=True),
                 Target(f"gpu {dtype}: memory-saving / original peak memory",
-                       ratio(gpu, "memory-saving", "original", "peak_bytes"), 0.55),
-                Target(f"gpu {dtype}: compiled memory-saving / compiled original time",
-                       ratio(gpu, "compiled memory-saving", "compiled original", "time_s"), 1.5)]
+                       ratio(gpu, "memory-saving", "original", "peak_bytes"), 0.55)]
+        if dtype in compile_dtypes:
+            out.append(Target(f"gpu {dtype}: compiled memory-saving / compiled original time",
+                              ratio(gpu, "compiled memory-saving", "compiled original", "time_s"), 1.5))
     return out
 
 
@@ -351,7 +357,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--suites", nargs="+", choices=SUITES, default=None,
                    help="default: launch ops compute on CPU; gpu ops on CUDA")
     p.add_argument("--gpu-suite", action="store_true", help="same as --suites gpu (tiny sizes on CPU)")
-    p.add_argument("--quick", action="store_true", help="fewer repeats (CPU < 2 min; CUDA: float32 only)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (CPU < 2 min; CUDA: bfloat16 only)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (interleaved)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU (default 1)")
@@ -362,6 +368,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-size", type=int, default=None, help="gpu suite image size (224 on CUDA, 64 on CPU)")
     p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), default=None,
                    help="gpu suite precisions (float32 bfloat16); non-float32 run under autocast")
+    p.add_argument("--compile-dtypes", nargs="*", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="precisions with torch.compile rows (default bfloat16: each one compiles both models "
+                        "again, the longest part of the suite); none: no compiled rows")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend of the gpu suite (inductor on CUDA, aot_eager on CPU); none skips")
     p.add_argument("--top", type=int, default=15, help="rows of the op breakdown")
@@ -378,8 +387,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     explicit_repeats = args.repeats
     if cuda:
         args.repeats = args.repeats or (5 if args.quick else 10)
-        args.warmup = 3 if args.warmup is None else args.warmup
-        args.dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
+        args.warmup = (2 if args.quick else 3) if args.warmup is None else args.warmup
+        args.dtypes = args.dtypes or (["bfloat16"] if args.quick else ["float32", "bfloat16"])
     else:
         args.repeats = args.repeats or (9 if args.quick else 25)
         args.warmup = 1 if args.warmup is None else args.warmup
@@ -389,7 +398,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.gpu_model = args.gpu_model or ("resnet152" if cuda else "resnet18")
     args.gpu_batch = args.gpu_batch or (32 if cuda else 2)
     args.gpu_size = args.gpu_size or (224 if cuda else 64)
+    if args.compile_dtypes is None:
+        args.compile_dtypes = ["bfloat16"] if "bfloat16" in args.dtypes else args.dtypes[:1]
+    args.compile_dtypes = [d for d in args.compile_dtypes if d in args.dtypes]
     args.compile_backend = args.compile_backend or ("inductor" if cuda else "aot_eager")
+    if args.compile_backend == "none":
+        args.compile_dtypes = []
     if args.warmup < 1 and "gpu" in args.suites:
         p.error("--warmup must be >= 1 for the gpu suite (the first step compiles)")
     args.clock_fn = cuda_clock if cuda else cpu_clock(args.clock)
@@ -439,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows += got
         print(f"\n({suite}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
 
-    checks = targets(rows, args.dtypes)
+    checks = targets(rows, args.dtypes, args.compile_dtypes)
     print("## targets (issue 11)")
     print(targets_table(checks))
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
