@@ -83,7 +83,6 @@ from speedlib import (  # noqa: E402
 )
 
 SUITES = ("launch", "ops", "compute", "gpu")
-VARIANTS = ("original", "ordinary", "memory-saving", "keep")
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -188,10 +187,28 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
                Method("memory-saving", converted, null),
                Method("ordinary", converted, revconvert.ordinary_autograd)]
     if args.compile_backend != "none" and args.compile_dtypes:
-        methods += [Method("compiled original", torch.compile(original, backend=args.compile_backend), null),
-                    Method("compiled memory-saving", torch.compile(converted, backend=args.compile_backend),
-                           null)]
+        methods += [Method("compiled original", compiled(original, args.compile_backend), null),
+                    Method("compiled memory-saving", compiled(converted, args.compile_backend), null)]
     return methods
+
+
+class _Raises(torch.nn.Module):
+    """Stands in for a model that could not be built; calling it raises the reason."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__()
+        self.exc = exc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise self.exc
+
+
+def compiled(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """``torch.compile(model)``; compiling is lazy, so most failures come at the first call instead."""
+    try:
+        return torch.compile(model, backend=backend)
+    except Exception as exc:  # noqa: BLE001 - reported as the variant's row
+        return _Raises(exc)
 
 
 def gpu_suite(args: argparse.Namespace) -> list[Row]:
@@ -224,10 +241,15 @@ def gpu_suite(args: argparse.Namespace) -> list[Row]:
                 continue
             live.append(m)
             print(f"{suite} {m.name}: warm in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        errors: dict[str, str] = {}
         times = time_interleaved(live, lambda m: train_step(m, x, amp_dtype=amp), repeats=args.gpu_repeats,
-                                 clock=args.clock_fn)
+                                 clock=args.clock_fn, errors=errors)
         for row in rows:
-            if row.suite == suite and row.name in times:
+            if row.suite != suite or row.name not in times:
+                continue
+            if row.name in errors:
+                row.error = f"failed while timed: {errors[row.name]}"
+            else:
                 row.times_s = [t for t, _ in times[row.name]]
                 row.time_s = median(row.times_s)
                 row.wall_s = median([w for _, w in times[row.name]])
@@ -418,8 +440,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         torch.set_num_threads(args.threads)
         where = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
-    setup = (f"{where}, torch {torch.__version__}, median of {args.repeats} interleaved steps after "
-             f"{args.warmup} warm-up, step time: {args.clock_label}")
+    repeats = [f"{args.repeats}"] if set(args.suites) - {"gpu", "ops"} else []
+    repeats += [f"{args.gpu_repeats} (gpu suite)"] if "gpu" in args.suites else []
+    timing = (f", median of {' / '.join(repeats)} interleaved steps after {args.warmup} warm-up, "
+              f"step time: {args.clock_label}") if repeats else ""
+    setup = f"{where}, torch {torch.__version__}{timing}"
     print(f"# revconvert speed: one training step ({setup})\n", flush=True)
 
     rows: list[Row] = []

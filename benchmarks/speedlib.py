@@ -180,13 +180,24 @@ def cuda_clock(fn: Callable[[], None]) -> tuple[float, float]:
     return start.elapsed_time(end) / 1e3, time.perf_counter() - w0
 
 
-def time_interleaved(methods: Sequence[Method], run: Callable[[Method], None], *, repeats: int,
-                     clock: Clock) -> dict[str, list[tuple[float, float]]]:
-    """``repeats`` rounds, each running every method once in turn (load drifts hit all alike)."""
+def time_interleaved(methods: Sequence[Method], run: Callable[[Method], None], *, repeats: int, clock: Clock,
+                     errors: dict[str, str] | None = None) -> dict[str, list[tuple[float, float]]]:
+    """``repeats`` rounds, each running every method once in turn (load drifts hit all alike).
+
+    With ``errors`` given, a method that raises is recorded there (``error_line``) and left out of
+    the later rounds instead of ending the run.
+    """
     times: dict[str, list[tuple[float, float]]] = {m.name: [] for m in methods}
+    live = list(methods)
     for _ in range(repeats):
-        for m in methods:
-            times[m.name].append(clock(lambda m=m: run(m)))
+        for m in list(live):
+            try:
+                times[m.name].append(clock(lambda m=m: run(m)))
+            except Exception as exc:
+                if errors is None:
+                    raise
+                errors[m.name] = error_line(exc)
+                live.remove(m)
         print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return times
@@ -248,4 +259,4 @@ def ratio(rows: Sequence[Row], num: str, den: str, attr: str) -> float | None:
 
 def error_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}".replace("|", "/")  # markdown cells
