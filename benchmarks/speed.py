@@ -20,7 +20,7 @@ Suites (CPU ones run with ``torch.set_num_threads(1)`` and time each step in thr
   t, expand, detach, split, ...) and ``empty*`` / ``_unsafe_view`` / ``lift_fresh`` launch nothing
   and are not counted; every other op is one kernel (or one library call). Ops that ``keep`` hands
   back instead of recomputing are not dispatched, so they do not count. Also prints which ops the
-  memory-saving step adds to the ordinary one.
+  memory-saving step adds to the ordinary one, and which revconvert code dispatches its ops.
 - ``compute``: compute-bound, resnet50 at 4x3x128x128, times and FLOPs
   (``torch.utils.flop_counter.FlopCounterMode``).
 - ``gpu`` (default with ``--device cuda``; ``--gpu-suite`` runs its code path on CPU at tiny
@@ -38,10 +38,10 @@ Suites (CPU ones run with ``torch.set_num_threads(1)`` and time each step in thr
 Every measured ratio is printed at the end with its target and PASS/MISS.
 
 Usage:
-    python benchmarks/speed.py                    # CPU: launch, ops, compute (~6 min on 2 cores)
-    python benchmarks/speed.py --quick            # CPU, fewer repeats (< 2 min)
-    python benchmarks/speed.py --device cuda --json speed_cuda.json    # gpu + ops on the GPU (~4 min, H200)
-    python benchmarks/speed.py --device cuda --quick --dtypes bfloat16
+    python benchmarks/speed.py                    # CPU: launch, ops, compute (5 min on 2 busy cores)
+    python benchmarks/speed.py --quick            # CPU, 9 instead of 25 repeats (75 s)
+    python benchmarks/speed.py --device cuda --json speed_cuda.json    # gpu + ops on the GPU (not yet timed)
+    python benchmarks/speed.py --device cuda --quick  # bfloat16 only, 5 repeats
     python benchmarks/speed.py --gpu-suite        # the GPU suite's code path on CPU, tiny (smoke test)
     python benchmarks/speed.py --suites launch ops --repeats 51
 """
@@ -81,6 +81,7 @@ from speedlib import (  # noqa: E402
     time_interleaved,
     train_step,
 )
+from speedlib import gpu_table, ops_breakdown, ops_table, targets_table, timed_table, where_table  # noqa: E402
 
 SUITES = ("launch", "ops", "compute", "gpu")
 
@@ -291,83 +292,6 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence
             out.append(Target(f"gpu {dtype}: compiled memory-saving / compiled original time",
                               ratio(gpu, "compiled memory-saving", "compiled original", "time_s"), 1.5))
     return out
-
-
-def _x(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}x"
-
-
-def _ms(seconds: float | None) -> str:
-    return "" if seconds is None else f"{seconds * 1e3:.1f}"
-
-
-def table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    align = ["---"] + ["---:"] * (len(head) - 1)
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
-
-
-def timed_table(rows: Sequence[Row], clock_label: str) -> str:
-    body = [[r.name, _ms(r.time_s), _x(ratio(rows, r.name, "original", "time_s")), _ms(r.wall_s),
-             f"{r.flops / 1e9:.3f}", _x(ratio(rows, r.name, "original", "flops")),
-             _x(ratio(rows, r.name, "ordinary", "flops"))] for r in rows]
-    return table(["variant", f"ms/step ({clock_label})", "vs original", "wall ms/step", "GFLOPs/step",
-                  "vs original", "vs ordinary"], body)
-
-
-def ops_table(rows: Sequence[Row]) -> str:
-    body = [[r.name, str(r.ops), _x(ratio(rows, r.name, "original", "ops")),
-             _x(ratio(rows, r.name, "ordinary", "ops"))] for r in rows]
-    return table(["variant", "aten ops/step", "vs original", "vs ordinary"], body)
-
-
-def ops_breakdown(counts: dict[str, Counter[str]], couplings: int, top: int) -> str:
-    """The ops the memory-saving step runs more (or fewer) times than the ordinary one."""
-    diff = Counter(counts["memory-saving"])
-    diff.subtract(counts["ordinary"])
-    changed = sorted(((n, op) for op, n in diff.items() if n), key=lambda t: (-abs(t[0]), t[1]))
-    body = [[op, str(counts["ordinary"][op]), str(counts["memory-saving"][op]), f"{n:+d}", f"{n / couplings:+.2f}"]
-            for n, op in changed[:top]]
-    total = sum(diff.values())
-    body.append(["total", str(sum(counts["ordinary"].values())), str(sum(counts["memory-saving"].values())),
-                 f"{total:+d}", f"{total / couplings:+.2f}"])
-    return table(["aten op", "ordinary", "memory-saving", "difference", f"per coupling ({couplings})"], body)
-
-
-def where_table(where: Counter[tuple[str, str]], couplings: int, top: int) -> str:
-    """Ops by the innermost revconvert frames that dispatched them, most first."""
-    by_frames: dict[str, Counter[str]] = {}
-    for (frames, op), n in where.items():
-        by_frames.setdefault(frames, Counter())[op] += n
-    ranked = sorted(by_frames.items(), key=lambda kv: -sum(kv[1].values()))
-    body = []
-    for frames, ops in ranked[:top]:
-        total = sum(ops.values())
-        common = ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in ops.most_common(4))
-        body.append([frames, str(total), f"{total / couplings:.2f}", common])
-    return table(["where (innermost revconvert frames)", "ops", "per coupling", "most frequent"], body)
-
-
-def gpu_table(rows: Sequence[Row], clock_label: str) -> str:
-    body = []
-    for r in rows:
-        same = [s for s in rows if s.suite == r.suite]
-        if r.error:
-            body.append([r.suite, r.name, r.error, "", "", "", ""])
-            continue
-        peak = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}"
-        compile_s = "" if r.compile_s is None else f"{r.compile_s:.1f}"
-        body.append([r.suite, r.name, _ms(r.time_s), _x(ratio(same, r.name, "original", "time_s")), peak,
-                     _x(ratio(same, r.name, "original", "peak_bytes")), compile_s])
-    return table(["precision", "variant", f"ms/step ({clock_label})", "vs original", "peak MiB", "vs original",
-                  "compile s"], body)
-
-
-def targets_table(items: Sequence[Target]) -> str:
-    body = [[t.label, "" if t.value is None else f"{t.value:.3f}", f"{'<' if t.strict else '<='} {t.limit}",
-             t.status] for t in items]
-    return table(["ratio", "measured", "target", "result"], body)
 
 
 # --------------------------------------------------------------------------------------------- #

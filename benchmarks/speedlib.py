@@ -1,5 +1,5 @@
 """Instruments of ``speed.py``: the training step, clocks, interleaved timing, an aten op counter,
-the narrow ResNet-152, and the rows and targets it prints.
+the narrow ResNet-152, and the rows, targets and tables it prints.
 
 Kept apart from the script so that a test can import the op counter without running anything.
 """
@@ -27,7 +27,8 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from compare import Method  # noqa: E402 - (name, model, context), the same record compare.py uses
 
 __all__ = ["Method", "NarrowResNet", "OpCounter", "Row", "Target", "count_ops", "cpu_clock", "cuda_clock",
-           "flops_of", "median", "ratio", "time_interleaved", "train_step"]
+           "error_line", "flops_of", "gpu_table", "median", "ops_breakdown", "ops_table", "ratio", "targets_table",
+           "time_interleaved", "timed_table", "train_step", "where_table"]
 
 aten = torch.ops.aten
 
@@ -260,3 +261,83 @@ def ratio(rows: Sequence[Row], num: str, den: str, attr: str) -> float | None:
 def error_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}".replace("|", "/")  # markdown cells
+
+
+# --------------------------------------------------------------------------------------------- #
+# tables
+# --------------------------------------------------------------------------------------------- #
+def _x(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(head) - 1)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def timed_table(rows: Sequence[Row], clock_label: str) -> str:
+    body = [[r.name, _ms(r.time_s), _x(ratio(rows, r.name, "original", "time_s")), _ms(r.wall_s),
+             f"{r.flops / 1e9:.3f}", _x(ratio(rows, r.name, "original", "flops")),
+             _x(ratio(rows, r.name, "ordinary", "flops"))] for r in rows]
+    return table(["variant", f"ms/step ({clock_label})", "vs original", "wall ms/step", "GFLOPs/step",
+                  "vs original", "vs ordinary"], body)
+
+
+def ops_table(rows: Sequence[Row]) -> str:
+    body = [[r.name, str(r.ops), _x(ratio(rows, r.name, "original", "ops")),
+             _x(ratio(rows, r.name, "ordinary", "ops"))] for r in rows]
+    return table(["variant", "aten ops/step", "vs original", "vs ordinary"], body)
+
+
+def ops_breakdown(counts: dict[str, Counter[str]], couplings: int, top: int) -> str:
+    """The ops the memory-saving step runs more (or fewer) times than the ordinary one."""
+    diff = Counter(counts["memory-saving"])
+    diff.subtract(counts["ordinary"])
+    changed = sorted(((n, op) for op, n in diff.items() if n), key=lambda t: (-abs(t[0]), t[1]))
+    body = [[op, str(counts["ordinary"][op]), str(counts["memory-saving"][op]), f"{n:+d}", f"{n / couplings:+.2f}"]
+            for n, op in changed[:top]]
+    total = sum(diff.values())
+    body.append(["total", str(sum(counts["ordinary"].values())), str(sum(counts["memory-saving"].values())),
+                 f"{total:+d}", f"{total / couplings:+.2f}"])
+    return table(["aten op", "ordinary", "memory-saving", "difference", f"per coupling ({couplings})"], body)
+
+
+def where_table(where: Counter[tuple[str, str]], couplings: int, top: int) -> str:
+    """Ops by the innermost revconvert frames that dispatched them, most first."""
+    by_frames: dict[str, Counter[str]] = {}
+    for (frames, op), n in where.items():
+        by_frames.setdefault(frames, Counter())[op] += n
+    ranked = sorted(by_frames.items(), key=lambda kv: -sum(kv[1].values()))
+    body = []
+    for frames, ops in ranked[:top]:
+        total = sum(ops.values())
+        common = ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in ops.most_common(4))
+        body.append([frames, str(total), f"{total / couplings:.2f}", common])
+    return table(["where (innermost revconvert frames)", "ops", "per coupling", "most frequent"], body)
+
+
+def gpu_table(rows: Sequence[Row], clock_label: str) -> str:
+    body = []
+    for r in rows:
+        same = [s for s in rows if s.suite == r.suite]
+        if r.error:
+            body.append([r.suite, r.name, r.error, "", "", "", ""])
+            continue
+        peak = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}"
+        compile_s = "" if r.compile_s is None else f"{r.compile_s:.1f}"
+        body.append([r.suite, r.name, _ms(r.time_s), _x(ratio(same, r.name, "original", "time_s")), peak,
+                     _x(ratio(same, r.name, "original", "peak_bytes")), compile_s])
+    return table(["precision", "variant", f"ms/step ({clock_label})", "vs original", "peak MiB", "vs original",
+                  "compile s"], body)
+
+
+def targets_table(items: Sequence[Target]) -> str:
+    body = [[t.label, "" if t.value is None else f"{t.value:.3f}", f"{'<' if t.strict else '<='} {t.limit}",
+             t.status] for t in items]
+    return table(["ratio", "measured", "target", "result"], body)
