@@ -232,6 +232,8 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
                           f"are recomputed)", stacklevel=3)
     for name in names:
         couplings[name].keep = policy
+        # A plan must hold at every batch size: its couplings keep every selected op, however small.
+        couplings[name].keep_small = config.recompute_budget is not None
     return names, overhead
 
 

@@ -128,25 +128,35 @@ def _coupling_costs(model: nn.Module, args: Sequence[Any], policy: KeepPolicy) -
                 kept_bytes = saved = 0
                 for fn, arg in ((coupling.F, x2), (coupling.G, x1)):
                     # The runtime's own mechanism, so the plan keeps exactly what a step will keep.
-                    with recording(policy, fn) as kept:
+                    with recording(policy, fn, keep_small=True) as kept:
                         fn(arg)
                     with FlopCount() as full:
                         fn(arg)
                     with FlopCount() as replayed, replaying(policy, fn, kept, f"{seg_name}.couplings[{k}]"):
                         fn(arg)
-                    kept_bytes += sum(t.numel() * t.element_size() for t in kept.tensors)
+                    kept_bytes += sum(t.numel() * t.element_size() for t in kept.saved())
                     saved += full.total - replayed.total
                 costs.append(CouplingCost(f"{seg_name}.couplings.{k}", kept_bytes, saved))
     return costs
 
 
+class _FreshLike(nn.Module):
+    """A stand-in for a batch norm on meta tensors: a new tensor of the input's shape with autograd
+    history (as the norm's output is), so an in-place op after it leaves the input alone; no
+    counted FLOPs, no compute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
 def _drop_batch_norms(model: nn.Module) -> None:
-    """Replace batch norms by identities in a meta copy: they cost no counted FLOPs and keep shapes,
-    and batch norm on meta tensors runs a Python decomposition that dominates the planning time."""
+    """Replace batch norms by fresh-tensor stand-ins in a meta copy: they cost no counted FLOPs and
+    keep shapes, and batch norm on meta tensors runs a Python decomposition that dominates the
+    planning time."""
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, nn.Identity())
+            setattr(model.get_submodule(parent), child, _FreshLike())
 
 
 def plan_recompute(model: nn.Module, example_args: Sequence[Any], budget: float,

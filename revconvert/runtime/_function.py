@@ -190,7 +190,7 @@ def _forward_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str
     if policy is None:
         kept.append(None)
         return _call_checked((plan.f_calls if name == "F" else plan.g_calls)[k], arg, k, name)
-    with recording(policy, fn, plan.kept_modules(fn, policy)) as record:
+    with recording(policy, fn, plan.kept_modules(fn, policy), keep_small=plan.couplings[k].keep_small) as record:
         out = _call_checked(fn, arg, k, name)
     kept.append(record)
     return out
@@ -232,9 +232,9 @@ class ReversibleFunction(torch.autograd.Function):
             rng.append((rng_f, rng_g))
             x1, x2 = y1, y2
         y = torch.cat((x1, x2), plan.dim)
-        tensors = [t for record in kept if record is not None for t in record.tensors]
+        tensors = [t for record in kept if record is not None for t in record.saved()]
         ctx.save_for_backward(y, *tensors)
-        ctx.kept = [None if record is None else Kept([], record.check) for record in kept]
+        ctx.kept = [None if record is None else record.emptied() for record in kept]
         ctx.policies = [c.keep for c in plan.couplings]
         ctx.plan = plan
         ctx.rng = rng
@@ -258,11 +258,10 @@ class ReversibleFunction(torch.autograd.Function):
 
         y, *tensors = ctx.saved_tensors
         kept: list[Kept | None] = ctx.kept
-        start = 0
+        saved = iter(tensors)
         for record in kept:  # hand each call its saved tensors back
             if record is not None:
-                record.tensors = tensors[start:start + len(record.check)]
-                start += len(record.check)
+                record.refill(saved)
         y1, y2 = y.detach().chunk(2, plan.dim)
         gy1, gy2 = grad_y.chunk(2, plan.dim)
         param_grads: list[torch.Tensor | None] = [None] * len(plan.params)

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["KEEP_POLICIES", "KeepPolicy", "keep_spatial_convolutions", "kept_modules", "recording",
-           "replaying", "resolve_keep"]
+__all__ = ["KEEP_POLICIES", "MIN_KEPT_FLOPS", "KeepPolicy", "keep_spatial_convolutions", "kept_modules",
+           "recording", "replaying", "resolve_keep"]
 
 KeepPolicy = Callable[[Any, tuple, dict], bool]
 """``policy(func, args, kwargs) -> bool``: keep the output of this aten op call (``func`` is an
@@ -45,7 +45,8 @@ def keep_spatial_convolutions(func: Any, args: tuple, kwargs: dict) -> bool:
 
     Per byte kept they save the most recomputation: a convolution's FLOPs per output element are
     ``2 * C_in / groups * kernel area``, so a 3x3 conv saves nine times what a 1x1 conv of the same
-    width saves for the same bytes.
+    width saves for the same bytes. A call smaller than ``MIN_KEPT_FLOPS`` for its device is
+    recomputed instead: handing its output back would cost more time than running it.
     """
     if func is not torch.ops.aten.convolution.default:
         return False
@@ -166,13 +167,32 @@ class KeptConvolution(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
-class _ModuleRecord:
-    """Records the outputs of ``modules`` in call order while installed (see :func:`recording`)."""
+# The smallest convolution (FLOPs per call) worth keeping, per device type. Handing a kept output back
+# costs a Python autograd Function (tens of microseconds of host time); a smaller convolution is
+# cheaper to recompute. On a GPU the host work hides behind kernels once they take longer than it.
+MIN_KEPT_FLOPS: dict[str, float] = {"cpu": 4e6, "cuda": 1e9}
+keep_spatial_convolutions.min_flops = MIN_KEPT_FLOPS  # type: ignore[attr-defined]
 
-    def __init__(self, modules: Sequence[nn.Module]) -> None:
+
+def _worth_keeping(thresholds: dict[str, float] | None, conv: nn.Module, out: torch.Tensor) -> bool:
+    if thresholds is None:
+        return True
+    device = out.device.type
+    flops = 2 * out.numel() * conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+    return flops >= thresholds.get(device, 0.0)
+
+
+class _ModuleRecord:
+    """Records the outputs of ``modules`` in call order while installed (see :func:`recording`);
+    a call too small to be worth keeping records None and is recomputed."""
+
+    def __init__(self, modules: Sequence[nn.Module], thresholds: dict[str, float] | None) -> None:
+        # An output an in-place op changes right after (conv -> ReLU(inplace=True)) cannot be
+        # kept: the replay notices the changed version and recomputes that call.
         self.modules = modules
-        self.kept: list[torch.Tensor] = []
-        self.versions: list[int] = []
+        self.thresholds = thresholds
+        self.kept: list[torch.Tensor | None] = []
+        self.versions: list[int | None] = []
 
     def install(self) -> None:
         for m in self.modules:
@@ -180,11 +200,15 @@ class _ModuleRecord:
 
             def record(x, *args, _m=m, _forward=forward, **kwargs):  # noqa: ANN001, ANN202
                 out = _forward(_m, x, *args, **kwargs)
-                self.kept.append(out)
-                self.versions.append(out._version)
+                if _worth_keeping(self.thresholds, _m, out):
+                    self.kept.append(out)
+                    self.versions.append(out._version)
+                else:
+                    self.kept.append(None)
+                    self.versions.append(None)
                 return out
 
-            m.forward = record
+            m.__dict__["forward"] = record
 
     def remove(self) -> None:
         for m in self.modules:
@@ -201,19 +225,19 @@ class _ModuleReplay:
 
     def install(self) -> None:
         for m in self.modules:
-            def replay(x, _m=m):  # noqa: ANN001, ANN202
+            def replay(x, *args, _m=m, _forward=type(m).forward, **kwargs):  # noqa: ANN001, ANN202
                 if self.used >= len(self.kept):
                     raise _mismatch(self.where, self.used, len(self.kept))
                 kept, version = self.kept[self.used], self.versions[self.used]
-                if kept._version != version:
-                    raise RuntimeError(
-                        f"ReversibleSegment: {self.where} modified a kept output in place after it was "
-                        f"kept ({type(_m).__name__}); use keep=None for this coupling")
                 self.used += 1
+                # Too small to keep, or changed in place after it was kept (an in-place op right
+                # after the convolution): recompute it, which is always exact.
+                if kept is None or kept._version != version:
+                    return _forward(_m, x, *args, **kwargs)
                 return KeptConvolution.apply(x, _m.weight, _m.bias, kept, list(_m.stride), list(_m.padding),
                                              list(_m.dilation), _m.groups)
 
-            m.forward = replay
+            m.__dict__["forward"] = replay
 
     def remove(self) -> None:
         for m in self.modules:
@@ -234,19 +258,36 @@ def _mismatch(where: str, used: int, recorded: int) -> RuntimeError:
 
 
 class Kept:
-    """What one call of F or G kept: the tensors, and what replaying them needs."""
+    """What one call of F or G kept: per kept op, its output (None: not worth keeping, recomputed)
+    and what replaying it checks (module level: version counters; op level: op signatures)."""
 
-    def __init__(self, tensors: list[torch.Tensor], check: list) -> None:
+    def __init__(self, tensors: list[torch.Tensor | None], check: list) -> None:
         self.tensors = tensors
-        self.check = check  # module level: version counters; op level: op signatures
+        self.check = check
+
+    def saved(self) -> list[torch.Tensor]:
+        """The tensors to save for backward."""
+        return [t for t in self.tensors if t is not None]
+
+    def emptied(self) -> Kept:
+        """A copy that remembers where the tensors go, without holding them (see :meth:`refill`)."""
+        return Kept([None if t is None else _SLOT for t in self.tensors], self.check)
+
+    def refill(self, saved: Iterator[torch.Tensor]) -> None:
+        """Put the saved tensors back in their places, in order."""
+        self.tensors = [None if t is None else next(saved) for t in self.tensors]
+
+
+_SLOT = object()  # a place for a saved tensor in an emptied Kept
 
 
 @contextlib.contextmanager
-def recording(policy: KeepPolicy, module: nn.Module,
-              modules: Sequence[nn.Module] | None = None) -> Iterator[Kept]:
+def recording(policy: KeepPolicy, module: nn.Module, modules: Sequence[nn.Module] | None = None, *,
+              keep_small: bool = False) -> Iterator[Kept]:
     """Run the body (a call of ``module``) keeping the outputs ``policy`` selects.
 
-    ``modules`` is ``kept_modules(policy, module)`` when the caller has it cached.
+    ``modules`` is ``kept_modules(policy, module)`` when the caller has it cached. ``keep_small``
+    keeps calls below the policy's ``min_flops`` too.
     """
     modules = kept_modules(policy, module) if modules is None else modules
     if modules is None:
@@ -254,7 +295,7 @@ def recording(policy: KeepPolicy, module: nn.Module,
             kept = Kept(rec.kept, rec.signatures)
             yield kept
         return
-    rec = _ModuleRecord(modules)
+    rec = _ModuleRecord(modules, None if keep_small else getattr(policy, "min_flops", None))
     rec.install()
     try:
         yield Kept(rec.kept, rec.versions)
