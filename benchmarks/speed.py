@@ -182,14 +182,22 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
     original = torchvision.models.get_model(args.gpu_model, weights=None).to(device).train()
     shape = (args.gpu_batch, 3, args.gpu_size, args.gpu_size)
     converted = revconvert.convert(original, shape).to(device).train()
+    keep = revconvert.convert(original, shape, config=revconvert.ConvertConfig(keep="spatial-convs")).to(device).train()
     null = contextlib.nullcontext
     methods = [Method("original", original, null),
                Method("ckpt-sequential", Checkpointed(original, per_block=False), null),
                Method("memory-saving", converted, null),
-               Method("ordinary", converted, revconvert.ordinary_autograd)]
+               Method("ordinary", converted, revconvert.ordinary_autograd),
+               Method("keep", keep, null)]
     if args.compile_backend != "none" and args.compile_dtypes:
         methods += [Method("compiled original", compiled(original, args.compile_backend), null),
                     Method("compiled memory-saving", compiled(converted, args.compile_backend), null)]
+        if args.compile_fg:
+            # F and G compiled too (ConvertConfig(compile=...)): the segments are graph breaks of
+            # torch.compile(converted), and this compiles inside them.
+            inner = revconvert.ConvertConfig(compile={"backend": args.compile_backend})
+            fg = revconvert.convert(original, shape, config=inner).to(device).train()
+            methods.append(Method("compiled memory-saving F/G", compiled(fg, args.compile_backend), null))
     return methods
 
 
@@ -288,9 +296,14 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence
                        ratio(gpu, "memory-saving", "ckpt-sequential", "time_s"), 1.0, strict=True),
                 Target(f"gpu {dtype}: memory-saving / original peak memory",
                        ratio(gpu, "memory-saving", "original", "peak_bytes"), 0.55)]
+        out.append(Target(f"gpu {dtype}: keep / memory-saving time", ratio(gpu, "keep", "memory-saving", "time_s"),
+                          1.0, strict=True))
         if dtype in compile_dtypes:
             out.append(Target(f"gpu {dtype}: compiled memory-saving / compiled original time",
                               ratio(gpu, "compiled memory-saving", "compiled original", "time_s"), 1.5))
+            if any(r.name == "compiled memory-saving F/G" for r in gpu):
+                out.append(Target(f"gpu {dtype}: compiled memory-saving F/G / compiled original time",
+                                  ratio(gpu, "compiled memory-saving F/G", "compiled original", "time_s"), 1.5))
     return out
 
 
@@ -317,6 +330,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-dtypes", nargs="*", choices=("float32", "bfloat16", "float16"), default=None,
                    help="precisions with torch.compile rows (default bfloat16: each one compiles both models "
                         "again, the longest part of the suite); none: no compiled rows")
+    p.add_argument("--compile-fg", action="store_true",
+                   help="also a row with F and G compiled inside the segments (ConvertConfig(compile=...)); "
+                        "each F and G compiles on its first call, which takes long")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend of the gpu suite (inductor on CUDA, aot_eager on CPU); none skips")
     p.add_argument("--top", type=int, default=15, help="rows of the op breakdown")
