@@ -313,3 +313,21 @@ def test_functions_that_draw_random_numbers_stay_eager_when_compiling():
     assert plan.f_calls[0] is seg.couplings[0].F and plan.g_calls[0] is not seg.couplings[0].G
     with pytest.raises(TypeError, match="compile"):
         ReversibleSegment([ReversibleCoupling(conv_bn(8), conv_bn(8))], compile="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_autocast_with_kept_outputs_matches_ordinary_autograd():
+    seg = ReversibleSegment([ReversibleCoupling(conv_bn(64), conv_bn(64), keep="spatial-convs")
+                             for _ in range(2)]).cuda()
+    ref = copy.deepcopy(seg)
+    ref.use_reversible_backward = False
+    x = torch.randn(8, 128, 32, 32, device="cuda")
+    grads = []
+    for model in (seg, ref):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for g, r in zip(*grads):
+        assert g.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=0, atol=2e-2 * float(r.abs().max()))

@@ -9,6 +9,7 @@ Parameter gradients are returned from ``backward`` so autograd accumulates them 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -204,6 +205,30 @@ def _recompute_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: s
         return _call_checked(fn, arg, k, name)
 
 
+def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tensor, need_input: bool,
+               params: list[int], grad: torch.Tensor, kept: Kept | None, policy: KeepPolicy | None,
+               rng: RNGState | None) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """Recompute ``fn`` (coupling k's F or G) on ``source`` and back-propagate ``grad`` through it.
+
+    Returns its output, without history, and the gradients of its input (first, if ``need_input``)
+    and of ``params``. Its graph is freed on return, before the next function is recomputed.
+    """
+    if rng is not None:
+        set_rng(rng)
+    other_buffers = (plan.f_needs if name == "F" else plan.g_needs)[k].other_buffers
+    z = source.detach().requires_grad_(need_input)
+    with restored_buffers(other_buffers, name) if other_buffers else contextlib.nullcontext():
+        out = _recompute_one(plan, fn, _non_leaf(z), k, name, kept, policy)
+        grads = _vjp(out, ([z] if need_input else []) + [plan.params[i] for i in params], grad)
+    return out.detach(), grads
+
+
+def _accumulate(param_grads: list[torch.Tensor | None], indices: list[int],
+                grads: Sequence[torch.Tensor | None]) -> None:
+    for i, grad in zip(indices, grads):
+        param_grads[i] = _add(param_grads[i], grad)
+
+
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b
@@ -267,9 +292,10 @@ class ReversibleFunction(torch.autograd.Function):
         param_grads: list[torch.Tensor | None] = [None] * len(plan.params)
 
         # One state for the whole walk: the callers' generators put back once at the end, norm
-        # statistics frozen, the forward's autocast state (entered only if it differs).
+        # statistics frozen, the forward's autocast state (entered only if it differs), grad mode on
+        # (the recomputations record graphs; the arithmetic below runs on tensors without history).
         with restored_rng(ctx.devices, enabled=plan.random), frozen_running_stats(plan.norms), \
-                autocast_as(autocast):
+                autocast_as(autocast), torch.enable_grad():
             for k in reversed(range(len(plan.couplings))):
                 coupling = plan.couplings[k]
                 policy = ctx.policies[k]
@@ -279,38 +305,24 @@ class ReversibleFunction(torch.autograd.Function):
                 need_f = chain[k] or bool(f_params)
 
                 # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
-                if rng_g is not None:
-                    set_rng(rng_g)
-                with restored_buffers(plan.g_needs[k].other_buffers, "G"):
-                    z1 = y1.detach().requires_grad_(need_f)
-                    with torch.enable_grad():
-                        g = _recompute_one(plan, coupling.G, _non_leaf(z1), k, "G", kept[2 * k + 1], policy)
-                    x2 = y2 - g.detach()
-                    grads = _vjp(g, ([z1] if need_f else []) + [plan.params[i] for i in g_params], gy2)
-                del g, z1  # frees G's graph before F is recomputed
+                g, grads = _step_back(plan, k, "G", coupling.G, y1, need_f, g_params, gy2, kept[2 * k + 1],
+                                      policy, rng_g)
+                x2 = y2 - g
                 if need_f:
                     gy1 = _add(gy1, grads[0])
                     grads = grads[1:]
-                for i, grad in zip(g_params, grads):
-                    param_grads[i] = _add(param_grads[i], grad)
+                _accumulate(param_grads, g_params, grads)
                 if not need_f:
                     break
 
                 # F: reconstruct x1 = y1 - F(x2) and back-propagate dy1 (now total) through F.
-                if rng_f is not None:
-                    set_rng(rng_f)
-                with restored_buffers(plan.f_needs[k].other_buffers, "F"):
-                    z2 = x2.detach().requires_grad_(chain[k])
-                    with torch.enable_grad():
-                        f = _recompute_one(plan, coupling.F, _non_leaf(z2), k, "F", kept[2 * k], policy)
-                    x1 = y1 - f.detach()
-                    grads = _vjp(f, ([z2] if chain[k] else []) + [plan.params[i] for i in f_params], gy1)
-                del f, z2
+                f, grads = _step_back(plan, k, "F", coupling.F, x2, chain[k], f_params, gy1, kept[2 * k],
+                                      policy, rng_f)
+                x1 = y1 - f
                 if chain[k]:
                     gy2 = _add(gy2, grads[0])
                     grads = grads[1:]
-                for i, grad in zip(f_params, grads):
-                    param_grads[i] = _add(param_grads[i], grad)
+                _accumulate(param_grads, f_params, grads)
                 if not chain[k]:
                     break
                 y1, y2 = x1, x2

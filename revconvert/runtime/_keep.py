@@ -149,21 +149,30 @@ def kept_modules(policy: KeepPolicy | None, module: nn.Module) -> tuple[nn.Modul
 
 class KeptConvolution(torch.autograd.Function):
     """``conv(x)`` without running it: returns the output kept from the forward, with the
-    convolution's own backward (``aten.convolution_backward`` on ``x`` and the weight)."""
+    convolution's own backward (``aten.convolution_backward`` on ``x`` and the weight).
+
+    The convolution ran in the kept output's dtype (autocast casts its operands); the backward runs
+    in that dtype too, and casts each gradient back to its operand's dtype, as autocast's casts do.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, kept, stride, padding, dilation, groups):  # noqa: ANN001, ANN205
         ctx.save_for_backward(x, weight)
-        ctx.conf = (None if bias is None else list(bias.shape), stride, padding, dilation, groups)
+        ctx.conf = (None if bias is None else (list(bias.shape), bias.dtype), stride, padding, dilation, groups,
+                    kept.dtype)
         return kept.view_as(kept)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         x, weight = ctx.saved_tensors
-        bias_sizes, stride, padding, dilation, groups = ctx.conf
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_sizes is not None and ctx.needs_input_grad[2]]
+        bias, stride, padding, dilation, groups, dtype = ctx.conf
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, weight, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups, mask)
+            grad.to(dtype), x.to(dtype), weight.to(dtype), None if bias is None else bias[0], stride, padding,
+            dilation, False, [0] * len(stride), groups, mask)
+        gx = None if gx is None else gx.to(x.dtype)
+        gw = None if gw is None else gw.to(weight.dtype)
+        gb = None if gb is None else gb.to(bias[1])
         return gx, gw, gb, None, None, None, None, None
 
 
