@@ -178,8 +178,10 @@ class KeptConvolution(torch.autograd.Function):
 
 # The smallest convolution (FLOPs per call) worth keeping, per device type. Handing a kept output back
 # costs a Python autograd Function (tens of microseconds of host time); a smaller convolution is
-# cheaper to recompute. On a GPU the host work hides behind kernels once they take longer than it.
-MIN_KEPT_FLOPS: dict[str, float] = {"cpu": 4e6, "cuda": 1e9}
+# cheaper to recompute. On the CPU that is about 4 MFLOP (benchmarks/speed.py, launch-bound proxy).
+# On an H200, resnet152 at batch 32 is host-bound and keeping its 4.3 GFLOP convolutions made the
+# step 0.91-1.28x as long: the threshold sits above them, at 1e10.
+MIN_KEPT_FLOPS: dict[str, float] = {"cpu": 4e6, "cuda": 1e10}
 keep_spatial_convolutions.min_flops = MIN_KEPT_FLOPS  # type: ignore[attr-defined]
 
 
