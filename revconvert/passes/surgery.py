@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.graph import ResidualBlock
+from ..runtime._state import name_draws_random
 from ..analysis.ops import CONV_TYPES, op_kind
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
@@ -52,7 +53,7 @@ class NodeOp(nn.Module):
     def draws_random(self) -> bool:
         """Whether the wrapped function may draw random numbers (the runtime then replays them)."""
         name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", "")
-        return any(part in name.lower() for part in ("dropout", "rand", "bernoulli", "normal", "drop_path"))
+        return name_draws_random(name)
 
     def extra_repr(self) -> str:
         name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", self.target)

@@ -69,6 +69,11 @@ _RANDOM_NAME_PARTS = ("dropout", "rand", "bernoulli", "normal", "multinomial", "
                       "uniform", "exponential", "geometric", "cauchy", "poisson", "random")
 
 
+def name_draws_random(name: str) -> bool:
+    """Whether a function or method of this name may draw random numbers (``dropout``, ``rand*``...)."""
+    return any(part in name.lower() for part in _RANDOM_NAME_PARTS)
+
+
 def _draws_random(module: nn.Module) -> bool:
     """Whether ``module`` itself (not its children) may draw random numbers, conservatively.
 
@@ -85,7 +90,7 @@ def _draws_random(module: nn.Module) -> bool:
         for node in module.graph.nodes:
             if node.op in ("call_function", "call_method"):
                 name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-                if any(part in name.lower() for part in _RANDOM_NAME_PARTS):
+                if name_draws_random(name):
                     return True
         return False
     return not type(module).__module__.startswith("torch.nn.")
