@@ -132,7 +132,8 @@ class ConversionSummary:
                  f"{format_count(self.params_before)} -> {format_count(self.params_after)} "
                  f"({self.param_ratio:.3f}x)"]
         if self.segments:
-            rows = [(name, len(blocks), f"{blocks[0]} .. {blocks[-1]}") for name, blocks in self.segments.items()]
+            rows = [(name, len(blocks), blocks[0] if len(blocks) == 1 else f"{blocks[0]} .. {blocks[-1]}")
+                    for name, blocks in self.segments.items()]
             lines += ["", render_table(("segment", "couplings", "replaces"), rows, align="lrl")]
         if self.not_selected:
             lines += ["", f"Eligible but not selected by the config ({len(self.not_selected)}): "
@@ -261,7 +262,8 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
         if not plan.met:
             warnings.warn(f"revconvert.convert: recompute_budget={config.recompute_budget} cannot be met; with "
                           f"every coupling keeping its outputs the memory-saving backward still adds "
-                          f"{plan.overhead:.1%} FLOPs per step (the stored parts and the 1x1 convolutions "
+                          f"{plan.overhead:.1%} FLOPs per step ("
+                          f"{'the stored parts and ' if config.checkpoint_stored else ''}the 1x1 convolutions "
                           f"are recomputed)", stacklevel=3)
     for name in names:
         couplings[name].keep = policy

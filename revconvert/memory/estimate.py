@@ -57,7 +57,8 @@ def memory_profile(
 
     Args:
         model: the model; it is neither modified nor run (a fake copy is).
-        input_size: one sample's shape, ``(C, H, W)``, or an int ``S`` for ``(3, S, S)``.
+        input_size: one sample's shape, ``(C, H, W)`` (or ``(C, L)``, ``(C, D, H, W)`` for Conv1d or
+            Conv3d models), or an int ``S`` for ``(3, S, S)``.
         batch_size: samples per batch (positive).
         dtype: parameter and input dtype: a ``torch.dtype`` or one of :data:`DTYPES`' names.
         optimizer: None, "sgd", "sgd-momentum", "adam" or "adamw"; adds its state and step.
@@ -136,10 +137,11 @@ def _check_input_size(input_size: Sequence[int] | int) -> tuple[int, ...]:
         shape = tuple(input_size)
     except TypeError:
         shape = ()
-    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    # Any rank: (C, H, W) images, (C, L) for Conv1d models, (C, D, H, W) for Conv3d ones.
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise ValueError(
-            f"input_size must be one sample's shape (C, H, W) with positive ints, e.g. (3, 224, 224), "
-            f"or an int S meaning (3, S, S); got {input_size!r}")
+            f"input_size must be one sample's shape with positive ints, e.g. (3, 224, 224) for an image "
+            f"model or (4, 128) for a Conv1d model, or an int S meaning (3, S, S); got {input_size!r}")
     return shape
 
 
