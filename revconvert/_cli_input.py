@@ -157,6 +157,9 @@ def _load_saved(path: Path) -> Any:
             sys.path.insert(0, extra)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise CLIError(f"{str(path)!r} refers to classes of module {e.name!r}, which is not importable here: "
+                       f"run from the folder that holds {e.name}.py, or put that folder on PYTHONPATH") from e
     except Exception as e:
         raise CLIError(f"cannot load {str(path)!r} as a saved model: {type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''}") from e
