@@ -89,7 +89,7 @@ def memory_profile(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    shape = _check_input_size(input_size)
+    shape = _check_input_size(input_size, model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dtype = _check_dtype(dtype)
@@ -130,18 +130,24 @@ def _check_config(config: ConvertConfig | None, trace_options: dict[str, Any]) -
     return config
 
 
-def _check_input_size(input_size: Sequence[int] | int) -> tuple[int, ...]:
+def _check_input_size(input_size: Sequence[int] | int, model: nn.Module) -> tuple[int, ...]:
     if isinstance(input_size, int) and not isinstance(input_size, bool):
         input_size = (3, input_size, input_size)
     try:
         shape = tuple(input_size)
     except TypeError:
         shape = ()
-    # Any rank: (C, H, W) images, (C, L) for Conv1d models, (C, D, H, W) for Conv3d ones.
-    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    # One sample of a model whose first convolution is k-dimensional is (C, *k sizes): (C, H, W) for
+    # images, (C, L) for Conv1d models, (C, D, H, W) for Conv3d ones. Without a convolution, any rank.
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    rank = len(conv.kernel_size) + 1 if conv is not None else None
+    form = {2: "(C, L)", 3: "(C, H, W)", 4: "(C, D, H, W)"}.get(rank or 0, "(C, H, W)")
+    if (not shape or (rank is not None and len(shape) != rank)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
         raise ValueError(
-            f"input_size must be one sample's shape with positive ints, e.g. (3, 224, 224) for an image "
-            f"model or (4, 128) for a Conv1d model, or an int S meaning (3, S, S); got {input_size!r}")
+            f"input_size must be one sample's shape {form} with positive ints"
+            + (f" ({type(model).__name__}'s first convolution is {type(conv).__name__})" if conv else "")
+            + f", e.g. (3, 224, 224) for an image model, or an int S meaning (3, S, S); got {input_size!r}")
     return shape
 
 
