@@ -232,18 +232,18 @@ def parse_width(text: str) -> str | float:
     return value
 
 
-def check_output(text: str) -> Path:
-    """The ``-o`` path: its folder exists and is writable, and it is not a folder itself."""
+def check_output(text: str, flag: str = "-o") -> Path:
+    """An output path (``-o``, ``--plot``): its folder exists and is writable; it is not a folder."""
     path = Path(text)
     if path.is_dir():
-        raise CLIError(f"-o {text}: is a folder; give a file name, e.g. {path / 'converted.pt'}")
+        raise CLIError(f"{flag} {text}: is a folder; give a file name, e.g. {path / 'converted.pt'}")
     parent = path.parent
     if not parent.is_dir():
-        raise CLIError(f"-o {text}: folder {str(parent)!r} does not exist")
+        raise CLIError(f"{flag} {text}: folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK):
-        raise CLIError(f"-o {text}: folder {str(parent)!r} is not writable")
+        raise CLIError(f"{flag} {text}: folder {str(parent)!r} is not writable")
     if path.exists() and not os.access(path, os.W_OK):
-        raise CLIError(f"-o {text}: file exists and is not writable")
+        raise CLIError(f"{flag} {text}: file exists and is not writable")
     return path
 
 

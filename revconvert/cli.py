@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     # Checks that need no model come first: a typo must not cost a conversion.
     output = check_output(args.output) if args.command == "convert" else None
     if getattr(args, "plot", None):
-        check_output(args.plot)
+        check_output(args.plot, "--plot")
     model = load_model(args.model)
     shape = input_shape_for(model, args.input_size)
     trace: dict[str, Any] = {}
@@ -189,7 +189,8 @@ def _run(args: argparse.Namespace) -> int:
                                         optimizer=args.optimizer, config=config)
     if args.command == "report":
         report = revconvert.audit(model, example, **trace)
-        summary = revconvert.convert(model, example, config=config).revconvert_summary
+        # the batch memory_profile converted at, so that a budget warning reads the same and shows once
+        summary = revconvert.convert(model, (args.batch_size, *shape), config=config).revconvert_summary
         out = {"audit": report.to_dict(), "conversion": summary.to_dict(), "memory": profile.to_dict()}
         text = ["== Audit ==", report.summary(), "", "== Conversion ==", str(summary), "",
                 f"== Memory (batch {args.batch_size}, {'x'.join(map(str, shape))}) ==", str(profile)]

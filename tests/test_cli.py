@@ -267,6 +267,9 @@ def test_input_size_syntax_and_batch_size_are_usage_errors(folder):
     assert_one_line_error(run(folder, "audit", "resnet18", "--input-size", "big"), "--input-size")
     assert_one_line_error(run(folder, "audit", "resnet18", "--input-size", "1x2x3x4x5"), "at most 4")
     assert_one_line_error(run(folder, "memory", "resnet18", "--batch-size", "0"), "--batch-size")
+    assert_one_line_error(run(folder, "memory", "mymodels:Marked", "--plot", "no/dir/m.png"),
+                          "--plot no/dir/m.png: folder 'no/dir' does not exist")
+    assert not (folder / "built.txt").exists()
 
 
 def test_untraceable_model_gets_cli_advice_and_leaf_module_fixes_it(cli):
