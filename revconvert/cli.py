@@ -137,8 +137,8 @@ def _budget(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction such as 0.2, got {text!r}") from None
     if not value >= 0 or value == float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a number >= 0 (a fraction of the ordinary step's FLOPs), "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite (a fraction of the ordinary step's FLOPs, "
+                                         f"e.g. 0.2), got {text!r}")
     return value
 
 
