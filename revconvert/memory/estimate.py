@@ -55,7 +55,8 @@ def memory_profile(
 
     Args:
         model: the model; it is neither modified nor run (a fake copy is).
-        input_size: one sample's shape, ``(C, H, W)``, or an int ``S`` for ``(3, S, S)``.
+        input_size: one sample's shape, ``(C, H, W)`` (or ``(C, L)``, ``(C, D, H, W)`` for Conv1d or
+            Conv3d models), or an int ``S`` for ``(3, S, S)``.
         batch_size: samples per batch (positive).
         dtype: parameter and input dtype: a ``torch.dtype`` or one of :data:`DTYPES`' names.
         optimizer: None, "sgd", "sgd-momentum", "adam" or "adamw"; adds its state and step.
@@ -86,7 +87,7 @@ def memory_profile(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    shape = _check_input_size(input_size)
+    shape = _check_input_size(input_size, model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dtype = _check_dtype(dtype)
@@ -125,17 +126,24 @@ def _check_config(config: ConvertConfig | None, trace_options: dict[str, Any]) -
     return config
 
 
-def _check_input_size(input_size: Sequence[int] | int) -> tuple[int, ...]:
+def _check_input_size(input_size: Sequence[int] | int, model: nn.Module) -> tuple[int, ...]:
     if isinstance(input_size, int) and not isinstance(input_size, bool):
         input_size = (3, input_size, input_size)
     try:
         shape = tuple(input_size)
     except TypeError:
         shape = ()
-    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    # One sample of a model whose first convolution is k-dimensional is (C, *k sizes): (C, H, W) for
+    # images, (C, L) for Conv1d models, (C, D, H, W) for Conv3d ones. Without a convolution, any rank.
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    rank = len(conv.kernel_size) + 1 if conv is not None else None
+    form = {2: "(C, L)", 3: "(C, H, W)", 4: "(C, D, H, W)"}.get(rank or 0, "(C, H, W)")
+    if (not shape or (rank is not None and len(shape) != rank)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
         raise ValueError(
-            f"input_size must be one sample's shape (C, H, W) with positive ints, e.g. (3, 224, 224), "
-            f"or an int S meaning (3, S, S); got {input_size!r}")
+            f"input_size must be one sample's shape {form} with positive ints"
+            + (f" ({type(model).__name__}'s first convolution is {type(conv).__name__})" if conv else "")
+            + f", e.g. (3, 224, 224) for an image model, or an int S meaning (3, S, S); got {input_size!r}")
     return shape
 
 

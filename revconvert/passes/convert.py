@@ -228,7 +228,8 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
         if not plan.met:
             warnings.warn(f"revconvert.convert: recompute_budget={config.recompute_budget} cannot be met; with "
                           f"every coupling keeping its outputs the memory-saving backward still adds "
-                          f"{plan.overhead:.1%} FLOPs per step (the stored parts and the 1x1 convolutions "
+                          f"{plan.overhead:.1%} FLOPs per step ("
+                          f"{'the stored parts and ' if config.checkpoint_stored else ''}the 1x1 convolutions "
                           f"are recomputed)", stacklevel=3)
     for name in names:
         couplings[name].keep = policy

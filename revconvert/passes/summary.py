@@ -38,7 +38,8 @@ class ConversionSummary:
                  f"{format_count(self.params_before)} -> {format_count(self.params_after)} "
                  f"({self.param_ratio:.3f}x)"]
         if self.segments:
-            rows = [(name, len(blocks), f"{blocks[0]} .. {blocks[-1]}") for name, blocks in self.segments.items()]
+            rows = [(name, len(blocks), blocks[0] if len(blocks) == 1 else f"{blocks[0]} .. {blocks[-1]}")
+                    for name, blocks in self.segments.items()]
             lines += ["", render_table(("segment", "couplings", "replaces"), rows, align="lrl")]
         if self.not_selected:
             lines += ["", f"Eligible but not selected by the config ({len(self.not_selected)}): "
