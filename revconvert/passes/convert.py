@@ -27,6 +27,7 @@ from ..runtime import ReversibleCoupling, ReversibleSegment
 from ..runtime._keep import KEEP_POLICIES
 from ..runtime.checkpoint import attach_checkpointed_modules
 from .checkpoint_stored import _checkpoint_stored_parts
+from .frozen import carry_frozen_flags
 from .recompute import plan_recompute
 from .summary import ConversionSummary, keep_summary
 from .surgery import branch_spec, build_residual_function, choose_scale, out_of_place_copy
@@ -175,6 +176,10 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
         segment.source_blocks = tuple(b.name for b in blocks)
         segment.train(gm.get_submodule(nodes[blocks[0].branch[0]].target).training
                       if nodes[blocks[0].branch[0]].op == "call_module" else gm.training)
+        for block, coupling in zip(blocks, couplings):  # after segment.train: per-layer modes win
+            spec = branch_spec(gm, block)
+            for fn in (coupling.F, coupling.G):
+                carry_frozen_flags(fn, spec.modules, block=block.name)
         gm.add_submodule(seg_name, segment)
 
         entry, exit_node = nodes[blocks[0].fork], nodes[last.output]
