@@ -190,10 +190,15 @@ def test_training_step_flops(name, limit):
 
 def test_caller_model_is_never_modified():
     model = tv_model("resnet18")
-    model.layer3.register_forward_hook(lambda *a: None)
+    model.layer3[0].conv1.register_forward_hook(lambda *a: None)  # a stored leaf: carried
     model.layer1.eval()
     before = snapshot(model)
     revconvert.convert(model, (2, 3, 64, 64))
+    assert_unchanged(model, before)
+    model.layer3.register_forward_hook(lambda *a: None)  # traced through: refused
+    before = snapshot(model)
+    with pytest.raises(ConversionError, match="layer3"):
+        revconvert.convert(model, (2, 3, 64, 64))
     assert_unchanged(model, before)
     assert not _segments(model)
 

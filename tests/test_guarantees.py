@@ -71,3 +71,81 @@ def test_partly_frozen_layer_without_a_counterpart_refuses():
     other.scale = nn.Parameter(torch.ones(2))  # ... 'scale' has no counterpart: no faithful rule
     with pytest.raises(ConversionError, match=r"block 'layer1.1'.*weight.*Hint"):
         carry_frozen_flags(nn.Sequential(other), [original], block="layer1.1")
+
+
+# -- hooks (item 4) ------------------------------------------------------------------------------
+
+class _Recorder:
+    """A hook that is a bound method: a plain deep copy would record into a copy of it."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def hook(self, module, args, output):
+        self.shapes.append(tuple(output.shape))
+
+
+def test_hooks_on_the_model_itself_are_carried_over():
+    model = tv_model("resnet18").eval()
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    model.register_forward_hook(lambda m, args, out: out + 100)
+    model.register_full_backward_hook(lambda m, gin, gout: calls.append("backward"))
+    converted = revconvert.convert(model, (1, 3, 32, 32))
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    torch.testing.assert_close(converted(x), converted.forward(2 * x) + 100)
+    converted(x).sum().backward()
+    assert calls == ["backward"]
+    import copy
+    torch.testing.assert_close(copy.deepcopy(converted)(x), converted(x))  # a deep copy keeps them
+
+
+def test_hooks_on_stored_leaf_modules_keep_calling_the_callers_hook():
+    model = tv_model("resnet18").eval()
+    recorder = _Recorder()
+    model.layer2[0].conv1.register_forward_hook(recorder.hook)    # a stored (projection) block
+    converted = revconvert.convert(model, (1, 3, 32, 32))
+    assert recorder.shapes == []                                   # conversion ran no hook
+    converted(torch.randn(1, 3, 32, 32))
+    assert recorder.shapes == [(1, 128, 4, 4)]                     # the caller's recorder, once
+
+
+@pytest.mark.parametrize("where,match", [
+    ("layer1", r"forward hook .* on 'layer1' \(Sequential\).*leaf_modules=\('layer1',\)"),
+    ("layer1.1", r"on 'layer1.1' \(BasicBlock\).*traces through"),
+    ("layer1.1.conv2", r"on 'layer1.1.conv2' \(Conv2d\), a layer of block 'layer1.1'.*select="),
+    ("layer1.1.relu", r"'layer1.1.relu' \(ReLU\), a layer of block 'layer1.1'"),
+])
+def test_hooks_that_cannot_be_carried_are_refused(where, match):
+    model = tv_model("resnet18")
+    model.get_submodule(where).register_forward_hook(lambda m, args, out: None)
+    before = snapshot(model)
+    with pytest.raises(ConversionError, match=match):
+        revconvert.convert(model, (1, 3, 32, 32))
+    assert_unchanged(model, before)
+
+
+def test_the_remedies_the_refusal_names_work():
+    model = tv_model("resnet18").eval()
+    recorder = _Recorder()
+    model.layer1[1].register_forward_hook(recorder.hook)
+    converted = revconvert.convert(model, (1, 3, 32, 32),
+                                   config=revconvert.ConvertConfig(leaf_modules=("layer1.1",)))
+    assert "layer1.1" not in converted.revconvert_summary.converted_blocks
+    converted(torch.randn(1, 3, 32, 32))
+    assert recorder.shapes == [(1, 64, 8, 8)]
+
+
+def test_audit_and_memory_profile_call_no_hook():
+    model = tv_model("resnet18")
+    calls = []
+    model.conv1.register_forward_hook(lambda m, a, o: calls.append("leaf"))
+    model.layer1.register_forward_hook(lambda m, a, o: calls.append("non-leaf"))
+    model.register_forward_hook(lambda m, a, o: calls.append("root"))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append("global"))
+    try:
+        revconvert.audit(model, (1, 3, 32, 32))
+        revconvert.memory_profile(model, (3, 32, 32), 2)
+    finally:
+        handle.remove()
+    assert calls == []

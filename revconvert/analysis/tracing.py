@@ -2,7 +2,9 @@
 
 Shapes come from running the graph on *meta* tensors over a meta copy of the model's parameters, so
 the shape analysis of a batch of 1024 224x224 images allocates no activation memory and never
-touches the caller's parameters, buffers (BatchNorm running statistics) or train/eval mode.
+touches the caller's parameters, buffers (BatchNorm running statistics) or train/eval mode. No hook
+of the caller runs (see :mod:`revconvert.analysis.hooks`): modules are traced through by calling their
+``forward``, the meta copy has no hooks, and the global module hooks are set aside.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import TraceError
+from .hooks import no_global_hooks, strip_hooks
 from ..runtime import ReversibleSegment
 from ..runtime.checkpoint import CheckpointedRun, attach_checkpointed_modules
 
@@ -43,6 +46,7 @@ class RevTracer(fx.Tracer):
         self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self._leaf_names = frozenset(n for n in leaf_modules if isinstance(n, str))
         self.current_module: list[str] = []
+        self.traced_through: set[str] = set()  # modules whose forward was traced (not leaves)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # A converted model's segments and runs are opaque.
@@ -55,7 +59,13 @@ class RevTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         # Remember which module is being traced so a failure can name it.
         # On an exception the stack is left as it is: its top names the innermost failing module.
-        self.current_module.append(self.path_of_module(m))
+        path = self.path_of_module(m)
+        self.current_module.append(path)
+        if not self.is_leaf_module(m, path):
+            # m.forward, not m(...): a hook on a traced-through module must not run on proxies
+            # (it would be baked into the graph, or record proxies in the caller's objects).
+            self.traced_through.add(path)
+            forward = m.forward
         out = super().call_module(m, forward, args, kwargs)
         self.current_module.pop()
         return out
@@ -65,7 +75,8 @@ def meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are meta tensors (no data copied).
 
     The caller's model keeps its tensors, gradients, hooks and train/eval mode; the copy's
-    parameters carry no ``.grad``; tensors shared between modules stay shared.
+    parameters carry no ``.grad`` and its modules no hooks (the analysis runs it on meta tensors);
+    tensors shared between modules stay shared.
     """
     memo: dict[int, Any] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
@@ -73,7 +84,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
             meta = t.detach().to("meta")
             memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
                 else meta
-    return copy.deepcopy(model, memo)
+    return strip_hooks(copy.deepcopy(model, memo))
 
 
 def example_from(example_input: Any, dtype: torch.dtype | None = None) -> tuple[Any, ...]:
@@ -110,7 +121,7 @@ class _MetaShapeProp(fx.Interpreter):
     def _real_fallback(self, n: fx.Node) -> Any:
         """Leaf modules with data-dependent code cannot run on meta tensors: run a copy of the
         module on zeros of the right shape instead (the caller's module is not touched)."""
-        module = copy.deepcopy(self.real_root.get_submodule(n.target))
+        module = strip_hooks(copy.deepcopy(self.real_root.get_submodule(n.target)))
         def real(a: Any) -> Any:
             return torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) and a.is_meta else a
         meta_args, meta_kwargs = self.fetch_args_kwargs_from_env(n)
@@ -183,6 +194,12 @@ def trace(model: nn.Module, example_input: Any = None, *,
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     args = example_from(example_input, dtype)
+    with no_global_hooks():
+        return _trace(model, args, leaf_modules, autowrap_functions, concrete_args)
+
+
+def _trace(model: nn.Module, args: tuple[Any, ...], leaf_modules: Iterable[type | str],
+           autowrap_functions: Iterable[Callable[..., Any]], concrete_args: dict[str, Any] | None) -> fx.GraphModule:
     tracer = RevTracer(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
@@ -196,6 +213,7 @@ def trace(model: nn.Module, example_input: Any = None, *,
             f"kept as one opaque node (it then stays stored, never reversible), or concrete_args=... "
             f"to fix non-tensor arguments that drive control flow.") from e
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    gm.meta["revconvert"] = {"traced_through": frozenset(tracer.traced_through)}
     attach_checkpointed_modules(gm)  # the graph names a CheckpointedRun, not the modules it runs
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(args) > len(placeholders):

@@ -8,7 +8,6 @@ recompile, on a deep copy: the caller's model is never modified. Everything that
 
 from __future__ import annotations
 
-import copy
 import difflib
 import warnings
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.audit import Analysis, analyze
+from ..analysis.hooks import copy_sharing_hooks, no_global_hooks
 from ..analysis.ops import mutated_inputs
 from ..analysis.tracing import example_from
 from ..errors import ConversionError
@@ -28,6 +28,7 @@ from ..runtime._keep import KEEP_POLICIES
 from ..runtime.checkpoint import attach_checkpointed_modules
 from .checkpoint_stored import _checkpoint_stored_parts
 from .frozen import carry_frozen_flags
+from .hooks import carry_root_hooks, check_hooks
 from .recompute import plan_recompute
 from .summary import ConversionSummary, keep_summary
 from .surgery import branch_spec, build_residual_function, choose_scale, out_of_place_copy
@@ -258,18 +259,20 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     _check_example(example_input)
     trace_options = dict(leaf_modules=config.leaf_modules, autowrap_functions=config.autowrap_functions,
                          concrete_args=config.concrete_args)
-    work = copy.deepcopy(model)  # every edit below happens on this copy
+    work = copy_sharing_hooks(model)  # every edit below happens on this copy
     analysis = analyze(work, example_input, **trace_options)
     select = _selector(analysis, config)
     if select is not None:
         analysis = analyze(work, example_input, select=select, **trace_options)
+    check_hooks(work, analysis)
     report = analysis.report
     params_before = sum(p.numel() for p in model.parameters())
     converted_blocks = _rewrite(analysis, config)
     gm = analysis.graph_module
     checkpointed = _checkpoint_stored_parts(gm) if config.checkpoint_stored else {}
     gm.training = model.training
-    kept, overhead = _apply_keep(gm, analysis, example_input, config)
+    with no_global_hooks():  # the planner runs a meta copy
+        kept, overhead = _apply_keep(gm, analysis, example_input, config)
     stored = {b.name: f"{b.reason}: {b.message}" for b in report.blocks if not b.reversible}
     keep_summary(gm, ConversionSummary(
         model=report.model, blocks=len(report.blocks), converted_blocks=converted_blocks,
@@ -278,6 +281,7 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
         params_after=sum(p.numel() for p in gm.parameters()),
         not_selected=[b.name for b in report.blocks if b.reversible and not b.selected],
         kept_couplings=kept, recompute_overhead=overhead, checkpointed=checkpointed))
+    carry_root_hooks(model, gm)
     if not converted_blocks and report.converted_segments:
         warnings.warn(f"revconvert.convert: {report.model} is already converted "
                       f"({len(report.converted_segments)} reversible segments) and has no further eligible "
