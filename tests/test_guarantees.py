@@ -149,3 +149,34 @@ def test_audit_and_memory_profile_call_no_hook():
     finally:
         handle.remove()
     assert calls == []
+
+
+# -- example inputs without a batch dimension (item 7) -------------------------------------------
+
+class _FullyConvolutional(nn.Module):
+    """16 channels in, so an unbatched (16, 16, 16) sample fits every conv as if it were a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x + self.block(x)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, s: revconvert.convert(m, s),
+    lambda m, s: revconvert.audit(m, s),
+    lambda m, s: revconvert.audit(m, torch.randn(s)),
+    lambda m, s: revconvert.measure_memory(m, torch.randn(s)),
+], ids=["convert", "audit", "audit-tensor", "measure_memory"])
+@pytest.mark.parametrize("factory,shape", [(lambda: tv_model("resnet18"), (3, 16, 16)),
+                                           (_FullyConvolutional, (16, 16, 16))], ids=["resnet18", "fully-conv"])
+def test_an_unbatched_example_is_refused_with_the_fix(call, factory, shape):
+    model = factory()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"as shape \({shape[0]}, 16, 16\), one sample without a batch dimension.*\(1, {shape[0]}, 16, 16\)"):
+        call(model, shape)
+    assert_unchanged(model, before)

@@ -110,6 +110,43 @@ _SHAPE_PRESERVING = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm
                      nn.Dropout2d, nn.Identity)
 
 
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, torch.nn.functional.conv1d: 1,
+              torch.nn.functional.conv2d: 2, torch.nn.functional.conv3d: 3}
+
+
+class _Unbatched(ValueError):
+    """Raised inside the interpreter, re-raised by :func:`trace` without fx's node notes."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _check_batched(interp: fx.Interpreter, n: fx.Node) -> None:
+    """Refuse an example that reaches a convolution without a batch dimension.
+
+    PyTorch convolutions also accept one unbatched sample (``(C, H, W)`` for Conv2d); read as a
+    batch, its H would pass for the channels, and every width the analysis derives would be wrong.
+    """
+    if n.op == "call_module":
+        spatial = _CONV_DIMS.get(type(interp.fetch_attr(n.target)))
+        name = f"'{n.target}' ({type(interp.fetch_attr(n.target)).__name__})"
+    elif n.op == "call_function":
+        spatial = _CONV_DIMS.get(n.target)
+        name = f"{getattr(n.target, '__name__', n.target)} ({n.name})"
+    else:
+        return
+    first = n.args[0] if n.args else None
+    val = interp.env.get(first) if isinstance(first, fx.Node) else None
+    if spatial is None or not isinstance(val, torch.Tensor) or val.dim() != spatial + 1:
+        return
+    shape = tuple(val.shape)
+    raise _Unbatched(
+        f"the example input reaches {name} as shape {shape}, one sample without a batch dimension "
+        f"(PyTorch reads it as unbatched); revconvert needs a batch with channels on dimension 1. "
+        f"Hint: add a batch dimension, e.g. example_input={(1, *shape)}")
+
+
 class _MetaShapeProp(fx.Interpreter):
     """Runs the graph on meta tensors, storing each node's output in ``node.meta["val"]``."""
 
@@ -146,6 +183,7 @@ class _MetaShapeProp(fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
+        _check_batched(self, n)
         try:
             try:
                 result = super().run_node(n)
@@ -220,7 +258,10 @@ def _trace(model: nn.Module, args: tuple[Any, ...], leaf_modules: Iterable[type 
         raise TraceError(f"example_input has {len(args)} tensors but {type(model).__name__}.forward "
                          f"takes {len(placeholders)} inputs")
     meta_args = [a.detach().to("meta") if isinstance(a, torch.Tensor) else a for a in args]
-    _MetaShapeProp(gm, meta_copy(model), model).run(*meta_args)
+    try:
+        _MetaShapeProp(gm, meta_copy(model), model).run(*meta_args)
+    except _Unbatched as e:
+        raise ValueError(e.message) from None
     return gm
 
 
