@@ -180,3 +180,17 @@ def test_an_unbatched_example_is_refused_with_the_fix(call, factory, shape):
     with pytest.raises(ValueError, match=rf"as shape \({shape[0]}, 16, 16\), one sample without a batch dimension.*\(1, {shape[0]}, 16, 16\)"):
         call(model, shape)
     assert_unchanged(model, before)
+
+
+# -- torch.compile wrappers (item 8) -------------------------------------------------------------
+
+def test_a_torch_compile_wrapper_is_seen_through():
+    model = tv_model("resnet18")
+    compiled = torch.compile(model)  # lazy: nothing is compiled unless it is called
+    before = snapshot(model)
+    assert revconvert.audit(compiled, (1, 3, 32, 32)).to_dict() == revconvert.audit(model, (1, 3, 32, 32)).to_dict()
+    with pytest.warns(UserWarning, match=r"torch.compile wrapper.*model._orig_mod.*not compiled.*torch.compile\(converted\)"):
+        converted = revconvert.convert(compiled, (1, 3, 32, 32))
+    assert converted.revconvert_summary.converted_blocks == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert revconvert.memory_profile(compiled, (3, 32, 32), 2).model_name == "ResNet"
+    assert_unchanged(model, before)

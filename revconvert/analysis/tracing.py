@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,7 +24,8 @@ from .hooks import no_global_hooks, strip_hooks
 from ..runtime import ReversibleSegment
 from ..runtime.checkpoint import CheckpointedRun, attach_checkpointed_modules
 
-__all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from", "meta_copy", "model_name"]
+__all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from", "meta_copy", "model_name",
+           "unwrap_compiled"]
 
 
 class RevTracer(fx.Tracer):
@@ -69,6 +71,19 @@ class RevTracer(fx.Tracer):
         out = super().call_module(m, forward, args, kwargs)
         self.current_module.pop()
         return out
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``model._orig_mod``), or ``model`` itself.
+
+    fx cannot trace an ``OptimizedModule`` (its forward is dynamo's); the module it compiles is the
+    model. Without ``torch._dynamo`` imported there can be no such wrapper, so it is not imported.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    while wrapper is not None and isinstance(model, wrapper):
+        model = model._orig_mod
+    return model
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -230,6 +245,7 @@ def trace(model: nn.Module, example_input: Any = None, *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_compiled(model)  # audit and memory reports of torch.compile(model) are of model
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     args = example_from(example_input, dtype)
     with no_global_hooks():
@@ -279,5 +295,6 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 def model_name(model: nn.Module) -> str:
     """The name reports use: the class name, or the original's for a converted model."""
+    model = unwrap_compiled(model)
     summary = getattr(model, "revconvert_summary", None)
     return getattr(summary, "model", None) or type(model).__name__

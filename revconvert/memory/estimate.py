@@ -19,7 +19,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..analysis.hooks import no_global_hooks
-from ..analysis.tracing import meta_copy, model_name
+from ..analysis.tracing import meta_copy, model_name, unwrap_compiled
 from ..passes.convert import ConvertConfig, convert
 from ..runtime import ReversibleSegment
 from .optim import optimizer_spec
@@ -88,6 +88,7 @@ def memory_profile(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_compiled(model)  # torch.compile(model): estimate the module it wraps (run eagerly)
     shape = _check_input_size(input_size)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

@@ -19,9 +19,9 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.audit import Analysis, analyze
-from ..analysis.hooks import copy_sharing_hooks, no_global_hooks
+from ..analysis.hooks import copy_sharing_hooks, module_hooks, no_global_hooks
 from ..analysis.ops import mutated_inputs
-from ..analysis.tracing import example_from
+from ..analysis.tracing import example_from, unwrap_compiled
 from ..errors import ConversionError
 from ..runtime import ReversibleCoupling, ReversibleSegment
 from ..runtime._keep import KEEP_POLICIES
@@ -143,6 +143,20 @@ def _check_example(example_input: Any) -> None:
                               f"such as (1, 3, 224, 224) with channels on dimension 1")
 
 
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper compiles, with a warning: the result is not compiled."""
+    inner = unwrap_compiled(model)
+    if inner is model:
+        return model
+    if module_hooks(model):
+        raise ConversionError(f"the torch.compile wrapper has hooks of its own ({', '.join(module_hooks(model))}); "
+                              f"convert the module it wraps (model._orig_mod) and register them on the result")
+    warnings.warn(f"revconvert.convert: the model is a torch.compile wrapper; converting the module it wraps "
+                  f"({type(inner).__name__}, model._orig_mod). The result is not compiled: call "
+                  f"torch.compile(converted) on it", stacklevel=3)
+    return inner
+
+
 def _eliminate_dead_code(gm: fx.GraphModule) -> None:
     """Drop nodes whose value nothing uses, except side effects: fx's own pass would also drop an
     in-place call whose result is unused (``h.mul_(2)`` as a statement), changing what the model
@@ -256,6 +270,7 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     config = config or ConvertConfig()
     if not isinstance(config, ConvertConfig):
         raise TypeError(f"config must be a revconvert.ConvertConfig, got {type(config).__name__}")
+    model = _unwrap_compiled(model)
     _check_example(example_input)
     trace_options = dict(leaf_modules=config.leaf_modules, autowrap_functions=config.autowrap_functions,
                          concrete_args=config.concrete_args)
