@@ -194,3 +194,20 @@ def test_a_torch_compile_wrapper_is_seen_through():
     assert converted.revconvert_summary.converted_blocks == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
     assert revconvert.memory_profile(compiled, (3, 32, 32), 2).model_name == "ResNet"
     assert_unchanged(model, before)
+
+
+# -- converting a converted model (item 11) ------------------------------------------------------
+
+def test_a_second_conversion_reports_both():
+    model = tv_model("resnet18")
+    first = revconvert.convert(model, (1, 3, 32, 32), config=revconvert.ConvertConfig(only=("layer3",)))
+    second = revconvert.convert(first, (1, 3, 32, 32))   # the rest; layer4 runs at 1x1 with a batch of 1
+    once = revconvert.convert(model, (1, 3, 32, 32)).revconvert_summary
+    summary = second.revconvert_summary
+    assert summary.converted_blocks == once.converted_blocks
+    assert summary.segments == once.segments
+    assert (summary.blocks, summary.params_before, summary.conversions) == (once.blocks, once.params_before, 2)
+    assert "converted 5 of 8 residual blocks into 4 reversible segment(s) in 2 conversions" in str(summary)
+    with pytest.warns(UserWarning, match="already converted"):
+        third = revconvert.convert(second, (1, 3, 32, 32))
+    assert third.revconvert_summary.converted_blocks == once.converted_blocks

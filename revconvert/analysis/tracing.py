@@ -192,7 +192,9 @@ class _MetaShapeProp(fx.Interpreter):
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         module = self.fetch_attr(target)
-        if isinstance(module, _SHAPE_PRESERVING) and len(args) == 1 and not kwargs \
+        # ReversibleSegment too: a coupling keeps the shape, and its batch norms would refuse a
+        # batch of one at 1x1 in train mode, which only shape propagation ever runs.
+        if isinstance(module, _SHAPE_PRESERVING + (ReversibleSegment,)) and len(args) == 1 and not kwargs \
                 and isinstance(args[0], torch.Tensor):
             return torch.empty_like(args[0])  # same shape and dtype; skips slow meta decompositions
         return super().call_module(target, args, kwargs)

@@ -30,7 +30,7 @@ from .checkpoint_stored import _checkpoint_stored_parts
 from .frozen import carry_frozen_flags
 from .hooks import carry_root_hooks, check_hooks
 from .recompute import plan_recompute
-from .summary import ConversionSummary, keep_summary
+from .summary import ConversionSummary, combine_summaries, keep_summary
 from .surgery import branch_spec, build_residual_function, choose_scale, out_of_place_copy
 
 __all__ = ["ConvertConfig", "ConversionSummary", "convert"]
@@ -289,13 +289,17 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     with no_global_hooks():  # the planner runs a meta copy
         kept, overhead = _apply_keep(gm, analysis, example_input, config)
     stored = {b.name: f"{b.reason}: {b.message}" for b in report.blocks if not b.reversible}
-    keep_summary(gm, ConversionSummary(
+    summary = ConversionSummary(
         model=report.model, blocks=len(report.blocks), converted_blocks=converted_blocks,
         segments={name: [b.name for b in blocks] for name, blocks in analysis.runs.items()},
         stored_reasons=stored, params_before=params_before,
         params_after=sum(p.numel() for p in gm.parameters()),
         not_selected=[b.name for b in report.blocks if b.reversible and not b.selected],
-        kept_couplings=kept, recompute_overhead=overhead, checkpointed=checkpointed))
+        kept_couplings=kept, recompute_overhead=overhead, checkpointed=checkpointed)
+    previous = getattr(model, "revconvert_summary", None)
+    if isinstance(previous, ConversionSummary):  # re-converting: report both conversions as one
+        summary = combine_summaries(previous, summary, [s.name for s in report.segments])
+    keep_summary(gm, summary)
     carry_root_hooks(model, gm)
     if not converted_blocks and report.converted_segments:
         warnings.warn(f"revconvert.convert: {report.model} is already converted "
