@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -211,3 +213,16 @@ def test_a_second_conversion_reports_both():
     with pytest.warns(UserWarning, match="already converted"):
         third = revconvert.convert(second, (1, 3, 32, 32))
     assert third.revconvert_summary.converted_blocks == once.converted_blocks
+
+
+# -- a recompute budget that buys no memory (item 11) --------------------------------------------
+
+def test_a_budget_that_keeps_more_than_ordinary_autograd_warns_with_the_numbers():
+    model = tv_model("resnet18")
+    with pytest.warns(UserWarning, match=r"recompute_budget=0.0, 5 coupling\(s\) keep.*saves [\d.]+ MiB.*"
+                                         r"11\d% of the [\d.]+ MiB it saves under ordinary autograd.*"
+                                         r"default conversion: [\d.]+ MiB.*Raise recompute_budget \(at 0\.2\d"):
+        revconvert.convert(model, (2, 3, 64, 64), config=revconvert.ConvertConfig(recompute_budget=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a budget that does buy memory: no warning
+        revconvert.convert(model, (2, 3, 64, 64), config=revconvert.ConvertConfig(recompute_budget=0.1))

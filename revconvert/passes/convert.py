@@ -22,6 +22,7 @@ from ..analysis.audit import Analysis, analyze
 from ..analysis.hooks import copy_sharing_hooks, module_hooks, no_global_hooks
 from ..analysis.ops import mutated_inputs
 from ..analysis.tracing import example_from, unwrap_compiled
+from .._format import format_bytes
 from ..errors import ConversionError
 from ..runtime import ReversibleCoupling, ReversibleSegment
 from ..runtime._keep import KEEP_POLICIES
@@ -36,6 +37,8 @@ from .surgery import branch_spec, build_residual_function, choose_scale, out_of_
 __all__ = ["ConvertConfig", "ConversionSummary", "convert"]
 
 _WIDTHS = ("match-params", "keep")
+# recompute_budget warns when the planned model saves at least this share of ordinary autograd's bytes
+_LITTLE_SAVING = 0.9
 _POST = ("move", "drop")
 
 
@@ -235,6 +238,16 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
                           f"every coupling keeping its outputs the memory-saving backward still adds "
                           f"{plan.overhead:.1%} FLOPs per step (the stored parts and the 1x1 convolutions "
                           f"are recomputed)", stacklevel=3)
+        if plan.saved_bytes >= _LITTLE_SAVING * plan.ordinary_saved_bytes:
+            warnings.warn(
+                f"revconvert.convert: with recompute_budget={config.recompute_budget}, {len(plan.kept)} coupling(s) "
+                f"keep their outputs and the converted model saves {format_bytes(plan.saved_bytes)} for backward "
+                f"at the example input, {plan.saved_bytes / max(plan.ordinary_saved_bytes, 1):.0%} of the "
+                f"{format_bytes(plan.ordinary_saved_bytes)} it saves under ordinary autograd (the default "
+                f"conversion: {format_bytes(plan.recompute_saved_bytes)}): at this budget the conversion buys "
+                f"little or no memory. Raise recompute_budget (at "
+                f"{plan.recompute_flops / plan.ordinary_flops:.2f} nothing is kept), or train the original model",
+                stacklevel=3)
     for name in names:
         couplings[name].keep = policy
     return names, overhead
