@@ -20,9 +20,9 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import TraceError
-from .hooks import no_global_hooks, strip_hooks
 from ..runtime import ReversibleSegment
 from ..runtime.checkpoint import CheckpointedRun, attach_checkpointed_modules
+from .hooks import no_global_hooks, strip_hooks
 
 __all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from", "meta_copy", "model_name",
            "unwrap_compiled"]
@@ -125,8 +125,8 @@ _SHAPE_PRESERVING = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm
                      nn.Dropout2d, nn.Identity)
 
 
-_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, torch.nn.functional.conv1d: 1,
-              torch.nn.functional.conv2d: 2, torch.nn.functional.conv3d: 3}
+_CONV_MODULES = ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3))  # and subclasses (timm's Conv2dSame)
+_CONV_FUNCTIONS = {torch.nn.functional.conv1d: 1, torch.nn.functional.conv2d: 2, torch.nn.functional.conv3d: 3}
 
 
 class _Unbatched(ValueError):
@@ -144,10 +144,11 @@ def _check_batched(interp: fx.Interpreter, n: fx.Node) -> None:
     batch, its H would pass for the channels, and every width the analysis derives would be wrong.
     """
     if n.op == "call_module":
-        spatial = _CONV_DIMS.get(type(interp.fetch_attr(n.target)))
-        name = f"'{n.target}' ({type(interp.fetch_attr(n.target)).__name__})"
+        module = interp.fetch_attr(n.target)
+        spatial = next((d for kind, d in _CONV_MODULES if isinstance(module, kind)), None)
+        name = f"'{n.target}' ({type(module).__name__})"
     elif n.op == "call_function":
-        spatial = _CONV_DIMS.get(n.target)
+        spatial = _CONV_FUNCTIONS.get(n.target)
         name = f"{getattr(n.target, '__name__', n.target)} ({n.name})"
     else:
         return

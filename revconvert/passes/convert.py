@@ -293,6 +293,7 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     if select is not None:
         analysis = analyze(work, example_input, select=select, **trace_options)
     check_hooks(work, analysis)
+    analysis.graph_module.meta.pop("revconvert", None)  # the trace's notes, not the converted model's
     report = analysis.report
     params_before = sum(p.numel() for p in model.parameters())
     converted_blocks = _rewrite(analysis, config)
