@@ -226,3 +226,14 @@ def test_a_budget_that_keeps_more_than_ordinary_autograd_warns_with_the_numbers(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a budget that does buy memory: no warning
         revconvert.convert(model, (2, 3, 64, 64), config=revconvert.ConvertConfig(recompute_budget=0.1))
+
+
+def test_a_second_conversion_can_plan_a_budget_over_every_coupling():
+    model = tv_model("resnet18")
+    first = revconvert.convert(model, (2, 3, 64, 64), config=revconvert.ConvertConfig(only=("layer4",)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the budget-buys-little warning
+        second = revconvert.convert(first, (2, 3, 64, 64), config=revconvert.ConvertConfig(recompute_budget=0.0))
+    kept = second.revconvert_summary.kept_couplings
+    assert "layer4.rev_1.couplings.0" in kept and "layer1.rev_0_1.couplings.0" in kept
+    assert all(second.get_submodule(name).keep is not None for name in kept)

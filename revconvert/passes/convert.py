@@ -225,8 +225,9 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
     if config.keep is None and config.recompute_budget is None:
         return [], None
     policy = KEEP_POLICIES[config.keep or "spatial-convs"]
-    couplings = {f"{seg}.couplings.{k}": c for seg in analysis.runs
-                 for k, c in enumerate(gm.get_submodule(seg).couplings)}
+    # Every coupling of the model, those of an earlier conversion too: the plan is of the whole model.
+    couplings = {f"{name}.couplings.{k}": c for name, seg in gm.named_modules()
+                 if isinstance(seg, ReversibleSegment) for k, c in enumerate(seg.couplings)}
     if config.recompute_budget is None:
         names, overhead = list(couplings), None
     else:
@@ -248,6 +249,8 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
                 f"little or no memory. Raise recompute_budget (at "
                 f"{plan.recompute_flops / plan.ordinary_flops:.2f} nothing is kept), or train the original model",
                 stacklevel=3)
+    for coupling in couplings.values():
+        coupling.keep = None
     for name in names:
         couplings[name].keep = policy
     return names, overhead

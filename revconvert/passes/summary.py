@@ -86,7 +86,10 @@ def combine_summaries(previous: ConversionSummary, new: ConversionSummary,
         converted_blocks=[block for blocks in segments.values() for block in blocks],
         segments=segments,
         stored_reasons=new.stored_reasons, params_before=previous.params_before, params_after=new.params_after,
-        not_selected=new.not_selected, kept_couplings=previous.kept_couplings + new.kept_couplings,
+        not_selected=new.not_selected,
+        # keep / recompute_budget of the new conversion set (or reset) every coupling's keep
+        kept_couplings=new.kept_couplings if new.kept_couplings or new.recompute_overhead is not None
+        else previous.kept_couplings,
         recompute_overhead=new.recompute_overhead if new.recompute_overhead is not None
         else previous.recompute_overhead,
         checkpointed={**previous.checkpointed, **new.checkpointed},
