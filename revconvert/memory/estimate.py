@@ -4,7 +4,8 @@ The model is deep-copied onto the meta device (no data), converted if asked, tra
 parameters and buffers become ``FakeTensor``s (shape, dtype and device, no data); and one training step runs on a fake input batch under the same instruments
 that ``measure_memory`` uses on real tensors. A batch of 1024 224x224 images costs seconds and no
 activation memory. The caller's model is never touched: not its parameters, buffers (batch-norm
-running statistics), train/eval mode or hooks.
+running statistics), train/eval mode or hooks, and none of its hooks (nor a global module hook) runs:
+the estimate is of the model without them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..analysis.tracing import meta_copy, model_name
+from ..analysis.hooks import no_global_hooks
+from ..analysis.tracing import meta_copy, model_name, unwrap_compiled
 from ..passes.convert import ConvertConfig, convert
 from ..runtime import ReversibleSegment
 from .optim import optimizer_spec
@@ -87,6 +89,7 @@ def memory_profile(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_compiled(model)  # torch.compile(model): estimate the module it wraps (run eagerly)
     shape = _check_input_size(input_size, model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -102,14 +105,15 @@ def memory_profile(
     config = _check_config(config, trace_options)
     trace_options = {name: getattr(config, name) for name in TRACE_OPTIONS}
 
-    original = _estimate(model, shape, batch_size, dtype, optimizer, device, None, trace_options)
-    gc.collect()  # fx graphs are cyclic: release the first copy before making the second
-    conv = None
-    # A model that is already converted is profiled as it is: there is nothing to compare it with.
-    already = any(isinstance(m, ReversibleSegment) for m in model.modules())
-    if converted and not already:
-        conv = _estimate(model, shape, batch_size, dtype, optimizer, device, config, trace_options)
-        gc.collect()
+    with no_global_hooks():  # the step runs on fake tensors: no hook of the caller's may see them
+        original = _estimate(model, shape, batch_size, dtype, optimizer, device, None, trace_options)
+        gc.collect()  # fx graphs are cyclic: release the first copy before making the second
+        conv = None
+        # A model that is already converted is profiled as it is: there is nothing to compare it with.
+        already = any(isinstance(m, ReversibleSegment) for m in model.modules())
+        if converted and not already:
+            conv = _estimate(model, shape, batch_size, dtype, optimizer, device, config, trace_options)
+            gc.collect()
     return MemoryProfile(original=original, converted=conv, batch_size=batch_size, input_size=shape,
                          dtype=str(dtype).removeprefix("torch."), device=device.type,
                          model_name=model_name(model))

@@ -8,7 +8,6 @@ recompile, on a deep copy: the caller's model is never modified. Everything that
 
 from __future__ import annotations
 
-import copy
 import difflib
 import warnings
 from collections.abc import Callable
@@ -20,20 +19,26 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.audit import Analysis, analyze
+from ..analysis.hooks import copy_sharing_hooks, module_hooks, no_global_hooks
 from ..analysis.ops import mutated_inputs
-from ..analysis.tracing import example_from
+from ..analysis.tracing import example_from, unwrap_compiled
+from .._format import format_bytes
 from ..errors import ConversionError
 from ..runtime import ReversibleCoupling, ReversibleSegment
 from ..runtime._keep import KEEP_POLICIES
 from ..runtime.checkpoint import attach_checkpointed_modules
 from .checkpoint_stored import _checkpoint_stored_parts
+from .frozen import carry_frozen_flags
+from .hooks import carry_root_hooks, check_hooks
 from .recompute import plan_recompute
-from .summary import ConversionSummary, keep_summary
+from .summary import ConversionSummary, combine_summaries, keep_summary
 from .surgery import branch_spec, build_residual_function, choose_scale, out_of_place_copy
 
 __all__ = ["ConvertConfig", "ConversionSummary", "convert"]
 
 _WIDTHS = ("match-params", "keep")
+# recompute_budget warns when the planned model saves at least this share of ordinary autograd's bytes
+_LITTLE_SAVING = 0.9
 _POST = ("move", "drop")
 
 
@@ -156,6 +161,20 @@ def _check_example(example_input: Any) -> None:
                               f"such as (1, 3, 224, 224) with channels on dimension 1")
 
 
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper compiles, with a warning: the result is not compiled."""
+    inner = unwrap_compiled(model)
+    if inner is model:
+        return model
+    if module_hooks(model):
+        raise ConversionError(f"the torch.compile wrapper has hooks of its own ({', '.join(module_hooks(model))}); "
+                              f"convert the module it wraps (model._orig_mod) and register them on the result")
+    warnings.warn(f"revconvert.convert: the model is a torch.compile wrapper; converting the module it wraps "
+                  f"({type(inner).__name__}, model._orig_mod). The result is not compiled: call "
+                  f"torch.compile(converted) on it", stacklevel=3)
+    return inner
+
+
 def _eliminate_dead_code(gm: fx.GraphModule) -> None:
     """Drop nodes whose value nothing uses, except side effects: fx's own pass would also drop an
     in-place call whose result is unused (``h.mul_(2)`` as a statement), changing what the model
@@ -190,6 +209,10 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> list[str]:
         segment.source_blocks = tuple(b.name for b in blocks)
         segment.train(gm.get_submodule(nodes[blocks[0].branch[0]].target).training
                       if nodes[blocks[0].branch[0]].op == "call_module" else gm.training)
+        for block, coupling in zip(blocks, couplings):  # after segment.train: per-layer modes win
+            spec = branch_spec(gm, block)
+            for fn in (coupling.F, coupling.G):
+                carry_frozen_flags(fn, spec.modules, block=block.name)
         gm.add_submodule(seg_name, segment)
 
         entry, exit_node = nodes[blocks[0].fork], nodes[last.output]
@@ -217,8 +240,9 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
     if config.keep is None and config.recompute_budget is None:
         return [], None
     policy = KEEP_POLICIES[config.keep or "spatial-convs"]
-    couplings = {f"{seg}.couplings.{k}": c for seg in analysis.runs
-                 for k, c in enumerate(gm.get_submodule(seg).couplings)}
+    # Every coupling of the model, those of an earlier conversion too: the plan is of the whole model.
+    couplings = {f"{name}.couplings.{k}": c for name, seg in gm.named_modules()
+                 if isinstance(seg, ReversibleSegment) for k, c in enumerate(seg.couplings)}
     if config.recompute_budget is None:
         names, overhead = list(couplings), None
     else:
@@ -231,6 +255,18 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
                           f"{plan.overhead:.1%} FLOPs per step ("
                           f"{'the stored parts and ' if config.checkpoint_stored else ''}the 1x1 convolutions "
                           f"are recomputed)", stacklevel=3)
+        if plan.saved_bytes >= _LITTLE_SAVING * plan.ordinary_saved_bytes:
+            warnings.warn(
+                f"revconvert.convert: with recompute_budget={config.recompute_budget}, {len(plan.kept)} coupling(s) "
+                f"keep their outputs and the converted model saves {format_bytes(plan.saved_bytes)} for backward "
+                f"at the example input, {plan.saved_bytes / max(plan.ordinary_saved_bytes, 1):.0%} of the "
+                f"{format_bytes(plan.ordinary_saved_bytes)} it saves under ordinary autograd (the default "
+                f"conversion: {format_bytes(plan.recompute_saved_bytes)}): at this budget the conversion buys "
+                f"little or no memory. Raise recompute_budget (at "
+                f"{plan.recompute_flops / plan.ordinary_flops:.2f} nothing is kept), or train the original model",
+                stacklevel=3)
+    for coupling in couplings.values():
+        coupling.keep = None
     for name in names:
         couplings[name].keep = policy
         # A plan must hold at every batch size: its couplings keep every selected op, however small.
@@ -268,29 +304,38 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     config = config or ConvertConfig()
     if not isinstance(config, ConvertConfig):
         raise TypeError(f"config must be a revconvert.ConvertConfig, got {type(config).__name__}")
+    model = _unwrap_compiled(model)
     _check_example(example_input)
     trace_options = dict(leaf_modules=config.leaf_modules, autowrap_functions=config.autowrap_functions,
                          concrete_args=config.concrete_args)
-    work = copy.deepcopy(model)  # every edit below happens on this copy
+    work = copy_sharing_hooks(model)  # every edit below happens on this copy
     analysis = analyze(work, example_input, **trace_options)
     select = _selector(analysis, config)
     if select is not None:
         analysis = analyze(work, example_input, select=select, **trace_options)
+    check_hooks(work, analysis)
+    analysis.graph_module.meta.pop("revconvert", None)  # the trace's notes, not the converted model's
     report = analysis.report
     params_before = sum(p.numel() for p in model.parameters())
     converted_blocks = _rewrite(analysis, config)
     gm = analysis.graph_module
     gm.training = model.training
     checkpointed = _checkpoint_stored_parts(gm) if config.checkpoint_stored else {}
-    kept, overhead = _apply_keep(gm, analysis, example_input, config)
+    with no_global_hooks():  # the planner runs a meta copy
+        kept, overhead = _apply_keep(gm, analysis, example_input, config)
     stored = {b.name: f"{b.reason}: {b.message}" for b in report.blocks if not b.reversible}
-    keep_summary(gm, ConversionSummary(
+    summary = ConversionSummary(
         model=report.model, blocks=len(report.blocks), converted_blocks=converted_blocks,
         segments={name: [b.name for b in blocks] for name, blocks in analysis.runs.items()},
         stored_reasons=stored, params_before=params_before,
         params_after=sum(p.numel() for p in gm.parameters()),
         not_selected=[b.name for b in report.blocks if b.reversible and not b.selected],
-        kept_couplings=kept, recompute_overhead=overhead, checkpointed=checkpointed))
+        kept_couplings=kept, recompute_overhead=overhead, checkpointed=checkpointed)
+    previous = getattr(model, "revconvert_summary", None)
+    if isinstance(previous, ConversionSummary):  # re-converting: report both conversions as one
+        summary = combine_summaries(previous, summary, [s.name for s in report.segments])
+    keep_summary(gm, summary)
+    carry_root_hooks(model, gm)
     if not converted_blocks and report.converted_segments:
         warnings.warn(f"revconvert.convert: {report.model} is already converted "
                       f"({len(report.converted_segments)} reversible segments) and has no further eligible "
