@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torchvision
 
@@ -26,7 +27,16 @@ BUDGET = 8 * GiB            # e.g. the GPU memory one training step may use
 LIMIT = 2 if TINY else 4096  # largest batch considered
 OPTIMIZER = "sgd-momentum"
 
+START = time.perf_counter()
+
+
+def say(text: str) -> None:
+    """Progress: each estimate takes a few seconds, and a search makes about a dozen."""
+    print(f"[{time.perf_counter() - START:5.1f} s] {text}", flush=True)
+
+
 # Convert once; memory_profile(..., converted=False) then estimates each model on its own.
+say(f"converting {type(model).__name__} ...")
 variants = {"original": model, "converted": revconvert.convert(model)}
 
 
@@ -35,7 +45,10 @@ def peak(name: str, batch: int) -> int:
     """Estimated peak bytes of one training step: weights, gradients, optimizer state, activations."""
     profile = revconvert.memory_profile(variants[name], (3, IMAGE, IMAGE), batch, optimizer=OPTIMIZER,
                                         converted=False)
-    return profile.original.peak_bytes
+    bytes_ = profile.original.peak_bytes
+    say(f"  {name:9}  batch {batch:4d}: peak {bytes_ / GiB:6.2f} GiB "
+        f"({'fits' if bytes_ <= BUDGET else 'too big'})")
+    return bytes_
 
 
 def largest_batch(name: str) -> int:
@@ -59,8 +72,12 @@ def largest_batch(name: str) -> int:
     return lo
 
 
-print(f"{type(model).__name__}, {IMAGE}x{IMAGE} images, {OPTIMIZER}, budget {BUDGET / GiB:.0f} GiB")
+print(f"{type(model).__name__}, {IMAGE}x{IMAGE} images, {OPTIMIZER}, budget {BUDGET / GiB:.0f} GiB", flush=True)
+found = {}
 for name in variants:
-    batch = largest_batch(name)
+    say(f"searching the largest {name} batch ...")
+    found[name] = largest_batch(name)
+print()
+for name, batch in found.items():
     print(f"  {name:9}  largest batch {batch:4d}   peak {peak(name, batch) / GiB:.2f} GiB" if batch else
           f"  {name:9}  does not fit even at batch 1")

@@ -10,28 +10,49 @@ Example:
 
 from __future__ import annotations
 
-from .errors import ConversionError, RevConvertError, TraceError
-from .analysis.audit import AuditReport, BlockAudit, audit
-from .runtime import ReversibleCoupling, ReversibleSegment, ordinary_autograd
-from .passes.convert import ConvertConfig, convert
-from .memory import MemoryBreakdown, MemoryProfile, measure_memory, memory_profile
-
-__all__ = [
-    "audit",
-    "convert",
-    "memory_profile",
-    "measure_memory",
-    "AuditReport",
-    "BlockAudit",
-    "ConvertConfig",
-    "MemoryProfile",
-    "MemoryBreakdown",
-    "ReversibleCoupling",
-    "ReversibleSegment",
-    "ordinary_autograd",
-    "RevConvertError",
-    "TraceError",
-    "ConversionError",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# The public names and the submodule that defines each. They are imported on first access (PEP 562),
+# so that ``import revconvert.cli`` answers ``revconvert --help`` without importing torch (seconds).
+_EXPORTS: dict[str, str] = {
+    "audit": ".analysis.audit",
+    "convert": ".passes.convert",
+    "memory_profile": ".memory",
+    "measure_memory": ".memory",
+    "AuditReport": ".analysis.audit",
+    "BlockAudit": ".analysis.audit",
+    "ConvertConfig": ".passes.convert",
+    "MemoryProfile": ".memory",
+    "MemoryBreakdown": ".memory",
+    "ReversibleCoupling": ".runtime",
+    "ReversibleSegment": ".runtime",
+    "ordinary_autograd": ".runtime",
+    "RevConvertError": ".errors",
+    "TraceError": ".errors",
+    "ConversionError": ".errors",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # what static type checkers and IDEs see
+    from .analysis.audit import AuditReport, BlockAudit, audit
+    from .errors import ConversionError, RevConvertError, TraceError
+    from .memory import MemoryBreakdown, MemoryProfile, measure_memory, memory_profile
+    from .passes.convert import ConvertConfig, convert
+    from .runtime import ReversibleCoupling, ReversibleSegment, ordinary_autograd
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'revconvert' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)  # lazy: see _EXPORTS
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,111 +1,117 @@
-"""The ``revconvert`` command line: audit, convert, memory, report.
+"""The revconvert command line: audit, convert, memory, report.
 
-MODEL is a torchvision model name (``resnet50``) or ``package.module:factory`` (a callable that
-returns an ``nn.Module``). Models are built with random weights; nothing is downloaded.
+Nothing here imports torch until a command runs, so ``revconvert --help`` and argument errors
+answer at once. Mistakes a user can make (a bad flag, an unknown model, an output path that cannot
+be written) are checked before any model is traced or converted and end in one line on stderr,
+``revconvert: error: ...``, with exit status 2. Warnings print as ``revconvert: warning: ...``, once.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
-import importlib
 import json
+import re
 import sys
+import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-import torch
-from torch import nn
-
-from .runtime._keep import KEEP_POLICIES
+from . import __version__
+from ._cli_input import (MAX_WIDTH, CLIError, check_output, input_shape_for, leaf_modules_for, load_model,
+                         parse_input_size, parse_width)
 
 __all__ = ["main", "load_model"]
 
+# Choices of the library, named here so that building the parser imports no torch; a test checks
+# them against revconvert.runtime.KEEP_POLICIES, memory.optim.OPTIMIZERS and memory.estimate.DTYPES.
+KEEP_CHOICES = ("spatial-convs",)
+OPTIMIZER_CHOICES = ("sgd", "sgd-momentum", "adam", "adamw")
+DTYPE_CHOICES = ("bfloat16", "float16", "float32", "float64")
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+DESCRIPTION = """\
+Turn a residual network into a reversible one (RevNet) and estimate the memory it saves.
 
+MODEL is one of:
+  a torchvision model name          resnet50 (random weights; nothing is downloaded)
+  module:factory                    mymodels:TinyNet (the current folder is on the import path)
+  file.py:factory                   path/to/nets.py:make_net
+  a saved model file                converted.pt, as written by revconvert convert or
+                                    torch.save(model, path); loading it runs the code its pickle
+                                    names, so load only files you trust
+factory is an nn.Module class, a function that returns a module (called without arguments), or a
+module object."""
 
-def _torchvision_names() -> list[str]:
-    import torchvision
+EPILOG = """\
+examples:
+  revconvert report resnet50 --batch-size 64
+  revconvert audit mymodels:TinyNet --input-size 3x32x32
+  revconvert convert resnet18 -o converted.pt --only layer3
+  revconvert memory converted.pt --batch-size 32 --input-size 160x128"""
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def load_model(spec: str) -> nn.Module:
-    """Build the model named by ``spec`` (torchvision name or ``package.module:factory``)."""
-    if ":" in spec:
-        mod_name, _, attr = spec.partition(":")
-        try:
-            module = importlib.import_module(mod_name)
-        except Exception as e:
-            raise CLIError(f"cannot import module {mod_name!r} for model {spec!r}: {type(e).__name__}: {e}") from e
-        factory = getattr(module, attr, None)
-        if factory is None:
-            close = difflib.get_close_matches(attr, [n for n in dir(module) if not n.startswith("_")], n=3)
-            raise CLIError(f"module {mod_name!r} has no attribute {attr!r}"
-                           + (f"; did you mean {', '.join(close)}?" if close else ""))
-        try:
-            model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-        except Exception as e:
-            raise CLIError(f"calling {spec}() failed: {type(e).__name__}: {e}") from e
-        if not isinstance(model, nn.Module):
-            raise CLIError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
-        return model
-    names = _torchvision_names()
-    if spec not in names:
-        close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
-        hint = f"closest: {', '.join(close)}" if close else "see torchvision.models.list_models()"
-        raise CLIError(f"unknown model {spec!r} ({hint}); or pass package.module:factory")
-    import torchvision
-
-    return torchvision.models.get_model(spec, weights=None)
+INPUT_SIZE_HELP = ("one sample's size: S, HxW or CxHxW for an image model (default 224, i.e. 3x224x224; "
+                   "C defaults to the first convolution's input channels); L or CxL for a Conv1d model, "
+                   "DxHxW or CxDxHxW for a Conv3d model")
 
 
-def _input_shape(text: str) -> tuple[int, ...]:
-    """``224`` -> (3, 224, 224); ``3x128x128`` -> (3, 128, 128)."""
-    try:
-        dims = tuple(int(d) for d in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-size must be N or CxHxW, got {text!r}") from None
-    if any(d <= 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"--input-size must be positive, got {text!r}")
-    return (3, dims[0], dims[0]) if len(dims) == 1 else dims
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``revconvert: error: ...``), as every other error."""
 
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64}
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"revconvert: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="revconvert", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="revconvert", description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"revconvert {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("model", help="torchvision model name or package.module:factory")
-        sp.add_argument("--input-size", type=_input_shape, default=(3, 224, 224), metavar="N|CxHxW",
-                        help="input size (default 224, i.e. 3x224x224)")
+    def command(name: str, helptext: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=helptext, description=f"{helptext}.\n\n{DESCRIPTION}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("model", metavar="MODEL", help="torchvision name, module:factory, file.py:factory "
+                                                       "or a saved model file")
+        sp.add_argument("--input-size", type=parse_input_size, default=(224,), metavar="SIZE",
+                        help=INPUT_SIZE_HELP)
+        sp.add_argument("--leaf-module", action="append", metavar="NAME",
+                        help="trace this submodule (e.g. blocks.1) or module class (e.g. Attention) as one "
+                             "opaque step; it then stays stored. Repeatable")
         sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        return sp
 
-    a = sub.add_parser("audit", help="which residual blocks can become reversible, and why not")
-    common(a)
-    c = sub.add_parser("convert", help="convert and save the model")
-    common(c)
-    c.add_argument("-o", "--output", required=True, help="where to torch.save the converted model")
+    command("audit", "say which residual blocks can become reversible, and why not")
+    c = command("convert", "convert the model and save it with torch.save")
+    c.add_argument("-o", "--output", required=True, metavar="PATH",
+                   help="file to write the converted model to (its folder must exist)")
     c.add_argument("--only", action="append", metavar="NAME",
-                   help="convert only these blocks or prefixes (repeatable), e.g. --only layer3")
-    c.add_argument("--width", default="match-params", help="match-params (default), keep, or a factor")
+                   help="convert only these blocks or prefixes, e.g. --only layer3. Repeatable")
+    c.add_argument("--width", type=parse_width, default="match-params", metavar="W",
+                   help=f"inner width of F and G: match-params (about the replaced block's parameters), "
+                        f"keep (the original inner widths), or a factor > 0 and <= {MAX_WIDTH:g} of the "
+                        f"original inner widths (default: %(default)s)")
+    c.add_argument("--width-multiple", type=_multiple, default=8, metavar="N",
+                   help="round inner widths of F and G to multiples of N, which GPUs and vectorised CPU "
+                        "kernels run fastest; 1 turns rounding off (default: %(default)s)")
+    c.add_argument("--compile", action="store_true",
+                   help="run F and G through torch.compile inside the reversible segments (forward and "
+                        "recomputation); compiles on the first training step")
+    c.add_argument("--always-save", action="store_true",
+                   help="write the output even when no block was converted (by default a model without "
+                        "a convertible block is not copied to disk)")
     _conversion_flags(c)
     for name, helptext in (("memory", "estimate training memory, original vs converted"),
-                           ("report", "the main job: audit + conversion + memory on one page")):
-        m = sub.add_parser(name, help=helptext)
-        common(m)
-        m.add_argument("--batch-size", type=int, default=1)
-        m.add_argument("--optimizer", choices=["sgd", "sgd-momentum", "adam", "adamw"], default=None)
-        m.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+                           ("report", "the main job: audit, conversion and memory on one page")):
+        m = command(name, helptext)
+        m.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                       help="samples per training step (default: %(default)s)")
+        m.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, default=None,
+                       help="add this optimizer's state and step (default: none, i.e. forward and backward only)")
+        m.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                       help="parameter and input dtype (default: %(default)s)")
         _conversion_flags(m)
         if name == "memory":
-            m.add_argument("--plot", metavar="PNG", help="write a plot (needs the 'plot' extra)")
+            m.add_argument("--plot", metavar="PNG", help="also draw the profile to this file "
+                                                         "(needs matplotlib: pip install 'revconvert[plot]')")
     return p
 
 
@@ -113,12 +119,22 @@ def _conversion_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--checkpoint-stored", action="store_true",
                     help="also run the stored parts (stem, projection blocks) under activation "
                          "checkpointing: less memory, their forward runs twice")
-    sp.add_argument("--keep", choices=sorted(KEEP_POLICIES), default=None,
+    sp.add_argument("--keep", choices=KEEP_CHOICES, default=None,
                     help="couplings keep these outputs from the forward, so the backward recomputes less "
-                         "(every coupling, or those --recompute-budget picks)")
+                         "(every coupling, or those --recompute-budget picks; default: none)")
     sp.add_argument("--recompute-budget", type=_budget, default=None, metavar="FRACTION",
                     help="most extra FLOPs per step the memory-saving backward may cost, as a fraction of "
                          "ordinary autograd (e.g. 0.2); couplings keep outputs until it fits")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
 
 
 def _budget(text: str) -> float:
@@ -126,78 +142,163 @@ def _budget(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction such as 0.2, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (a fraction of the ordinary step's FLOPs), got {text!r}")
+    if not value >= 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite (a fraction of the ordinary step's FLOPs, "
+                                         f"e.g. 0.2), got {text!r}")
     return value
 
 
-def _config(args: argparse.Namespace, **kwargs: Any):  # noqa: ANN202 - ConvertConfig, imported lazily
-    import revconvert  # lazy: keeps torch out of the CLI start-up
-
-    return revconvert.ConvertConfig(checkpoint_stored=args.checkpoint_stored, keep=args.keep,
-                                    recompute_budget=args.recompute_budget, **kwargs)
-
-
-def _width(text: str) -> str | float:
-    if text in ("match-params", "keep"):
-        return text
+def _multiple(text: str) -> int:
     try:
-        return float(text)
+        value = int(text)
     except ValueError:
-        raise CLIError(f"--width must be match-params, keep or a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number such as 8, got {text!r}") from None
+    if not 1 <= value <= 128:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 128 (1: no rounding), got {text!r}")
+    return value
 
 
+# --------------------------------------------------------------------------------------------- #
+# running a command
+# --------------------------------------------------------------------------------------------- #
 def _run(args: argparse.Namespace) -> int:
+    # Checks that need no model come first: a typo must not cost a conversion.
+    output = check_output(args.output) if args.command == "convert" else None
+    if getattr(args, "plot", None):
+        check_output(args.plot, "--plot")
+    model = load_model(args.model)
+    shape = input_shape_for(model, args.input_size)
+    trace: dict[str, Any] = {}
+    if args.leaf_module:
+        trace["leaf_modules"] = leaf_modules_for(model, args.leaf_module)
+
+    import torch
+
     import revconvert  # lazy: keeps torch out of the CLI start-up
 
-    model = load_model(args.model)
-    example = (1, *args.input_size)
-    out: dict[str, Any] = {}
-    text: list[str] = []
+    example = (1, *shape)
     if args.command == "audit":
-        report = revconvert.audit(model, example)
-        out, text = report.to_dict(), [str(report)]
-    elif args.command == "convert":
-        config = _config(args, only=tuple(args.only) if args.only else None, width=_width(args.width))
+        report = revconvert.audit(model, example, **trace)
+        return _emit(args, report.to_dict(), [str(report)])
+
+    config = revconvert.ConvertConfig(checkpoint_stored=args.checkpoint_stored, keep=args.keep,
+                                      recompute_budget=args.recompute_budget, **trace)
+    if args.command == "convert":
+        from dataclasses import replace
+
+        config = replace(config, only=tuple(args.only) if args.only else None, width=args.width,
+                         width_multiple=args.width_multiple, compile=args.compile)
         converted = revconvert.convert(model, example, config=config)
-        torch.save(converted, args.output)
         summary = converted.revconvert_summary
-        out = {**summary.to_dict(), "output": args.output}
-        text = [str(summary), "", f"saved to {args.output} (load with torch.load(path, weights_only=False))"]
-    else:
-        if args.batch_size < 1:
-            raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
-        config = _config(args)
-        profile = revconvert.memory_profile(model, input_size=args.input_size, batch_size=args.batch_size,
-                                            dtype=_DTYPES[args.dtype], optimizer=args.optimizer, config=config)
-        if args.command == "report":
-            report = revconvert.audit(model, example)
-            converted = revconvert.convert(model, example, config=config)
-            summary = converted.revconvert_summary
-            out = {"audit": report.to_dict(), "conversion": summary.to_dict(), "memory": profile.to_dict()}
-            text = ["== Audit ==", report.summary(), "", "== Conversion ==", str(summary), "",
-                    f"== Memory (batch {args.batch_size}, {'x'.join(map(str, args.input_size))}) ==",
-                    str(profile)]
+        written = bool(summary.converted_blocks) or args.always_save
+        text = [str(summary), ""]
+        if written:
+            torch.save(converted, output)
+            text.append(f"saved to {output} (load with torch.load(path, weights_only=False), or pass the "
+                        f"file to revconvert memory/audit)")
         else:
-            out, text = profile.to_dict(), [str(profile)]
-            if getattr(args, "plot", None):
-                profile.plot(args.plot)
-                text.append(f"plot written to {args.plot}")
-    print(json.dumps(out, indent=2, default=str) if args.json else "\n".join(text))
+            text.append(f"nothing was converted, so {output} was not written (the copy would equal the "
+                        f"original); pass --always-save to write it anyway")
+        return _emit(args, {**summary.to_dict(), "output": str(output) if written else None}, text)
+
+    dtype = getattr(torch, args.dtype)
+    profile = revconvert.memory_profile(model, input_size=shape, batch_size=args.batch_size, dtype=dtype,
+                                        optimizer=args.optimizer, config=config)
+    if args.command == "report":
+        report = revconvert.audit(model, example, **trace)
+        # the batch memory_profile converted at, so that a budget warning reads the same and shows once
+        summary = revconvert.convert(model, (args.batch_size, *shape), config=config).revconvert_summary
+        out = {"audit": report.to_dict(), "conversion": summary.to_dict(), "memory": profile.to_dict()}
+        text = ["== Audit ==", report.summary(), "", "== Conversion ==", str(summary), "",
+                f"== Memory (batch {args.batch_size}, {'x'.join(map(str, shape))}) ==", str(profile)]
+        return _emit(args, out, text)
+    _emit(args, profile.to_dict(), [str(profile)])
+    if args.plot:
+        try:
+            profile.plot(args.plot)
+        except ImportError:
+            # The table is already out: say in one line why the plot is not.
+            _error("--plot needs matplotlib, which is not installed: pip install 'revconvert[plot]' "
+                   "(the table above is complete; no plot was written)")
+            return 1
+        print(f"plot written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``revconvert`` console script."""
-    from .errors import RevConvertError  # lazy: keeps torch out of the CLI start-up
+def _emit(args: argparse.Namespace, data: dict[str, Any], text: list[str]) -> int:
+    print(json.dumps(data, indent=2, default=str) if args.json else "\n".join(text), flush=True)
+    return 0
 
+
+# --------------------------------------------------------------------------------------------- #
+# messages: Python-facing advice worded for the command line, one line each
+# --------------------------------------------------------------------------------------------- #
+# (pattern, replacement): the library's messages speak to Python callers; on the command line the
+# same advice names flags. Rules are data; the replacement may use {model}.
+_CLI_WORDING: tuple[tuple[str, str], ...] = (
+    (r"pass leaf_modules=\['([^']+)'\]", r"pass --leaf-module \1"),
+    (r"pass leaf_modules=\[SomeModuleType\]", "pass --leaf-module NAME (a submodule or module class)"),
+    (r"leaf_modules=\[[^\]]*\]", "--leaf-module NAME"),
+    (r", or concrete_args=\.\.\. to fix", ", or (from Python only) concrete_args=... to fix"),
+    (r"run revconvert\.audit\(model\)", "run revconvert audit {model}"),
+    (r"ConvertConfig\.only names", "--only names"),
+    (r"ConvertConfig\.width_multiple", "--width-multiple"),
+    (r"ConvertConfig\.width", "--width"),
+    (r"check that example_input has the shape the model expects \(e\.g\. \(1, 3, 224, 224\) for an image "
+     r"model\)", "check --input-size (e.g. 3x224x224 for an image model)"),
+    (r"use batch_size >= 2 or a larger input_size", "use --batch-size 2 or more, or a larger --input-size"),
+    # messages name the function that raised; the tool's own prefix says enough
+    (r"^revconvert\.\w+: ", ""),
+    (r"^memory_profile: ", ""),
+)
+
+
+def _for_cli(message: str, model: str = "MODEL") -> str:
+    """One line: the first line of ``message`` (and its Hint line), worded for the command line."""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    if not lines:
+        return "(no message)"
+    hint = next((line for line in lines[1:] if line.startswith("Hint:")), None)
+    text = lines[0] + (f" {hint}" if hint else "")
+    for pattern, replacement in _CLI_WORDING:
+        text = re.sub(pattern, replacement.replace("{model}", model), text)
+    return text
+
+
+def _error(message: str) -> None:
+    print(f"revconvert: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``revconvert`` console script and of ``python -m revconvert``."""
     args = _parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (CLIError, RevConvertError, ImportError) as e:
-        print(f"revconvert {args.command}: error: {e}".splitlines()[0] if isinstance(e, CLIError)
-              else f"revconvert {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    seen: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        text = _for_cli(str(message), args.model)
+        if text not in seen:  # report converts twice (estimate and summary): say it once
+            seen.add(text)
+            print(f"revconvert: warning: {text}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        try:
+            return _run(args)
+        except CLIError as e:
+            _error(str(e))
+        except Exception as e:
+            from .errors import RevConvertError  # lazy: keeps torch out of the CLI start-up
+
+            # Errors a user can cause: the library raises its own errors or ValueError with a hint.
+            if not isinstance(e, (RevConvertError, ValueError, ImportError)):
+                raise
+            _error(_for_cli(str(e), args.model))
+        except KeyboardInterrupt:
+            _error("interrupted")
+            return 130
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import warnings
 
@@ -25,6 +26,7 @@ def _nparams(module):
 
 @pytest.mark.parametrize("name", sorted(RESNET_FAMILY))
 def test_family_converts_trains_and_keeps_stored_weights(name):
+    gc.collect()  # fx graphs are cyclic: free the previous model (up to 1.5 GB with its copy and grads)
     model = tv_model(name)
     converted = revconvert.convert(model, (1, 3, 64, 64))
     blocks, eligible = RESNET_FAMILY[name]
@@ -41,7 +43,10 @@ def test_family_converts_trains_and_keeps_stored_weights(name):
     for key, value in converted.state_dict().items():
         if ".rev_" not in key:
             assert torch.equal(value, original[key]), key
-    # forward and backward; every parameter gets a gradient
+    # forward and backward; every parameter gets a gradient (the original is not needed any more:
+    # freeing it keeps the peak at two copies of the weights, not three)
+    del model, original
+    gc.collect()
     converted(torch.randn(1, 3, 64, 64)).square().mean().backward()
     missing = [n for n, p in converted.named_parameters() if p.grad is None]
     assert not missing
@@ -66,30 +71,53 @@ def test_float64_gradients_equal_ordinary_autograd(name):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def _train(model, steps=24, seed=0):
+def _task(kind, gen, batches, size=16):
+    """Four classes, balanced per batch, signal well under the noise. ``quadrant``: a faint square
+    in one quadrant (a position; resnet18 reduces 32x32 to 1x1 and sees it). ``stripes``: faint
+    stripes at a random phase in one of four orientations (a texture, for a fully convolutional
+    net with global pooling, which cannot locate a quadrant well)."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    data = []
+    for _ in range(batches):
+        y = (torch.arange(size) % 4)[torch.randperm(size, generator=gen)]
+        x = torch.randn(size, 3, 32, 32, generator=gen)
+        if kind == "quadrant":
+            for i, c in enumerate(y.tolist()):
+                r, q = divmod(c, 2)
+                x[i, :, r * 16:(r + 1) * 16, q * 16:(q + 1) * 16] += 0.5
+        else:
+            phase = torch.rand(size, 1, 1, generator=gen) * 2 * torch.pi
+            coord = torch.stack([yy, xx, yy + xx, yy - xx])[y]
+            x += 0.5 * torch.sin(coord * (2 * torch.pi / 6) + phase)[:, None]
+        data.append((x, y))
+    return data
+
+
+def _held_out(model, data):
+    """Mean loss and accuracy on batches never trained on (train-mode norms: batch statistics,
+    as after a dozen steps the running statistics are not yet meaningful)."""
+    with torch.no_grad():
+        outs = [(model(x), y) for x, y in data]
+    loss = sum(nn.functional.cross_entropy(o, y).item() for o, y in outs) / len(outs)
+    acc = sum((o.argmax(1) == y).float().mean().item() for o, y in outs) / len(outs)
+    return loss, acc
+
+
+def _train(model, kind, lr, steps=12, seed=0):
+    """Adam on 4 fixed batches of 16, judged on 2 held-out batches: (loss before, loss after, acc after)."""
+    gen = torch.Generator().manual_seed(seed)
+    train, test = _task(kind, gen, 4), _task(kind, gen, 2)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(1)
-    # learnable: the class is which quadrant holds a bright square
-    xs, ys = [], []
-    for _ in range(4):
-        y = torch.randint(0, 4, (8,), generator=gen)
-        x = torch.randn(8, 3, 32, 32, generator=gen) * 0.3
-        for i, c in enumerate(y.tolist()):
-            r, q = divmod(c, 2)
-            x[i, :, r * 16:(r + 1) * 16, q * 16:(q + 1) * 16] += 1.5
-        xs.append(x)
-        ys.append(y)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
     model.train()
+    before, _ = _held_out(model, test)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     for step in range(steps):
-        x, y = xs[step % 4], ys[step % 4]
+        x, y = train[step % len(train)]
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    return sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    return (before, *_held_out(model, test))
 
 
 def _resnet18_4():
@@ -98,17 +126,31 @@ def _resnet18_4():
     return torchvision.models.resnet18(num_classes=4)
 
 
-@pytest.mark.parametrize("factory", [_resnet18_4, lambda: CifarResNet(n=2, num_classes=4)],
-                         ids=["resnet18", "cifar-resnet14"])
-def test_converted_model_learns_like_the_original(factory):
-    torch.manual_seed(0)
+LEARNING_CASES = {"resnet18": (_resnet18_4, "quadrant", 1e-3),
+                  "cifar-resnet14": (lambda: CifarResNet(n=2, num_classes=4), "stripes", 5e-3)}
+
+
+def check_learns_like_the_original(case, seed):
+    factory, kind, lr = LEARNING_CASES[case]
+    torch.manual_seed(seed)
     original = factory()
     converted = revconvert.convert(original, (2, 3, 32, 32))
-    first_o, last_o = _train(original)
-    first_c, last_c = _train(converted)
-    assert last_o < 0.5 * first_o  # the task is learnable
-    assert last_c < 0.5 * first_c  # and the converted network learns it too,
-    assert last_c < last_o + 0.2   # at least about as well
+    before_o, after_o, acc_o = _train(original, kind, lr, seed=seed)
+    before_c, after_c, acc_c = _train(converted, kind, lr, seed=seed)
+    report = f"original {before_o:.3f} -> {after_o:.3f} ({acc_o:.0%}), converted {before_c:.3f} -> {after_c:.3f} ({acc_c:.0%})"
+    # The task is learnable and generalises (held-out loss from ~1.5 to below 0.5, at least 3/4 right) ...
+    assert after_o < 0.35 * before_o and acc_o >= 0.75, report
+    # ... the converted network learns it too ...
+    assert after_c < 0.35 * before_c and acc_c >= 0.75, report
+    # ... at least about as well.
+    assert after_c <= max(2 * after_o, after_o + 0.2) and acc_c >= acc_o - 0.15, report
+
+
+@pytest.mark.parametrize("case", sorted(LEARNING_CASES))
+def test_converted_model_learns_like_the_original(case):
+    # Seeds 0-11 pass for both cases (checked when the test was written, torch 2.14 CPU); the
+    # criterion is held-out loss and accuracy after the run, not an average of noisy step losses.
+    check_learns_like_the_original(case, seed=0)
 
 
 def _meta_model(name):
@@ -153,10 +195,15 @@ def test_training_step_flops(name, limit):
 
 def test_caller_model_is_never_modified():
     model = tv_model("resnet18")
-    model.layer3.register_forward_hook(lambda *a: None)
+    model.layer3[0].conv1.register_forward_hook(lambda *a: None)  # a stored leaf: carried
     model.layer1.eval()
     before = snapshot(model)
     revconvert.convert(model, (2, 3, 64, 64))
+    assert_unchanged(model, before)
+    model.layer3.register_forward_hook(lambda *a: None)  # traced through: refused
+    before = snapshot(model)
+    with pytest.raises(ConversionError, match="layer3"):
+        revconvert.convert(model, (2, 3, 64, 64))
     assert_unchanged(model, before)
     assert not _segments(model)
 
@@ -279,8 +326,15 @@ def test_dropout_blocks_recompute_the_same_masks():
 def test_no_eligible_block_warns_and_stays_equivalent():
     import torchvision
 
-    model = torchvision.models.vgg11().eval()
+    with torch.device("meta"):  # vgg11's real weights are 0.5 GB (twice, with convert's copy)
+        vgg = torchvision.models.vgg11()
     with pytest.warns(UserWarning, match="no block of VGG can become reversible"):
+        revconvert.convert(vgg, (1, 3, 32, 32))
+    # equivalence, on a small model without residual blocks
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10)).eval()
+    with pytest.warns(UserWarning, match="no residual blocks"):
         converted = revconvert.convert(model, (1, 3, 32, 32))
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(converted.eval()(x), model(x))

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import saved_bytes
 from revconvert.runtime import ReversibleCoupling, ReversibleSegment, keep_spatial_convolutions
+from revconvert.runtime._keep import MIN_KEPT_FLOPS
 
 
 def bottleneck(c: int, mid: int, *, dropout: float = 0.0) -> nn.Sequential:
@@ -26,6 +27,8 @@ def segment(depth: int, c: int = 8, mid: int = 6, keep=None, dropout: float = 0.
     torch.manual_seed(0)
     couplings = [ReversibleCoupling(bottleneck(c, mid, dropout=dropout), bottleneck(c, mid, dropout=dropout),
                                     keep=keep) for _ in range(depth)]
+    for coupling in couplings:
+        coupling.keep_small = True  # these convolutions are tiny: keep them anyway, to test the mechanism
     return ReversibleSegment(couplings, exit_activation=nn.ReLU()).double()
 
 
@@ -110,3 +113,18 @@ def test_keep_is_shown_and_survives_deepcopy():
     coupling = ReversibleCoupling(nn.Identity(), nn.Identity(), keep="spatial-convs")
     assert "keep=keep_spatial_convolutions" in repr(coupling)
     assert copy.deepcopy(coupling).keep is keep_spatial_convolutions
+
+
+def test_convolutions_too_small_to_be_worth_keeping_are_recomputed():
+    depth, c, mid, n, hw = 2, 8, 6, 2, 5
+    x = torch.randn(n, 2 * c, hw, hw, dtype=torch.float64)
+    plain, kept = segment(depth, c, mid), segment(depth, c, mid, keep="spatial-convs")
+    for coupling in kept.couplings:
+        coupling.keep_small = False
+    # 2 * N*H*W * mid * mid*9 = 32400 FLOPs per 3x3 conv: under the CPU threshold, so nothing is kept.
+    assert 2 * n * hw * hw * mid * mid * 9 < MIN_KEPT_FLOPS["cpu"]
+    assert flops_of_step(kept, x) == flops_of_step(plain, x)
+    assert saved_bytes(kept, x.requires_grad_()) == saved_bytes(plain, x)
+    grads, ref = step(kept, x), step(plain, x)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)

@@ -2,13 +2,16 @@
 
 Shapes come from running the graph on *meta* tensors over a meta copy of the model's parameters, so
 the shape analysis of a batch of 1024 224x224 images allocates no activation memory and never
-touches the caller's parameters, buffers (BatchNorm running statistics) or train/eval mode.
+touches the caller's parameters, buffers (BatchNorm running statistics) or train/eval mode. No hook
+of the caller runs (see :mod:`revconvert.analysis.hooks`): modules are traced through by calling their
+``forward``, the meta copy has no hooks, and the global module hooks are set aside.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,9 +22,10 @@ from torch import nn
 from ..errors import TraceError
 from ..runtime import ReversibleSegment
 from ..runtime.checkpoint import CheckpointedRun, attach_checkpointed_modules
+from .hooks import no_global_hooks, strip_hooks
 
 __all__ = ["RevTracer", "trace", "tensor_shape", "module_of", "example_from", "meta_copy", "model_name",
-           "is_default_leaf"]
+           "unwrap_compiled", "is_default_leaf"]
 
 # Library modules kept as single nodes by default, so the surgery can copy them whole:
 # - subclasses of torch's norm layers defined elsewhere (timm's BatchNormAct2d, GroupNormAct,
@@ -63,6 +67,7 @@ class RevTracer(fx.Tracer):
         self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self._leaf_names = frozenset(n for n in leaf_modules if isinstance(n, str))
         self.current_module: list[str] = []
+        self.traced_through: set[str] = set()  # modules whose forward was traced (not leaves)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # A converted model's segments and runs are opaque.
@@ -75,17 +80,37 @@ class RevTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         # Remember which module is being traced so a failure can name it.
         # On an exception the stack is left as it is: its top names the innermost failing module.
-        self.current_module.append(self.path_of_module(m))
+        path = self.path_of_module(m)
+        self.current_module.append(path)
+        if not self.is_leaf_module(m, path):
+            # m.forward, not m(...): a hook on a traced-through module must not run on proxies
+            # (it would be baked into the graph, or record proxies in the caller's objects).
+            self.traced_through.add(path)
+            forward = m.forward
         out = super().call_module(m, forward, args, kwargs)
         self.current_module.pop()
         return out
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``model._orig_mod``), or ``model`` itself.
+
+    fx cannot trace an ``OptimizedModule`` (its forward is dynamo's); the module it compiles is the
+    model. Without ``torch._dynamo`` imported there can be no such wrapper, so it is not imported.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    while wrapper is not None and isinstance(model, wrapper):
+        model = model._orig_mod
+    return model
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are meta tensors (no data copied).
 
     The caller's model keeps its tensors, gradients, hooks and train/eval mode; the copy's
-    parameters carry no ``.grad``; tensors shared between modules stay shared.
+    parameters carry no ``.grad`` and its modules no hooks (the analysis runs it on meta tensors);
+    tensors shared between modules stay shared.
     """
     memo: dict[int, Any] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
@@ -93,7 +118,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
             meta = t.detach().to("meta")
             memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
                 else meta
-    return copy.deepcopy(model, memo)
+    return strip_hooks(copy.deepcopy(model, memo))
 
 
 def example_from(example_input: Any, dtype: torch.dtype | None = None) -> tuple[Any, ...]:
@@ -119,6 +144,44 @@ _SHAPE_PRESERVING = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm
                      nn.Dropout2d, nn.Identity)
 
 
+_CONV_MODULES = ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3))  # and subclasses (timm's Conv2dSame)
+_CONV_FUNCTIONS = {torch.nn.functional.conv1d: 1, torch.nn.functional.conv2d: 2, torch.nn.functional.conv3d: 3}
+
+
+class _Unbatched(ValueError):
+    """Raised inside the interpreter, re-raised by :func:`trace` without fx's node notes."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _check_batched(interp: fx.Interpreter, n: fx.Node) -> None:
+    """Refuse an example that reaches a convolution without a batch dimension.
+
+    PyTorch convolutions also accept one unbatched sample (``(C, H, W)`` for Conv2d); read as a
+    batch, its H would pass for the channels, and every width the analysis derives would be wrong.
+    """
+    if n.op == "call_module":
+        module = interp.fetch_attr(n.target)
+        spatial = next((d for kind, d in _CONV_MODULES if isinstance(module, kind)), None)
+        name = f"'{n.target}' ({type(module).__name__})"
+    elif n.op == "call_function":
+        spatial = _CONV_FUNCTIONS.get(n.target)
+        name = f"{getattr(n.target, '__name__', n.target)} ({n.name})"
+    else:
+        return
+    first = n.args[0] if n.args else None
+    val = interp.env.get(first) if isinstance(first, fx.Node) else None
+    if spatial is None or not isinstance(val, torch.Tensor) or val.dim() != spatial + 1:
+        return
+    shape = tuple(val.shape)
+    raise _Unbatched(
+        f"the example input reaches {name} as shape {shape}, one sample without a batch dimension "
+        f"(PyTorch reads it as unbatched); revconvert needs a batch with channels on dimension 1. "
+        f"Hint: add a batch dimension, e.g. example_input={(1, *shape)}")
+
+
 class _MetaShapeProp(fx.Interpreter):
     """Runs the graph on meta tensors, storing each node's output in ``node.meta["val"]``."""
 
@@ -130,7 +193,7 @@ class _MetaShapeProp(fx.Interpreter):
     def _real_fallback(self, n: fx.Node) -> Any:
         """Leaf modules with data-dependent code cannot run on meta tensors: run a copy of the
         module on zeros of the right shape instead (the caller's module is not touched)."""
-        module = copy.deepcopy(self.real_root.get_submodule(n.target))
+        module = strip_hooks(copy.deepcopy(self.real_root.get_submodule(n.target)))
         def real(a: Any) -> Any:
             return torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) and a.is_meta else a
         meta_args, meta_kwargs = self.fetch_args_kwargs_from_env(n)
@@ -149,12 +212,15 @@ class _MetaShapeProp(fx.Interpreter):
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         module = self.fetch_attr(target)
-        if isinstance(module, _SHAPE_PRESERVING) and len(args) == 1 and not kwargs \
+        # ReversibleSegment too: a coupling keeps the shape, and its batch norms would refuse a
+        # batch of one at 1x1 in train mode, which only shape propagation ever runs.
+        if isinstance(module, _SHAPE_PRESERVING + (ReversibleSegment,)) and len(args) == 1 and not kwargs \
                 and isinstance(args[0], torch.Tensor):
             return torch.empty_like(args[0])  # same shape and dtype; skips slow meta decompositions
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
+        _check_batched(self, n)
         try:
             try:
                 result = super().run_node(n)
@@ -204,8 +270,16 @@ def trace(model: nn.Module, example_input: Any = None, *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_compiled(model)  # audit and memory reports of torch.compile(model) are of model
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     args = example_from(example_input, dtype)
+    with no_global_hooks():
+        return _trace(model, args, leaf_modules, autowrap_functions, concrete_args, share_modules)
+
+
+def _trace(model: nn.Module, args: tuple[Any, ...], leaf_modules: Iterable[type | str],
+           autowrap_functions: Iterable[Callable[..., Any]], concrete_args: dict[str, Any] | None,
+           share_modules: bool) -> fx.GraphModule:
     tracer = RevTracer(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     root = model if share_modules else meta_copy(model)
     try:
@@ -216,7 +290,7 @@ def trace(model: nn.Module, example_input: Any = None, *,
                 raise
             # Code that reads parameter values while traced (``.item()``) cannot run on meta
             # tensors: trace a real copy instead, still never the caller's model.
-            root = copy.deepcopy(model)
+            root = strip_hooks(copy.deepcopy(model))
             tracer = RevTracer(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
             graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as e:
@@ -229,13 +303,17 @@ def trace(model: nn.Module, example_input: Any = None, *,
             f"kept as one opaque node (it then stays stored, never reversible), or concrete_args=... "
             f"to fix non-tensor arguments that drive control flow.") from e
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    gm.meta["revconvert"] = {"traced_through": frozenset(tracer.traced_through)}
     attach_checkpointed_modules(gm)  # the graph names a CheckpointedRun, not the modules it runs
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(args) > len(placeholders):
         raise TraceError(f"example_input has {len(args)} tensors but {type(model).__name__}.forward "
                          f"takes {len(placeholders)} inputs")
     meta_args = [a.detach().to("meta") if isinstance(a, torch.Tensor) else a for a in args]
-    _MetaShapeProp(gm, root if not share_modules else meta_copy(model), model).run(*meta_args)
+    try:
+        _MetaShapeProp(gm, root if not share_modules else meta_copy(model), model).run(*meta_args)
+    except _Unbatched as e:
+        raise ValueError(e.message) from None
     return gm
 
 
@@ -253,5 +331,6 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 def model_name(model: nn.Module) -> str:
     """The name reports use: the class name, or the original's for a converted model."""
+    model = unwrap_compiled(model)
     summary = getattr(model, "revconvert_summary", None)
     return getattr(summary, "model", None) or type(model).__name__

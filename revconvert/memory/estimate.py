@@ -4,7 +4,8 @@ The model is deep-copied onto the meta device (no data), converted if asked, tra
 parameters and buffers become ``FakeTensor``s (shape, dtype and device, no data); and one training step runs on a fake input batch under the same instruments
 that ``measure_memory`` uses on real tensors. A batch of 1024 224x224 images costs seconds and no
 activation memory. The caller's model is never touched: not its parameters, buffers (batch-norm
-running statistics), train/eval mode or hooks.
+running statistics), train/eval mode or hooks, and none of its hooks (nor a global module hook) runs:
+the estimate is of the model without them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..analysis.tracing import meta_copy, model_name
+from ..analysis.hooks import no_global_hooks
+from ..analysis.tracing import meta_copy, model_name, unwrap_compiled
 from ..passes.convert import ConvertConfig, convert
 from ..runtime import ReversibleSegment
 from .optim import optimizer_spec
@@ -55,7 +57,8 @@ def memory_profile(
 
     Args:
         model: the model; it is neither modified nor run (a fake copy is).
-        input_size: one sample's shape, ``(C, H, W)``, or an int ``S`` for ``(3, S, S)``.
+        input_size: one sample's shape, ``(C, H, W)`` (or ``(C, L)``, ``(C, D, H, W)`` for Conv1d or
+            Conv3d models), or an int ``S`` for ``(3, S, S)``.
         batch_size: samples per batch (positive).
         dtype: parameter and input dtype: a ``torch.dtype`` or one of :data:`DTYPES`' names.
         optimizer: None, "sgd", "sgd-momentum", "adam" or "adamw"; adds its state and step.
@@ -86,7 +89,8 @@ def memory_profile(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    shape = _check_input_size(input_size)
+    model = unwrap_compiled(model)  # torch.compile(model): estimate the module it wraps (run eagerly)
+    shape = _check_input_size(input_size, model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dtype = _check_dtype(dtype)
@@ -101,14 +105,15 @@ def memory_profile(
     config = _check_config(config, trace_options)
     trace_options = {name: getattr(config, name) for name in TRACE_OPTIONS}
 
-    original = _estimate(model, shape, batch_size, dtype, optimizer, device, None, trace_options)
-    gc.collect()  # fx graphs are cyclic: release the first copy before making the second
-    conv = None
-    # A model that is already converted is profiled as it is: there is nothing to compare it with.
-    already = any(isinstance(m, ReversibleSegment) for m in model.modules())
-    if converted and not already:
-        conv = _estimate(model, shape, batch_size, dtype, optimizer, device, config, trace_options)
-        gc.collect()
+    with no_global_hooks():  # the step runs on fake tensors: no hook of the caller's may see them
+        original = _estimate(model, shape, batch_size, dtype, optimizer, device, None, trace_options)
+        gc.collect()  # fx graphs are cyclic: release the first copy before making the second
+        conv = None
+        # A model that is already converted is profiled as it is: there is nothing to compare it with.
+        already = any(isinstance(m, ReversibleSegment) for m in model.modules())
+        if converted and not already:
+            conv = _estimate(model, shape, batch_size, dtype, optimizer, device, config, trace_options)
+            gc.collect()
     return MemoryProfile(original=original, converted=conv, batch_size=batch_size, input_size=shape,
                          dtype=str(dtype).removeprefix("torch."), device=device.type,
                          model_name=model_name(model))
@@ -125,17 +130,24 @@ def _check_config(config: ConvertConfig | None, trace_options: dict[str, Any]) -
     return config
 
 
-def _check_input_size(input_size: Sequence[int] | int) -> tuple[int, ...]:
+def _check_input_size(input_size: Sequence[int] | int, model: nn.Module) -> tuple[int, ...]:
     if isinstance(input_size, int) and not isinstance(input_size, bool):
         input_size = (3, input_size, input_size)
     try:
         shape = tuple(input_size)
     except TypeError:
         shape = ()
-    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    # One sample of a model whose first convolution is k-dimensional is (C, *k sizes): (C, H, W) for
+    # images, (C, L) for Conv1d models, (C, D, H, W) for Conv3d ones. Without a convolution, any rank.
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    rank = len(conv.kernel_size) + 1 if conv is not None else None
+    form = {2: "(C, L)", 3: "(C, H, W)", 4: "(C, D, H, W)"}.get(rank or 0, "(C, H, W)")
+    if (not shape or (rank is not None and len(shape) != rank)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
         raise ValueError(
-            f"input_size must be one sample's shape (C, H, W) with positive ints, e.g. (3, 224, 224), "
-            f"or an int S meaning (3, S, S); got {input_size!r}")
+            f"input_size must be one sample's shape {form} with positive ints"
+            + (f" ({type(model).__name__}'s first convolution is {type(conv).__name__})" if conv else "")
+            + f", e.g. (3, 224, 224) for an image model, or an int S meaning (3, S, S); got {input_size!r}")
     return shape
 
 

@@ -8,7 +8,6 @@ recompile, on a deep copy: the caller's model is never modified. Everything that
 
 from __future__ import annotations
 
-import copy
 import difflib
 import warnings
 from collections.abc import Callable
@@ -20,21 +19,26 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.audit import Analysis, analyze
+from ..analysis.hooks import copy_sharing_hooks, module_hooks, no_global_hooks
 from ..analysis.ops import mutated_inputs
-from ..analysis.tracing import example_from
+from ..analysis.propagation import plan_channels
+from ..analysis.tracing import example_from, unwrap_compiled
+from .._format import format_bytes
 from ..errors import ConversionError
 from ..runtime import ReversibleCoupling, ReversibleSegment
 from ..runtime._keep import KEEP_POLICIES
 from ..runtime.checkpoint import attach_checkpointed_modules
 from .checkpoint_stored import _checkpoint_stored_parts
+from .hooks import carry_root_hooks, check_hooks
 from .recompute import plan_recompute
-from .summary import ConversionSummary, keep_summary
-from ..analysis.propagation import plan_channels
+from .summary import ConversionSummary, combine_summaries, keep_summary
 from .surgery import build_residual_function, choose_widths, out_of_place_copy
 
 __all__ = ["ConvertConfig", "ConversionSummary", "convert"]
 
 _WIDTHS = ("match-params", "keep")
+# recompute_budget warns when the planned model saves at least this share of ordinary autograd's bytes
+_LITTLE_SAVING = 0.9
 _POST = ("move", "drop")
 
 
@@ -49,6 +53,9 @@ class ConvertConfig:
         width: inner width of F and G: ``"match-params"`` (scaled so the coupling has about the
             parameters of the block it replaces), ``"keep"`` (original inner widths, on half the
             outer channels), or a float factor applied to the inner widths.
+        width_multiple: inner widths of F and G are rounded to multiples of this (default 8, which
+            tensor cores and vectorised CPU kernels run fastest; 1 turns rounding off). A block whose
+            parameter match would then miss by more than 10% keeps unrounded widths.
         post_activation: ``"move"`` puts the activation that followed the residual addition at the
             front of F and G and applies it once at the segment exit; ``"drop"`` removes it.
         zero_init: start the last norm of F and G at zero so every coupling starts as the identity.
@@ -66,6 +73,10 @@ class ConvertConfig:
             (``ckpt_stem``, ``ckpt_layer2_0``, ...): autograd keeps only each part's inputs and runs
             its forward again in the backward pass, so a training step costs their forward FLOPs
             once more. Parameter names and ``state_dict`` keys are unchanged.
+        compile: run the couplings' F and G through ``torch.compile`` (True, or a dict of its
+            options) in the forward and in the recomputation (``ReversibleSegment(compile=...)``).
+            ``torch.compile(converted)`` alone compiles the stored parts and leaves each reversible
+            segment as an eager graph break; this compiles inside them too.
         leaf_modules, autowrap_functions, concrete_args: tracing options (see ``revconvert.audit``).
 
     Example:
@@ -76,12 +87,14 @@ class ConvertConfig:
     only: tuple[str, ...] | None = None
     select: Callable[[str], bool] | None = None
     width: str | float = "match-params"
+    width_multiple: int = 8
     post_activation: str = "move"
     zero_init: bool = True
     memory_saving: bool = True
     keep: str | None = None
     recompute_budget: float | None = None
     checkpoint_stored: bool = False
+    compile: bool | dict = field(default=False, hash=False)
     leaf_modules: tuple[type | str, ...] = ()
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
     concrete_args: dict[str, Any] | None = field(default=None, hash=False)
@@ -94,6 +107,12 @@ class ConvertConfig:
                              f"got {self.width!r}")
         if not isinstance(self.width, str) and not (isinstance(self.width, (int, float)) and self.width > 0):
             raise ValueError(f"ConvertConfig.width must be positive, got {self.width!r}")
+        if not isinstance(self.compile, (bool, dict)):
+            raise ValueError(f"ConvertConfig.compile must be a bool or a dict of torch.compile options, "
+                             f"got {self.compile!r}")
+        multiple = self.width_multiple
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or not 1 <= multiple <= 128:
+            raise ValueError(f"ConvertConfig.width_multiple must be an integer from 1 to 128, got {multiple!r}")
         if self.post_activation not in _POST:
             raise ValueError(f"ConvertConfig.post_activation must be one of {_POST}, got {self.post_activation!r}")
         if self.keep is not None and self.keep not in KEEP_POLICIES:
@@ -142,6 +161,20 @@ def _check_example(example_input: Any) -> None:
                               f"such as (1, 3, 224, 224) with channels on dimension 1")
 
 
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper compiles, with a warning: the result is not compiled."""
+    inner = unwrap_compiled(model)
+    if inner is model:
+        return model
+    if module_hooks(model):
+        raise ConversionError(f"the torch.compile wrapper has hooks of its own ({', '.join(module_hooks(model))}); "
+                              f"convert the module it wraps (model._orig_mod) and register them on the result")
+    warnings.warn(f"revconvert.convert: the model is a torch.compile wrapper; converting the module it wraps "
+                  f"({type(inner).__name__}, model._orig_mod). The result is not compiled: call "
+                  f"torch.compile(converted) on it", stacklevel=3)
+    return inner
+
+
 def _eliminate_dead_code(gm: fx.GraphModule) -> None:
     """Drop nodes whose value nothing uses, except side effects: fx's own pass would also drop an
     in-place call whose result is unused (``h.mul_(2)`` as a statement), changing what the model
@@ -162,7 +195,7 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> tuple[list[str], dict
         couplings = []
         for block in blocks:
             plan = plan_channels(gm, block, nodes)
-            widths = choose_widths(plan, config.width)
+            widths = choose_widths(plan, config.width, config.width_multiple)
             if config.width == "match-params" and abs(widths.ratio - 1) > 0.1:
                 mismatched[block.name] = widths.ratio
             pre = None
@@ -175,11 +208,17 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> tuple[list[str], dict
         exit_act = None
         if last.post_op and config.post_activation == "move":
             exit_act = out_of_place_copy(gm, nodes[last.post_op])
-        segment = ReversibleSegment(couplings, dim=1, exit_activation=exit_act)
+        segment = ReversibleSegment(couplings, dim=1, exit_activation=exit_act, compile=config.compile)
         segment.use_reversible_backward = config.memory_saving
         segment.source_blocks = tuple(b.name for b in blocks)
+        # The rebuilt layers are copies of the originals: they carry their requires_grad and their
+        # train/eval mode (a norm kept in eval mode to freeze its statistics stays so); train() on the
+        # segment must not reset those modes.
+        modes = {m: m.training for c in couplings for m in c.modules() if m is not c}
         segment.train(gm.get_submodule(nodes[blocks[0].branch[0]].target).training
                       if nodes[blocks[0].branch[0]].op == "call_module" else gm.training)
+        for m, mode in modes.items():
+            m.training = mode
         gm.add_submodule(seg_name, segment)
 
         entry, exit_node = nodes[blocks[0].fork], nodes[last.output]
@@ -209,8 +248,9 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
     if config.keep is None and config.recompute_budget is None:
         return [], None
     policy = KEEP_POLICIES[config.keep or "spatial-convs"]
-    couplings = {f"{seg}.couplings.{k}": c for seg in analysis.runs
-                 for k, c in enumerate(gm.get_submodule(seg).couplings)}
+    # Every coupling of the model, those of an earlier conversion too: the plan is of the whole model.
+    couplings = {f"{name}.couplings.{k}": c for name, seg in gm.named_modules()
+                 if isinstance(seg, ReversibleSegment) for k, c in enumerate(seg.couplings)}
     if config.recompute_budget is None:
         names, overhead = list(couplings), None
     else:
@@ -220,10 +260,25 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
         if not plan.met:
             warnings.warn(f"revconvert.convert: recompute_budget={config.recompute_budget} cannot be met; with "
                           f"every coupling keeping its outputs the memory-saving backward still adds "
-                          f"{plan.overhead:.1%} FLOPs per step (the stored parts and the 1x1 convolutions "
+                          f"{plan.overhead:.1%} FLOPs per step ("
+                          f"{'the stored parts and ' if config.checkpoint_stored else ''}the 1x1 convolutions "
                           f"are recomputed)", stacklevel=3)
+        if plan.saved_bytes >= _LITTLE_SAVING * plan.ordinary_saved_bytes:
+            warnings.warn(
+                f"revconvert.convert: with recompute_budget={config.recompute_budget}, {len(plan.kept)} coupling(s) "
+                f"keep their outputs and the converted model saves {format_bytes(plan.saved_bytes)} for backward "
+                f"at the example input, {plan.saved_bytes / max(plan.ordinary_saved_bytes, 1):.0%} of the "
+                f"{format_bytes(plan.ordinary_saved_bytes)} it saves under ordinary autograd (the default "
+                f"conversion: {format_bytes(plan.recompute_saved_bytes)}): at this budget the conversion buys "
+                f"little or no memory. Raise recompute_budget (at "
+                f"{plan.recompute_flops / plan.ordinary_flops:.2f} nothing is kept), or train the original model",
+                stacklevel=3)
+    for coupling in couplings.values():
+        coupling.keep = None
     for name in names:
         couplings[name].keep = policy
+        # A plan must hold at every batch size: its couplings keep every selected op, however small.
+        couplings[name].keep_small = config.recompute_budget is not None
     return names, overhead
 
 
@@ -257,14 +312,17 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     config = config or ConvertConfig()
     if not isinstance(config, ConvertConfig):
         raise TypeError(f"config must be a revconvert.ConvertConfig, got {type(config).__name__}")
+    model = _unwrap_compiled(model)
     _check_example(example_input)
     trace_options = dict(leaf_modules=config.leaf_modules, autowrap_functions=config.autowrap_functions,
                          concrete_args=config.concrete_args)
-    work = copy.deepcopy(model)  # every edit below happens on this copy
+    work = copy_sharing_hooks(model)  # every edit below happens on this copy
     analysis = analyze(work, example_input, share_modules=True, **trace_options)
     select = _selector(analysis, config)
     if select is not None:
         analysis = analyze(work, example_input, select=select, share_modules=True, **trace_options)
+    check_hooks(work, analysis)
+    analysis.graph_module.meta.pop("revconvert", None)  # the trace's notes, not the converted model's
     report = analysis.report
     params_before = sum(p.numel() for p in model.parameters())
     converted_blocks, mismatched = _rewrite(analysis, config)
@@ -276,18 +334,24 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
                       f"matched by scaling its inner widths; see revconvert_summary.param_mismatch",
                       stacklevel=2)
     gm = analysis.graph_module
-    checkpointed = _checkpoint_stored_parts(gm) if config.checkpoint_stored else {}
     gm.training = model.training
-    kept, overhead = _apply_keep(gm, analysis, example_input, config)
+    checkpointed = _checkpoint_stored_parts(gm) if config.checkpoint_stored else {}
+    with no_global_hooks():  # the planner runs a meta copy
+        kept, overhead = _apply_keep(gm, analysis, example_input, config)
     stored = {b.name: f"{b.reason}: {b.message}" for b in report.blocks if not b.reversible}
-    keep_summary(gm, ConversionSummary(
+    summary = ConversionSummary(
         model=report.model, blocks=len(report.blocks), converted_blocks=converted_blocks,
         segments={name: [b.name for b in blocks] for name, blocks in analysis.runs.items()},
         stored_reasons=stored, params_before=params_before,
         params_after=sum(p.numel() for p in gm.parameters()),
         not_selected=[b.name for b in report.blocks if b.reversible and not b.selected],
         kept_couplings=kept, recompute_overhead=overhead, checkpointed=checkpointed,
-        param_mismatch=mismatched))
+        param_mismatch=mismatched)
+    previous = getattr(model, "revconvert_summary", None)
+    if isinstance(previous, ConversionSummary):  # re-converting: report both conversions as one
+        summary = combine_summaries(previous, summary, [s.name for s in report.segments])
+    keep_summary(gm, summary)
+    carry_root_hooks(model, gm)
     if not converted_blocks and report.converted_segments:
         warnings.warn(f"revconvert.convert: {report.model} is already converted "
                       f"({len(report.converted_segments)} reversible segments) and has no further eligible "

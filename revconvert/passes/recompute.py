@@ -24,7 +24,7 @@ from torch.utils.flop_counter import flop_registry
 from .._loss import training_loss
 from ..analysis.tracing import meta_copy
 from ..runtime import ReversibleSegment, ordinary_autograd
-from ..runtime._keep import KeepPolicy, Record, Replay
+from ..runtime._keep import KeepPolicy, recording, replaying
 
 __all__ = ["CouplingCost", "RecomputePlan", "plan_recompute"]
 
@@ -60,6 +60,10 @@ class RecomputePlan:
         kept_bytes: bytes they keep at the example input.
         saved_flops: recomputation FLOPs they save at the example input.
         costs: every coupling's cost, in model order.
+        ordinary_saved_bytes: bytes saved for backward by the step under ordinary autograd (about
+            what the original model saves), parameters and buffers excluded.
+        recompute_saved_bytes: the same for the memory-saving step when nothing is kept (the
+            default conversion).
     """
 
     budget: float
@@ -69,6 +73,13 @@ class RecomputePlan:
     kept_bytes: int = 0
     saved_flops: int = 0
     costs: list[CouplingCost] = field(default_factory=list)
+    ordinary_saved_bytes: int = 0
+    recompute_saved_bytes: int = 0
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes the planned model saves for backward at the example input."""
+        return self.recompute_saved_bytes + self.kept_bytes
 
     @property
     def overhead(self) -> float:
@@ -100,10 +111,25 @@ class FlopCount(TorchDispatchMode):
         return out
 
 
-def _step_flops(model: nn.Module, args: Sequence[Any]) -> int:
+def _step_cost(model: nn.Module, args: Sequence[Any]) -> tuple[int, int]:
+    """FLOPs of one training step, and the bytes its forward saves for backward (once per storage,
+    parameters and buffers excluded)."""
+    skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+    alive = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        alive.append(storage)  # keeps storage ids unique while counting
+        if storage._cdata not in skip:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
     with FlopCount() as counter:
-        training_loss(model(*args)).backward()
-    return counter.total
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = training_loss(model(*args))
+        loss.backward()
+    return counter.total, sum(saved.values())
 
 
 def _coupling_costs(model: nn.Module, args: Sequence[Any], policy: KeepPolicy) -> list[CouplingCost]:
@@ -127,26 +153,36 @@ def _coupling_costs(model: nn.Module, args: Sequence[Any], policy: KeepPolicy) -
             for k, coupling in enumerate(seg.couplings):
                 kept_bytes = saved = 0
                 for fn, arg in ((coupling.F, x2), (coupling.G, x1)):
-                    with Record(policy) as rec:
+                    # The runtime's own mechanism, so the plan keeps exactly what a step will keep.
+                    with recording(policy, fn, keep_small=True) as kept:
                         fn(arg)
                     with FlopCount() as full:
                         fn(arg)
-                    with FlopCount() as replayed, \
-                            Replay(policy, rec.kept, rec.signatures, f"{seg_name}.couplings[{k}]"):
+                    with FlopCount() as replayed, replaying(policy, fn, kept, f"{seg_name}.couplings[{k}]"):
                         fn(arg)
-                    kept_bytes += sum(t.numel() * t.element_size() for t in rec.kept)
+                    kept_bytes += sum(t.numel() * t.element_size() for t in kept.saved())
                     saved += full.total - replayed.total
                 costs.append(CouplingCost(f"{seg_name}.couplings.{k}", kept_bytes, saved))
     return costs
 
 
+class _FreshLike(nn.Module):
+    """A stand-in for a batch norm on meta tensors: a new tensor of the input's shape with autograd
+    history (as the norm's output is), so an in-place op after it leaves the input alone; no
+    counted FLOPs, no compute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
 def _drop_batch_norms(model: nn.Module) -> None:
-    """Replace batch norms by identities in a meta copy: they cost no counted FLOPs and keep shapes,
-    and batch norm on meta tensors runs a Python decomposition that dominates the planning time."""
+    """Replace batch norms by fresh-tensor stand-ins in a meta copy: they cost no counted FLOPs and
+    keep shapes, and batch norm on meta tensors runs a Python decomposition that dominates the
+    planning time."""
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, nn.Identity())
+            setattr(model.get_submodule(parent), child, _FreshLike())
 
 
 def plan_recompute(model: nn.Module, example_args: Sequence[Any], budget: float,
@@ -175,10 +211,11 @@ def plan_recompute(model: nn.Module, example_args: Sequence[Any], budget: float,
     args = [a.detach().to("meta").requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
             for a in example_args]
     with ordinary_autograd():
-        ordinary = _step_flops(meta, args)
-    full = _step_flops(meta, args)
+        ordinary, ordinary_saved = _step_cost(meta, args)
+    full, full_saved = _step_cost(meta, args)
     plan = RecomputePlan(budget=budget, ordinary_flops=ordinary, recompute_flops=full - ordinary,
-                         costs=_coupling_costs(meta, args, policy))
+                         costs=_coupling_costs(meta, args, policy), ordinary_saved_bytes=ordinary_saved,
+                         recompute_saved_bytes=full_saved)
     order = {c.name: i for i, c in enumerate(plan.costs)}
     # Cheapest bytes per saved FLOP first; among equals, the later coupling (its backward runs first).
     for cost in sorted(plan.costs, key=lambda c: (c.bytes_per_flop, -order[c.name])):

@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from .._format import format_count, render_table
 
-__all__ = ["ConversionSummary", "keep_summary"]
+__all__ = ["ConversionSummary", "keep_summary", "combine_summaries"]
 
 
 @dataclass
@@ -27,6 +27,7 @@ class ConversionSummary:
     kept_couplings: list[str] = field(default_factory=list)
     recompute_overhead: float | None = None
     checkpointed: dict[str, list[str]] = field(default_factory=dict)
+    conversions: int = 1
     # block -> its coupling's parameters / the block's, where more than 10% off (a branch of one
     # convolution has no inner width to scale: its coupling has about half the parameters)
     param_mismatch: dict[str, float] = field(default_factory=dict)
@@ -37,11 +38,13 @@ class ConversionSummary:
 
     def __str__(self) -> str:
         lines = [f"{self.model}: converted {len(self.converted_blocks)} of {self.blocks} residual blocks "
-                 f"into {len(self.segments)} reversible segment(s); parameters "
+                 f"into {len(self.segments)} reversible segment(s)"
+                 f"{f' in {self.conversions} conversions' if self.conversions > 1 else ''}; parameters "
                  f"{format_count(self.params_before)} -> {format_count(self.params_after)} "
                  f"({self.param_ratio:.3f}x)"]
         if self.segments:
-            rows = [(name, len(blocks), f"{blocks[0]} .. {blocks[-1]}") for name, blocks in self.segments.items()]
+            rows = [(name, len(blocks), blocks[0] if len(blocks) == 1 else f"{blocks[0]} .. {blocks[-1]}")
+                    for name, blocks in self.segments.items()]
             lines += ["", render_table(("segment", "couplings", "replaces"), rows, align="lrl")]
         if self.not_selected:
             lines += ["", f"Eligible but not selected by the config ({len(self.not_selected)}): "
@@ -74,3 +77,28 @@ def keep_summary(gm: fx.GraphModule, summary: ConversionSummary) -> None:
     # GraphModule.__deepcopy__ rebuilds the module and keeps only attributes listed here.
     preserved = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
     gm.meta.setdefault(preserved, {})["revconvert_summary"] = summary
+
+
+def combine_summaries(previous: ConversionSummary, new: ConversionSummary,
+                      segment_order: list[str]) -> ConversionSummary:
+    """The summary of converting an already converted model: ``previous`` (what its conversion did)
+    and ``new`` (what this one did), as one conversion of the original model would report them.
+
+    ``segment_order`` lists the converted model's segments in graph order.
+    """
+    segments = {**previous.segments, **new.segments}
+    rank = {name: i for i, name in enumerate(segment_order)}
+    segments = {name: segments[name] for name in sorted(segments, key=lambda n: rank.get(n, len(rank)))}
+    return ConversionSummary(
+        model=previous.model, blocks=previous.blocks,
+        converted_blocks=[block for blocks in segments.values() for block in blocks],
+        segments=segments,
+        stored_reasons=new.stored_reasons, params_before=previous.params_before, params_after=new.params_after,
+        not_selected=new.not_selected,
+        # keep / recompute_budget of the new conversion set (or reset) every coupling's keep
+        kept_couplings=new.kept_couplings if new.kept_couplings or new.recompute_overhead is not None
+        else previous.kept_couplings,
+        recompute_overhead=new.recompute_overhead if new.recompute_overhead is not None
+        else previous.recompute_overhead,
+        checkpointed={**previous.checkpointed, **new.checkpointed},
+        conversions=previous.conversions + new.conversions)

@@ -16,6 +16,7 @@ moves to the front of F and G (pre-activation style).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import operator
@@ -30,6 +31,7 @@ from ..analysis.channels import OUTER, ChannelPlan, ModulePlan, param_expression
 from ..analysis.graph import ResidualBlock
 from ..analysis.ops import mutated_inputs
 from ..errors import ConversionError
+from ..runtime._state import name_draws_random
 
 __all__ = ["Widths", "choose_widths", "build_residual_function", "NodeOp", "out_of_place_copy"]
 
@@ -54,6 +56,12 @@ class NodeOp(nn.Module):
         if self.op == "call_method":
             return getattr(args[0], self.target)(*args[1:], **self.kwargs)
         return self.target(*args, **self.kwargs)
+
+    @property
+    def draws_random(self) -> bool:
+        """Whether the wrapped function may draw random numbers (the runtime then replays them)."""
+        name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", "")
+        return name_draws_random(name)
 
     def extra_repr(self) -> str:
         name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", self.target)
@@ -83,26 +91,38 @@ class Widths:
         return self.params / max(self.target, 1)
 
 
-def choose_widths(plan: ChannelPlan, width: str | float) -> Widths:
+def choose_widths(plan: ChannelPlan, width: str | float, multiple: int = 1) -> Widths:
     """The widths of F and G for ``plan``.
 
     ``width="match-params"`` picks the inner-width scale whose two residual functions together have
     the parameter count closest to the original branch; ``"keep"`` keeps inner widths; a number
-    scales them by that factor. A branch without inner widths (one convolution) cannot be matched:
-    its coupling has about half the parameters, which :func:`revconvert.convert` reports.
+    scales them by that factor. Inner widths are multiples of ``multiple`` (hardware likes channel
+    counts that are multiples of 8) and of every group count acting on them; where rounding to
+    ``multiple`` would move a matched coupling more than 10% away from the block's parameters, only
+    the group counts are honoured. A branch without inner widths (one convolution) cannot be
+    matched: its coupling has about half the parameters, which :func:`revconvert.convert` reports.
     """
     half = plan.widths[OUTER] // 2
     target = plan.param_count(plan.widths)
+    rounded = dataclasses.replace(plan, align={**plan.align, **{
+        g: math.lcm(plan.align.get(g, 1), max(1, multiple)) for g in plan.inner_groups}})
 
-    def at(scale: float) -> Widths:
-        groups = plan.new_widths(half, scale)
-        return Widths(groups, scale, 2 * plan.param_count(groups), target)
+    def at(p: ChannelPlan, scale: float) -> Widths:
+        groups = p.new_widths(half, scale)
+        return Widths(groups, scale, 2 * p.param_count(groups), target)
 
     if width == "keep" or not plan.inner_groups:
-        return at(1.0)
+        return at(plan, 1.0)
     if not isinstance(width, str):
-        return at(float(width))
-    return at(_best_scale(tuple(sorted(plan.widths.items())), tuple(sorted(plan.align.items())), plan.counted))
+        return at(rounded, float(width))
+    best = at(rounded, _best_scale(*_key(rounded)))
+    if abs(best.ratio - 1) > 0.10 and rounded.align != plan.align:
+        best = at(plan, _best_scale(*_key(plan)))
+    return best
+
+
+def _key(plan: ChannelPlan) -> tuple:
+    return tuple(sorted(plan.widths.items())), tuple(sorted(plan.align.items())), plan.counted
 
 
 @functools.lru_cache(maxsize=256)
@@ -300,6 +320,10 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, plan: Chan
         env[n.name].meta.update(source=n.name, val=n.meta.get("val"))
     graph.output(env[block.branch_output])
     fn = fx.GraphModule(root, graph, class_name="ResidualFunction")
+    fn.train(gm.training)  # containers and function wrappers follow the model; copies keep their own
+    for n in copied:
+        if n.op == "call_module":
+            fn.get_submodule(_local(str(n.target), block.owner)).train(gm.get_submodule(n.target).training)
     fn.graph.lint()
     if zero_init:
         _zero_last(fn, env[block.branch_output])

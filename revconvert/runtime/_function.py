@@ -10,23 +10,30 @@ Parameter gradients are returned from ``backward`` so autograd accumulates them 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import warnings
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+import torch.fx as fx
 from torch import nn
 
+from ._keep import Kept, KeepPolicy, kept_modules, recording, replaying
 from ._state import (
     AutocastState,
+    RecomputeNeeds,
     RNGState,
+    autocast_as,
     capture_autocast,
     capture_rng,
-    cuda_devices_of,
-    preserve_running_stats,
-    replay_autocast,
-    replay_rng,
+    frozen_running_stats,
+    module_generation,
+    recompute_needs,
+    restored_buffers,
+    restored_rng,
+    set_rng,
 )
-from ._keep import KeepPolicy, Record, Replay
 from .coupling import ReversibleCoupling
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -38,10 +45,13 @@ DOUBLE_BACKWARD_MESSAGE = (
 
 @dataclass(frozen=True)
 class Plan:
-    """What one application of the Function runs: the couplings and where their parameters sit.
+    """What one application of the Function runs, worked out once per segment (see :func:`make_plan`).
 
     ``params`` is the deduplicated list handed to the Function as inputs; ``f_index[k]`` and
-    ``g_index[k]`` are the positions of coupling k's F and G parameters in it.
+    ``g_index[k]`` are the positions of coupling k's F and G parameters in it. ``f_needs``/``g_needs``
+    say what recomputing each F and G must take care of; ``norms`` are all their tracked norms.
+    ``generation`` is :func:`module_generation` when the plan was made: the plan is stale once it moves.
+    ``f_calls``/``g_calls`` are what runs F and G: the modules, or their compiled versions.
     """
 
     couplings: tuple[ReversibleCoupling, ...]
@@ -49,10 +59,28 @@ class Plan:
     params: tuple[nn.Parameter, ...]
     f_index: tuple[tuple[int, ...], ...]
     g_index: tuple[tuple[int, ...], ...]
+    f_needs: tuple[RecomputeNeeds, ...] = ()
+    g_needs: tuple[RecomputeNeeds, ...] = ()
+    norms: tuple[nn.Module, ...] = ()
+    random: bool = False
+    generation: int = -1
+    f_calls: tuple = ()
+    g_calls: tuple = ()
+    compile_options: dict | None = None
+    _kept_modules: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def kept_modules(self, module: nn.Module, policy: KeepPolicy) -> tuple[nn.Module, ...] | None:
+        """``kept_modules(policy, module)``, cached (a coupling's policy may change between steps)."""
+        key = (id(module), id(policy))
+        if key not in self._kept_modules:
+            self._kept_modules[key] = kept_modules(policy, module)
+        return self._kept_modules[key]
 
 
-def make_plan(couplings: Sequence[ReversibleCoupling], dim: int) -> Plan:
-    """Collect the couplings' parameters once each (a parameter shared by two modules appears once)."""
+def make_plan(couplings: Sequence[ReversibleCoupling], dim: int, compile_options: dict | None = None) -> Plan:
+    """Collect the couplings' parameters once each (a parameter shared by two modules appears once)
+    and what recomputing their F and G needs. With ``compile_options``, F and G run compiled (see
+    :func:`compiled_call`)."""
     params: list[nn.Parameter] = []
     position: dict[int, int] = {}
 
@@ -69,7 +97,46 @@ def make_plan(couplings: Sequence[ReversibleCoupling], dim: int) -> Plan:
     for coupling in couplings:
         f_index.append(indices(coupling.F))
         g_index.append(indices(coupling.G))
-    return Plan(tuple(couplings), dim, tuple(params), tuple(f_index), tuple(g_index))
+    f_needs = tuple(recompute_needs(c.F) for c in couplings)
+    g_needs = tuple(recompute_needs(c.G) for c in couplings)
+    norms = tuple(dict.fromkeys(m for needs in f_needs + g_needs for m in needs.norms))
+    random = any(n.random for n in f_needs + g_needs)
+    f_calls = tuple(compiled_call(c.F, n, compile_options) for c, n in zip(couplings, f_needs))
+    g_calls = tuple(compiled_call(c.G, n, compile_options) for c, n in zip(couplings, g_needs))
+    return Plan(tuple(couplings), dim, tuple(params), tuple(f_index), tuple(g_index), f_needs, g_needs,
+                norms, random, module_generation(), f_calls, g_calls, compile_options)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_call(module: nn.Module, needs: RecomputeNeeds, options: dict | None) -> nn.Module:
+    """``module`` compiled with ``torch.compile(**options)``, or ``module`` itself.
+
+    The module is traced with ``torch.fx`` first, so each F and G has its own generated code and
+    its own compile cache (``torch.compile`` on many instances of one class shares a cache per code
+    object, which fills up). Modules that draw random numbers stay eager: the recomputation must
+    replay their draws exactly, which a compiled graph does not promise; so do modules fx cannot
+    trace. The compiled callable is cached per module and structure, so a plan rebuilt after an
+    unrelated change does not compile again.
+    """
+    if not options and options != {}:
+        return module
+    if needs.random:
+        return module
+    key = (tuple(map(id, module.modules())), tuple(map(id, module.parameters())), tuple(sorted(options.items())))
+    cached = _COMPILED.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        traced = fx.symbolic_trace(module)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "run it eagerly"
+        warnings.warn(f"ReversibleSegment: {type(module).__name__} cannot be traced for torch.compile "
+                      f"({type(e).__name__}: {e}); it runs eagerly", RuntimeWarning, stacklevel=3)
+        return module
+    compiled = torch.compile(traced, **options)
+    _COMPILED[module] = (key, compiled)
+    return compiled
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -77,15 +144,15 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _call_checked(fn: nn.Module, arg: torch.Tensor, where: str) -> torch.Tensor:
+def _call_checked(fn: nn.Module, arg: torch.Tensor, k: int, name: str) -> torch.Tensor:
     """Call ``fn(arg)`` and refuse in-place changes to ``arg``, which would corrupt the reconstruction."""
     before = _version(arg)
     out = fn(arg)
     if before is not None and _version(arg) != before:
         raise RuntimeError(
-            f"ReversibleSegment: {where} modified its input in place (e.g. ReLU(inplace=True) as its first "
-            "layer). Reversible couplings need F and G to leave their input untouched; use inplace=False "
-            "for the first layer."
+            f"ReversibleSegment: couplings[{k}].{name} modified its input in place (e.g. ReLU(inplace=True) "
+            "as its first layer). Reversible couplings need F and G to leave their input untouched; use "
+            "inplace=False for the first layer."
         )
     return out
 
@@ -106,37 +173,60 @@ def _vjp(
     if not inputs or not output.requires_grad:
         return (None,) * len(inputs)
     # Ordinary autograd casts an incoming gradient to its output's dtype (autocast mixes dtypes).
-    return torch.autograd.grad(output, inputs, grad.to(output.dtype), allow_unused=True)
+    if grad.dtype != output.dtype:
+        grad = grad.to(output.dtype)
+    if _run_backward is None:
+        return torch.autograd.grad(output, inputs, grad, allow_unused=True)
+    # The engine call behind torch.autograd.grad, without its Python argument checks (shapes, dtypes,
+    # hooks for functorch), which cost more than a small kernel: here the arguments are ours.
+    return _run_backward((output,), (grad,), False, False, tuple(inputs), True, False)
 
 
-@contextlib.contextmanager
-def _recording(policy: KeepPolicy | None) -> Iterator[Record | None]:
+_run_backward = getattr(getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None)
+
+
+def _forward_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str,
+                 kept: list[Kept | None]) -> torch.Tensor:
+    policy = plan.couplings[k].keep
     if policy is None:
-        yield None
-        return
-    with Record(policy) as rec:
-        yield rec
+        kept.append(None)
+        return _call_checked((plan.f_calls if name == "F" else plan.g_calls)[k], arg, k, name)
+    with recording(policy, fn, plan.kept_modules(fn, policy), keep_small=plan.couplings[k].keep_small) as record:
+        out = _call_checked(fn, arg, k, name)
+    kept.append(record)
+    return out
 
 
-@dataclass(frozen=True)
-class _KeptSpan:
-    """Where F's or G's kept outputs sit in the saved tensors, and the policy that chose them."""
-
-    policy: KeepPolicy
-    start: int
-    stop: int
-    signatures: list
+def _recompute_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str,
+                   kept: Kept | None, policy: KeepPolicy | None) -> torch.Tensor:
+    if kept is None:
+        return _call_checked((plan.f_calls if name == "F" else plan.g_calls)[k], arg, k, name)
+    with replaying(policy, fn, kept, f"couplings[{k}].{name}", plan.kept_modules(fn, policy)):
+        return _call_checked(fn, arg, k, name)
 
 
-@contextlib.contextmanager
-def _replaying(kept: list[torch.Tensor], span: _KeptSpan | None, where: str) -> Iterator[None]:
-    """Replay F's or G's kept outputs under the forward's policy."""
-    if span is None:
-        yield
-        return
-    with Replay(span.policy, kept[span.start:span.stop], span.signatures, where) as rep:
-        yield
-    rep.check_done()
+def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tensor, need_input: bool,
+               params: list[int], grad: torch.Tensor, kept: Kept | None, policy: KeepPolicy | None,
+               rng: RNGState | None) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """Recompute ``fn`` (coupling k's F or G) on ``source`` and back-propagate ``grad`` through it.
+
+    Returns its output, without history, and the gradients of its input (first, if ``need_input``)
+    and of ``params``. Its graph is freed on return, before the next function is recomputed.
+    """
+    if rng is not None:
+        set_rng(rng)
+    other_buffers = (plan.f_needs if name == "F" else plan.g_needs)[k].other_buffers
+    z = source.detach().requires_grad_(need_input)
+    with restored_buffers(other_buffers, name) if other_buffers else contextlib.nullcontext():
+        out = _recompute_one(plan, fn, _non_leaf(z), k, name, kept, policy)
+        grads = _vjp(out, ([z] if need_input else []) + [plan.params[i] for i in params], grad)
+    return out.detach(), grads
+
+
+def _accumulate(param_grads: list[torch.Tensor | None], indices: list[int],
+                grads: Sequence[torch.Tensor | None]) -> None:
+    for i, grad in zip(indices, grads):
+        param_grads[i] = _add(param_grads[i], grad)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -155,32 +245,25 @@ class ReversibleFunction(torch.autograd.Function):
         # Detach before chunking: views of a Function input made here would require grad without a
         # grad_fn, which breaks tools that hook module outputs (torch.utils.module_tracker).
         x = x.detach()
-        cuda_devices = cuda_devices_of((x, *params))
-        rng: list[tuple[RNGState, RNGState]] = []
-        kept: list[torch.Tensor] = []
-        kept_at: list[tuple[_KeptSpan | None, _KeptSpan | None]] = []  # coupling k: (F's, G's)
+        devices = (x.device.index or 0,) if x.device.type == "cuda" else ()
+        rng: list[tuple[RNGState | None, RNGState | None]] = []
+        kept: list[Kept | None] = []  # coupling k: kept[2k] for F, kept[2k + 1] for G
         x1, x2 = x.chunk(2, plan.dim)
         for k, coupling in enumerate(plan.couplings):
-            policy = coupling.keep
-            rng_f = capture_rng(cuda_devices)
-            with _recording(policy) as rec_f:
-                y1 = x1 + _call_checked(coupling.F, x2, f"couplings[{k}].F")
-            rng_g = capture_rng(cuda_devices)
-            with _recording(policy) as rec_g:
-                y2 = x2 + _call_checked(coupling.G, y1, f"couplings[{k}].G")
+            rng_f = capture_rng(devices) if plan.f_needs[k].random else None
+            y1 = x1 + _forward_one(plan, coupling.F, x2, k, "F", kept)
+            rng_g = capture_rng(devices) if plan.g_needs[k].random else None
+            y2 = x2 + _forward_one(plan, coupling.G, y1, k, "G", kept)
             rng.append((rng_f, rng_g))
-            spans = []
-            for rec in (rec_f, rec_g):
-                spans.append(None if rec is None else
-                             _KeptSpan(policy, len(kept), len(kept) + len(rec.kept), rec.signatures))
-                kept += [] if rec is None else rec.kept
-            kept_at.append((spans[0], spans[1]))
             x1, x2 = y1, y2
         y = torch.cat((x1, x2), plan.dim)
-        ctx.save_for_backward(y, *kept)
-        ctx.kept_at = kept_at
+        tensors = [t for record in kept if record is not None for t in record.saved()]
+        ctx.save_for_backward(y, *tensors)
+        ctx.kept = [None if record is None else record.emptied() for record in kept]
+        ctx.policies = [c.keep for c in plan.couplings]
         ctx.plan = plan
         ctx.rng = rng
+        ctx.devices = devices
         ctx.autocast = capture_autocast()
         return y
 
@@ -191,58 +274,58 @@ class ReversibleFunction(torch.autograd.Function):
         plan: Plan = ctx.plan
         autocast: AutocastState = ctx.autocast
         needs = ctx.needs_input_grad
-        needs_param = [needs[2 + i] for i in range(len(plan.params))]
+        needs_param = needs[2:]
         # chain[k]: does anything upstream of coupling k (its input or earlier parameters) need a grad?
         chain, upstream = [], needs[1]
         for k in range(len(plan.couplings)):
             chain.append(upstream)
             upstream = upstream or any(needs_param[i] for i in plan.f_index[k] + plan.g_index[k])
 
-        y, *kept = ctx.saved_tensors
+        y, *tensors = ctx.saved_tensors
+        kept: list[Kept | None] = ctx.kept
+        saved = iter(tensors)
+        for record in kept:  # hand each call its saved tensors back
+            if record is not None:
+                record.refill(saved)
         y1, y2 = y.detach().chunk(2, plan.dim)
         gy1, gy2 = grad_y.chunk(2, plan.dim)
         param_grads: list[torch.Tensor | None] = [None] * len(plan.params)
 
-        for k in reversed(range(len(plan.couplings))):
-            coupling = plan.couplings[k]
-            rng_f, rng_g = ctx.rng[k]
-            f_params = [i for i in plan.f_index[k] if needs_param[i]]
-            g_params = [i for i in plan.g_index[k] if needs_param[i]]
-            need_f = chain[k] or bool(f_params)
-            kept_f, kept_g = ctx.kept_at[k]
+        # One state for the whole walk: the callers' generators put back once at the end, norm
+        # statistics frozen, the forward's autocast state (entered only if it differs), grad mode on
+        # (the recomputations record graphs; the arithmetic below runs on tensors without history).
+        with restored_rng(ctx.devices, enabled=plan.random), frozen_running_stats(plan.norms), \
+                autocast_as(autocast), torch.enable_grad():
+            for k in reversed(range(len(plan.couplings))):
+                coupling = plan.couplings[k]
+                policy = ctx.policies[k]
+                rng_f, rng_g = ctx.rng[k]
+                f_params = [i for i in plan.f_index[k] if needs_param[i]]
+                g_params = [i for i in plan.g_index[k] if needs_param[i]]
+                need_f = chain[k] or bool(f_params)
 
-            # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
-            with preserve_running_stats(coupling.G), replay_rng(rng_g), replay_autocast(autocast):
-                z1 = y1.detach().requires_grad_(need_f)
-                with torch.enable_grad(), _replaying(kept, kept_g, f"couplings[{k}].G"):
-                    g = _call_checked(coupling.G, _non_leaf(z1), f"couplings[{k}].G")
-                x2 = y2 - g.detach()
-                grads = _vjp(g, ([z1] if need_f else []) + [plan.params[i] for i in g_params], gy2)
-            del g, z1  # frees G's graph before F is recomputed
-            if need_f:
-                gy1 = _add(gy1, grads[0])
-                grads = grads[1:]
-            for i, grad in zip(g_params, grads):
-                param_grads[i] = _add(param_grads[i], grad)
-            if not need_f:
-                break
+                # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
+                g, grads = _step_back(plan, k, "G", coupling.G, y1, need_f, g_params, gy2, kept[2 * k + 1],
+                                      policy, rng_g)
+                x2 = y2 - g
+                if need_f:
+                    gy1 = _add(gy1, grads[0])
+                    grads = grads[1:]
+                _accumulate(param_grads, g_params, grads)
+                if not need_f:
+                    break
 
-            # F: reconstruct x1 = y1 - F(x2) and back-propagate dy1 (now total) through F.
-            with preserve_running_stats(coupling.F), replay_rng(rng_f), replay_autocast(autocast):
-                z2 = x2.detach().requires_grad_(chain[k])
-                with torch.enable_grad(), _replaying(kept, kept_f, f"couplings[{k}].F"):
-                    f = _call_checked(coupling.F, _non_leaf(z2), f"couplings[{k}].F")
-                x1 = y1 - f.detach()
-                grads = _vjp(f, ([z2] if chain[k] else []) + [plan.params[i] for i in f_params], gy1)
-            del f, z2
-            if chain[k]:
-                gy2 = _add(gy2, grads[0])
-                grads = grads[1:]
-            for i, grad in zip(f_params, grads):
-                param_grads[i] = _add(param_grads[i], grad)
-            if not chain[k]:
-                break
-            y1, y2 = x1, x2
+                # F: reconstruct x1 = y1 - F(x2) and back-propagate dy1 (now total) through F.
+                f, grads = _step_back(plan, k, "F", coupling.F, x2, chain[k], f_params, gy1, kept[2 * k],
+                                      policy, rng_f)
+                x1 = y1 - f
+                if chain[k]:
+                    gy2 = _add(gy2, grads[0])
+                    grads = grads[1:]
+                _accumulate(param_grads, f_params, grads)
+                if not chain[k]:
+                    break
+                y1, y2 = x1, x2
 
         grad_x = torch.cat((gy1, gy2), plan.dim) if needs[1] else None
         return (None, grad_x, *param_grads)

@@ -9,19 +9,21 @@ Nets with Sublinear Memory Cost").
 from __future__ import annotations
 
 import contextlib
+import copy
+import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
+from ._state import RecomputeNeeds, frozen_running_stats, module_generation, recompute_needs
 from .segment import ordinary_autograd_enabled
 
-__all__ = ["CheckpointedRun", "attach_checkpointed_modules"]
+__all__ = ["CheckpointedRun", "attach_checkpointed_modules", "recomputation_graph"]
 
 
 class CheckpointedRun(nn.Module):
@@ -65,6 +67,7 @@ class CheckpointedRun(nn.Module):
         if not parts or not all(isinstance(p, str) for p in parts):
             raise TypeError(f"CheckpointedRun: parts must be a non-empty sequence of names, got {parts!r}")
         object.__setattr__(self, "_region", region)  # not a child: see the class docstring
+        self.training = region.training  # the mode of the model it was cut from
         self.parts = parts
         self.module_names = tuple(dict.fromkeys(
             str(n.target) for n in region.graph.nodes if n.op == "call_module"))
@@ -81,47 +84,97 @@ class CheckpointedRun(nn.Module):
             f", modules={names[0]}" if len(names) == 1 else f", modules={names[0]} .. {names[-1]} ({len(names)})")
         return f"parts={list(self.parts)}, nodes={len(ops)}{modules}"
 
-    def _wants_checkpoint(self, args: tuple[Any, ...]) -> bool:
+    def _state(self) -> tuple[tuple[nn.Parameter, ...], RecomputeNeeds]:
+        """The region's parameters and recomputation needs, walked once per module generation."""
+        cached = self.__dict__.get("_cached")
+        if cached is None or cached[0] != module_generation():
+            cached = (module_generation(), tuple(self._region.parameters()), recompute_needs(self._region))
+            self.__dict__["_cached"] = cached
+        return cached[1], cached[2]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cached", "_recompute")}
+
+    def _recompute_region(self) -> fx.GraphModule:
+        """The region as the backward's recomputation runs it (see :func:`recomputation_graph`)."""
+        region = self.__dict__.get("_recompute")
+        if region is None or region[0] is not self._region:
+            region = (self._region, recomputation_graph(self._region))
+            self.__dict__["_recompute"] = region
+        return region[1]
+
+    def _wants_checkpoint(self, args: tuple[Any, ...], params: Sequence[nn.Parameter]) -> bool:
         if not torch.is_grad_enabled() or ordinary_autograd_enabled():
             return False
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(args)):
             return True
-        return any(p.requires_grad for p in self._region.parameters())
+        return any(p.requires_grad for p in params)
 
+    # torch.compile cannot trace checkpoint with a context_fn; dynamo runs the run eagerly instead
+    # (one graph break per run), as it does for reversible segments.
+    @torch.compiler.disable
     def forward(self, *args: Any) -> Any:
-        if not self._wants_checkpoint(args):
+        params, needs = self._state()
+        if not self._wants_checkpoint(args, params):
             return self._region(*args)
-        norms = _tracked_norms(self._region)
-        return checkpoint(self._region, *args, use_reentrant=False, preserve_rng_state=True,
-                          context_fn=lambda: (contextlib.nullcontext(), _running_stats_frozen(norms)))
+        recompute = self._recompute_region()
+        recomputing = [False]
+
+        def run(*inputs: Any) -> Any:
+            return (recompute if recomputing[0] else self._region)(*inputs)
+
+        @contextlib.contextmanager
+        def recomputation() -> Iterator[None]:
+            recomputing[0] = True
+            try:
+                with frozen_running_stats(needs.norms):
+                    yield
+            finally:
+                recomputing[0] = False
+
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=needs.random,
+                          context_fn=lambda: (contextlib.nullcontext(), recomputation()))
 
 
-def _tracked_norms(module: nn.Module) -> list[_NormBase]:
-    return [m for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+_BATCH_NORM_FUNCTIONS = {torch.nn.functional.batch_norm: 6, torch.batch_norm: 6}  # -> momentum's position
 
 
-@contextlib.contextmanager
-def _running_stats_frozen(norms: list[_NormBase]) -> Iterator[None]:
-    """Run the recomputation without changing the norms' running statistics.
+def recomputation_graph(region: fx.GraphModule) -> fx.GraphModule:
+    """``region`` as its recomputation must run: no second update of running statistics.
 
-    Momentum 0 makes the in-place update ``(1 - 0) * running + 0 * batch`` leave the values as they
-    are; the op and what it saves for backward stay those of the forward, which non-reentrant
-    checkpointing requires. (Restoring a snapshot in place instead would bump the version of the
-    running buffers after the recomputation saved them, and the backward would refuse them.) The
-    batch counter, which nothing saves, is put back afterwards.
+    Norm modules are frozen at run time (:func:`frozen_running_stats`). A norm that fx traced
+    through (``F.batch_norm(x, running_mean, ..., momentum=0.1)`` with the momentum baked into the
+    graph, timm's norm-activation layers) is handled here: its momentum becomes 0, and in-place
+    updates of the region's own buffers (``num_batches_tracked.add_(1)``) are left out, since the
+    forward made them already. The ops and what they save for backward are otherwise unchanged,
+    as non-reentrant checkpointing requires. Returns ``region`` itself when nothing changes.
     """
-    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
-             for m in norms]
-    try:
-        for m in norms:
-            m.momentum = 0.0
-        yield
-    finally:
-        with torch.no_grad():
-            for m, momentum, count in saved:
-                m.momentum = momentum
-                if count is not None:
-                    m.num_batches_tracked.copy_(count)
+    graph = copy.deepcopy(region.graph)
+    changed = False
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _BATCH_NORM_FUNCTIONS:
+            position = _BATCH_NORM_FUNCTIONS[node.target]
+            if len(node.args) > position:
+                node.args = (*node.args[:position], 0.0, *node.args[position + 1:])
+            else:
+                node.kwargs = {**node.kwargs, "momentum": 0.0}
+            changed = True
+        elif _updates_buffer_in_place(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            changed = True
+    if not changed:
+        return region
+    graph.lint()
+    return fx.GraphModule(region, graph, class_name="RecomputedRegion")
+
+
+def _updates_buffer_in_place(node: fx.Node) -> bool:
+    if not node.args or not isinstance(node.args[0], fx.Node) or node.args[0].op != "get_attr":
+        return False
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    return node.op == "call_function" and node.target in (operator.iadd, operator.isub, operator.imul)
 
 
 def attach_checkpointed_modules(gm: fx.GraphModule, owner: nn.Module | None = None) -> None:

@@ -33,6 +33,10 @@ class ReversibleCoupling(nn.Module):
 
     Attributes:
         keep: the policy as a callable (or None); may be changed between steps.
+        keep_small: also keep calls too small to be worth keeping (below the policy's
+            ``min_flops`` for the device, e.g. ``MIN_KEPT_FLOPS``), which are otherwise recomputed
+            because handing them back costs more time than running them. A recompute-budget plan sets
+            it, so that the planned FLOPs hold at every batch size.
 
     Example:
         >>> from torch import nn
@@ -54,6 +58,11 @@ class ReversibleCoupling(nn.Module):
         self.F = F
         self.G = G
         self.keep: KeepPolicy | None = resolve_keep(keep, "ReversibleCoupling")
+        self.keep_small: bool = False
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("keep_small", False)  # couplings pickled by older versions
 
     def extra_repr(self) -> str:
         return "" if self.keep is None else f"keep={getattr(self.keep, '__name__', self.keep)}"

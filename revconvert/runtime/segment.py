@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._function import ReversibleFunction, make_plan
-from ._state import capture_rng, cuda_devices_of, preserve_running_stats, replay_rng
+from ._function import Plan, ReversibleFunction, make_plan
+from ._state import capture_rng, cuda_devices_of, frozen_running_stats, module_generation, recompute_needs, \
+    replay_rng
 from .coupling import ReversibleCoupling
 
 __all__ = ["ReconstructionError", "ReversibleSegment", "ordinary_autograd", "ordinary_autograd_enabled"]
@@ -71,7 +73,8 @@ class ReversibleSegment(nn.Module):
     gradients equal those of ordinary autograd up to reconstruction rounding.
 
     Under ``torch.no_grad()``, ``torch.inference_mode()`` or when nothing requires grad it is a plain
-    forward. Under ``torch.compile`` the Function runs eagerly (one graph break per segment).
+    forward. Under ``torch.compile`` the Function is a graph break: it runs eagerly, calling F and G
+    compiled if ``compile`` is set.
 
     Args:
         couplings: the couplings, applied first to last.
@@ -79,9 +82,15 @@ class ReversibleSegment(nn.Module):
         exit_activation: module applied to the result, e.g. the ReLU that followed the original
             residual add. It is applied out of place (an in-place module gets a copy of the output)
             because the Function's output is saved for the backward pass.
+        compile: run F and G through ``torch.compile`` (True, or a dict of its options such as
+            ``{"mode": "max-autotune-no-cudagraphs"}``), in the forward and in the recomputation:
+            fused norm-activation kernels, fewer launches. F or G that draw random numbers (dropout)
+            and couplings that keep outputs stay eager. Each F and G compiles on first use.
 
     Attributes:
         use_reversible_backward: ``False`` makes this segment use ordinary autograd.
+        compile_options: the ``torch.compile`` options F and G run with, or None (eager); may be
+            changed between steps.
         apply_exit_activation: ``False`` leaves ``exit_activation`` to the caller, which calls
             ``segment.exit_activation`` itself. A conversion with ``checkpoint_stored=True`` does
             this so that the activation runs inside the next checkpointed part: the activation's
@@ -104,6 +113,7 @@ class ReversibleSegment(nn.Module):
         *,
         dim: int = 1,
         exit_activation: nn.Module | None = None,
+        compile: bool | Mapping[str, Any] = False,  # noqa: A002 - the natural name, as torch's
     ) -> None:
         super().__init__()
         couplings = list(couplings)
@@ -125,6 +135,22 @@ class ReversibleSegment(nn.Module):
         self.exit_activation = exit_activation
         self.use_reversible_backward: bool = True
         self.apply_exit_activation: bool = True
+        self.compile_options: dict[str, Any] | None = _compile_options(compile)
+        self._plan: Plan | None = None
+
+    def __getstate__(self) -> dict:
+        # The plan holds references to modules and parameters; copies and pickles make their own.
+        return {**self.__dict__, "_plan": None}
+
+    def plan(self, dim: int) -> Plan:
+        """The Function's plan for this segment, made once and remade only when a module changed
+        (a submodule, parameter or buffer registered anywhere, see ``module_generation``)."""
+        plan = getattr(self, "_plan", None)  # absent in segments pickled by older versions
+        options = getattr(self, "compile_options", None)
+        if plan is None or plan.dim != dim or plan.generation != module_generation() \
+                or plan.compile_options != options:
+            plan = self._plan = make_plan(self.couplings, dim, options)
+        return plan
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, use_reversible_backward={self.use_reversible_backward}"
@@ -150,16 +176,16 @@ class ReversibleSegment(nn.Module):
             x1, x2 = coupling(x1, x2)
         return torch.cat((x1, x2), dim)
 
-    def _wants_reversible(self, x: torch.Tensor) -> bool:
+    def _wants_reversible(self, x: torch.Tensor, dim: int) -> bool:
         if not self.use_reversible_backward or _ORDINARY.get() or not torch.is_grad_enabled():
             return False
-        return x.requires_grad or any(p.requires_grad for p in self.couplings.parameters())
+        return x.requires_grad or any(p.requires_grad for p in self.plan(dim).params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the couplings on the halves of ``x`` and return one tensor of the same shape."""
         dim = self._split_dim(x)
-        if self._wants_reversible(x):
-            y = _apply_reversible(self.couplings, dim, x)
+        if self._wants_reversible(x, dim):
+            y = _apply_reversible(self.plan(dim), x)
             act = self.exit_activation if self.apply_exit_activation else None
             if act is None:
                 return y
@@ -192,7 +218,7 @@ class ReversibleSegment(nn.Module):
         devices = cuda_devices_of((x, *self.parameters()))
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=list(devices)))
-            stack.enter_context(preserve_running_stats(self))
+            stack.enter_context(frozen_running_stats(recompute_needs(self).norms))
             x1, x2 = x.chunk(2, dim)
             inputs, states = [], []
             for coupling in self.couplings:
@@ -218,6 +244,16 @@ class ReversibleSegment(nn.Module):
         return errors[::-1]
 
 
+def _compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None:  # noqa: A002
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return {}
+    if isinstance(compile, Mapping):
+        return dict(compile)
+    raise TypeError(f"ReversibleSegment: compile must be a bool or a dict of torch.compile options, got {compile!r}")
+
+
 def _max_abs(t: torch.Tensor) -> float:
     return float(t.abs().max()) if t.numel() else 0.0
 
@@ -225,6 +261,5 @@ def _max_abs(t: torch.Tensor) -> float:
 # torch.compile cannot trace the Function (module calls and RNG stashing inside forward); dynamo runs
 # it eagerly instead, breaking the graph at each segment. Gradients are unchanged.
 @torch.compiler.disable
-def _apply_reversible(couplings: nn.ModuleList, dim: int, x: torch.Tensor) -> torch.Tensor:
-    plan = make_plan(couplings, dim)
+def _apply_reversible(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     return ReversibleFunction.apply(plan, x, *plan.params)

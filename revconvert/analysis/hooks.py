@@ -1,0 +1,85 @@
+"""Module hooks: find them, keep them out of the analysis, and copy models without copying them.
+
+The analysis (tracing, shape propagation, memory estimates, recompute planning) runs a model's
+code on proxies and meta or fake tensors; a user's hook called there would see those instead of
+data, and could record them. So the analysis calls no hook: it traces through modules by calling
+their ``forward`` directly, strips the hooks of its own copies, and sets the global module hooks
+(``torch.nn.modules.module.register_module_forward_hook`` and friends) aside while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+from torch.nn.modules import module as _module
+
+__all__ = ["HOOK_KINDS", "module_hooks", "strip_hooks", "no_global_hooks", "copy_sharing_hooks"]
+
+# attribute of an nn.Module -> what its entries are called in messages
+HOOK_KINDS = {
+    "_forward_pre_hooks": "forward pre-hook",
+    "_forward_hooks": "forward hook",
+    "_backward_pre_hooks": "backward pre-hook",
+    "_backward_hooks": "backward hook",
+}
+# bookkeeping next to the hooks (keyed by the same handle ids)
+_HOOK_FLAGS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+                 "_global_backward_hooks", "_global_forward_hooks_always_called",
+                 "_global_forward_hooks_with_kwargs")
+
+
+def _hook_name(hook: Any) -> str:
+    return getattr(hook, "__qualname__", None) or type(hook).__name__
+
+
+def module_hooks(module: nn.Module) -> list[str]:
+    """Descriptions of the hooks registered on ``module`` itself (not its children), e.g.
+    ``["forward hook add_100"]``."""
+    return [f"{kind} {_hook_name(h)}" for attr, kind in HOOK_KINDS.items()
+            for h in getattr(module, attr, {}).values()]
+
+
+def strip_hooks(model: nn.Module) -> nn.Module:
+    """Remove every hook of ``model`` and its submodules, in place. Only for copies the analysis owns."""
+    for m in model.modules():
+        for attr in itertools.chain(HOOK_KINDS, _HOOK_FLAGS):
+            if getattr(m, attr, None):
+                setattr(m, attr, type(getattr(m, attr))())
+        if getattr(m, "_is_full_backward_hook", None) is not None:
+            m._is_full_backward_hook = None
+    return model
+
+
+@contextlib.contextmanager
+def no_global_hooks() -> Iterator[None]:
+    """Set the global module hooks aside (restored in ``finally``): they are the caller's, and the
+    analysis runs on proxies and meta tensors. Rebinds the module-level names ``Module.__call__``
+    reads; the hook dictionaries themselves are not touched."""
+    saved = {name: getattr(_module, name) for name in _GLOBAL_HOOKS if hasattr(_module, name)}
+    try:
+        for name, value in saved.items():
+            setattr(_module, name, type(value)())
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(_module, name, value)
+
+
+def copy_sharing_hooks(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """``copy.deepcopy(model)`` whose modules call the very hook objects of the original.
+
+    A plain deep copy copies a hook that is a bound method or a ``functools.partial`` together with
+    its object or arguments, so the copy's hook would record into a copy of the caller's list.
+    """
+    memo = dict(memo or {})
+    for m in model.modules():
+        for attr in HOOK_KINDS:
+            for hook in getattr(m, attr, {}).values():
+                memo[id(hook)] = hook
+    return copy.deepcopy(model, memo)

@@ -1,0 +1,63 @@
+"""The instruments of benchmarks/speed.py: what the op counter counts, and the narrow ResNet-152."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from speedlib import Method, NarrowResNet, OpCounter, count_ops  # noqa: E402
+
+import revconvert  # noqa: E402
+
+
+def test_op_counter_skips_views_and_empty_and_sees_backward() -> None:
+    x = torch.randn(4, 4, requires_grad=True)
+    with OpCounter() as counter:
+        y = x.t().unsqueeze(0)[0, :2] * 2  # t, unsqueeze, select, slice: aliases; mul: a kernel
+        torch.empty(3)
+        torch.empty_like(x)
+        y.sum().backward()  # sum, ones_like (the seed), mul (MulBackward), then accumulation
+    assert "aten.t.default" not in counter.counts
+    assert "aten.unsqueeze.default" not in counter.counts
+    assert "aten.slice.Tensor" not in counter.counts
+    assert not any(op.startswith("aten.empty") for op in counter.counts)
+    assert counter.counts["aten.mul.Tensor"] == 2  # forward and backward
+    assert counter.counts["aten.sum.default"] == 1
+
+
+def test_memory_saving_step_counts_its_recomputation() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                *[_Block(8) for _ in range(2)])
+    x = torch.randn(2, 3, 8, 8)
+    converted = revconvert.convert(model, x.shape)
+    null = contextlib.nullcontext
+    ordinary = count_ops(Method("ordinary", converted, revconvert.ordinary_autograd), x)
+    saving = count_ops(Method("memory-saving", converted, null), x, where=True)
+    # one extra forward of F and G per coupling: 2 couplings x (F, G) x 2 convolutions each
+    extra = saving.counts["aten.convolution.default"] - ordinary.counts["aten.convolution.default"]
+    assert extra == 2 * 2 * 2
+    assert any(frames.startswith("runtime/") for frames, _ in saving.where)
+
+
+def test_narrow_resnet_divides_every_width() -> None:
+    model = NarrowResNet([3, 8, 36, 3], divisor=8)
+    assert model.conv1.out_channels == 8
+    assert [layer[0].conv1.out_channels for layer in (model.layer1, model.layer2, model.layer3, model.layer4)] \
+        == [8, 16, 32, 64]
+    assert model.layer4[-1].conv3.out_channels == 256 == model.fc.in_features
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)

@@ -1,0 +1,239 @@
+"""Behaviour guarantees: a conversion behaves like the original or refuses clearly (issue 12)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import revconvert
+from revconvert import ConversionError
+from conftest import assert_unchanged, snapshot, tv_model
+
+
+def _trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# -- frozen parameters and frozen norms (item 3) --------------------------------------------------
+
+def test_frozen_model_stays_frozen_except_what_was_trainable():
+    model = tv_model("resnet18")
+    model.requires_grad_(False)
+    model.fc.requires_grad_(True)
+    before = snapshot(model)
+    converted = revconvert.convert(model, (1, 3, 32, 32))
+    assert _trainable(converted) == _trainable(model) == 513_000
+    assert [n for n, p in converted.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    assert_unchanged(model, before)
+    converted(torch.randn(2, 3, 32, 32)).sum().backward()  # frozen couplings, trainable head
+    assert converted.fc.weight.grad is not None
+    assert all(p.grad is None for n, p in converted.named_parameters() if not n.startswith("fc."))
+
+
+def test_partly_frozen_block_maps_layer_by_layer():
+    model = tv_model("resnet18").train()
+    block = model.layer1[1]
+    block.bn1.requires_grad_(False)       # frozen affine norm, trainable convs
+    block.conv2.requires_grad_(False)
+    block.bn2.eval()                      # frozen statistics
+    converted = revconvert.convert(model, (1, 3, 32, 32))
+    (seg_name, seg), = [(n, m) for n, m in converted.named_modules()
+                        if isinstance(m, revconvert.ReversibleSegment) and "layer1.1" in m.source_blocks]
+    coupling = seg.couplings[list(seg.source_blocks).index("layer1.1")]
+    for fn in (coupling.F, coupling.G):
+        pre, conv1, bn1, relu, conv2, bn2 = fn  # ReLU moved to the front, then the branch layer by layer
+        assert conv1.weight.requires_grad
+        assert not bn1.weight.requires_grad and not bn1.bias.requires_grad
+        assert not conv2.weight.requires_grad
+        assert bn2.weight.requires_grad
+        assert bn2.training is False and bn1.training is True
+    assert model.layer1[1].bn2.training is False and model.layer1[1].bn1.training  # caller's untouched
+    # the other coupling of the segment is fully trainable, like its block
+    other = seg.couplings[list(seg.source_blocks).index("layer1.0")] if "layer1.0" in seg.source_blocks \
+        else None
+    if other is not None:
+        assert all(p.requires_grad for p in other.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    converted(x).sum().backward()
+    assert coupling.F[2].weight.grad is None and coupling.F[1].weight.grad is not None
+
+
+def test_partly_frozen_layer_without_a_counterpart_refuses():
+    from revconvert.passes.frozen import carry_frozen_flags
+
+    original = nn.Linear(2, 2)
+    original.weight.requires_grad_(False)
+    rebuilt = nn.Sequential(nn.BatchNorm1d(2))  # parameters 'weight' and 'bias' map by name ...
+    carry_frozen_flags(rebuilt, [original], block="layer1.1")
+    assert not rebuilt[0].weight.requires_grad and rebuilt[0].bias.requires_grad
+    other = nn.Module()
+    other.scale = nn.Parameter(torch.ones(2))  # ... 'scale' has no counterpart: no faithful rule
+    with pytest.raises(ConversionError, match=r"block 'layer1.1'.*weight.*Hint"):
+        carry_frozen_flags(nn.Sequential(other), [original], block="layer1.1")
+
+
+# -- hooks (item 4) ------------------------------------------------------------------------------
+
+class _Recorder:
+    """A hook that is a bound method: a plain deep copy would record into a copy of it."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def hook(self, module, args, output):
+        self.shapes.append(tuple(output.shape))
+
+
+def test_hooks_on_the_model_itself_are_carried_over():
+    model = tv_model("resnet18").eval()
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    model.register_forward_hook(lambda m, args, out: out + 100)
+    model.register_full_backward_hook(lambda m, gin, gout: calls.append("backward"))
+    converted = revconvert.convert(model, (1, 3, 32, 32))
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    torch.testing.assert_close(converted(x), converted.forward(2 * x) + 100)
+    converted(x).sum().backward()
+    assert calls == ["backward"]
+    import copy
+    torch.testing.assert_close(copy.deepcopy(converted)(x), converted(x))  # a deep copy keeps them
+
+
+def test_hooks_on_stored_leaf_modules_keep_calling_the_callers_hook():
+    model = tv_model("resnet18").eval()
+    recorder = _Recorder()
+    model.layer2[0].conv1.register_forward_hook(recorder.hook)    # a stored (projection) block
+    converted = revconvert.convert(model, (1, 3, 32, 32))
+    assert recorder.shapes == []                                   # conversion ran no hook
+    converted(torch.randn(1, 3, 32, 32))
+    assert recorder.shapes == [(1, 128, 4, 4)]                     # the caller's recorder, once
+
+
+@pytest.mark.parametrize("where,match", [
+    ("layer1", r"forward hook .* on 'layer1' \(Sequential\).*leaf_modules=\('layer1',\)"),
+    ("layer1.1", r"on 'layer1.1' \(BasicBlock\).*traces through"),
+    ("layer1.1.conv2", r"on 'layer1.1.conv2' \(Conv2d\), a layer of block 'layer1.1'.*select="),
+    ("layer1.1.relu", r"'layer1.1.relu' \(ReLU\), a layer of block 'layer1.1'"),
+])
+def test_hooks_that_cannot_be_carried_are_refused(where, match):
+    model = tv_model("resnet18")
+    model.get_submodule(where).register_forward_hook(lambda m, args, out: None)
+    before = snapshot(model)
+    with pytest.raises(ConversionError, match=match):
+        revconvert.convert(model, (1, 3, 32, 32))
+    assert_unchanged(model, before)
+
+
+def test_the_remedies_the_refusal_names_work():
+    model = tv_model("resnet18").eval()
+    recorder = _Recorder()
+    model.layer1[1].register_forward_hook(recorder.hook)
+    converted = revconvert.convert(model, (1, 3, 32, 32),
+                                   config=revconvert.ConvertConfig(leaf_modules=("layer1.1",)))
+    assert "layer1.1" not in converted.revconvert_summary.converted_blocks
+    converted(torch.randn(1, 3, 32, 32))
+    assert recorder.shapes == [(1, 64, 8, 8)]
+
+
+def test_audit_and_memory_profile_call_no_hook():
+    model = tv_model("resnet18")
+    calls = []
+    model.conv1.register_forward_hook(lambda m, a, o: calls.append("leaf"))
+    model.layer1.register_forward_hook(lambda m, a, o: calls.append("non-leaf"))
+    model.register_forward_hook(lambda m, a, o: calls.append("root"))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append("global"))
+    try:
+        revconvert.audit(model, (1, 3, 32, 32))
+        revconvert.memory_profile(model, (3, 32, 32), 2)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+# -- example inputs without a batch dimension (item 7) -------------------------------------------
+
+class _FullyConvolutional(nn.Module):
+    """16 channels in, so an unbatched (16, 16, 16) sample fits every conv as if it were a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x + self.block(x)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, s: revconvert.convert(m, s),
+    lambda m, s: revconvert.audit(m, s),
+    lambda m, s: revconvert.audit(m, torch.randn(s)),
+    lambda m, s: revconvert.measure_memory(m, torch.randn(s)),
+], ids=["convert", "audit", "audit-tensor", "measure_memory"])
+@pytest.mark.parametrize("factory,shape", [(lambda: tv_model("resnet18"), (3, 16, 16)),
+                                           (_FullyConvolutional, (16, 16, 16))], ids=["resnet18", "fully-conv"])
+def test_an_unbatched_example_is_refused_with_the_fix(call, factory, shape):
+    model = factory()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"as shape \({shape[0]}, 16, 16\), one sample without a batch dimension.*\(1, {shape[0]}, 16, 16\)"):
+        call(model, shape)
+    assert_unchanged(model, before)
+
+
+# -- torch.compile wrappers (item 8) -------------------------------------------------------------
+
+def test_a_torch_compile_wrapper_is_seen_through():
+    model = tv_model("resnet18")
+    compiled = torch.compile(model)  # lazy: nothing is compiled unless it is called
+    before = snapshot(model)
+    assert revconvert.audit(compiled, (1, 3, 32, 32)).to_dict() == revconvert.audit(model, (1, 3, 32, 32)).to_dict()
+    with pytest.warns(UserWarning, match=r"torch.compile wrapper.*model._orig_mod.*not compiled.*torch.compile\(converted\)"):
+        converted = revconvert.convert(compiled, (1, 3, 32, 32))
+    assert converted.revconvert_summary.converted_blocks == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert revconvert.memory_profile(compiled, (3, 32, 32), 2).model_name == "ResNet"
+    assert_unchanged(model, before)
+
+
+# -- converting a converted model (item 11) ------------------------------------------------------
+
+def test_a_second_conversion_reports_both():
+    model = tv_model("resnet18")
+    first = revconvert.convert(model, (1, 3, 32, 32), config=revconvert.ConvertConfig(only=("layer3",)))
+    second = revconvert.convert(first, (1, 3, 32, 32))   # the rest; layer4 runs at 1x1 with a batch of 1
+    once = revconvert.convert(model, (1, 3, 32, 32)).revconvert_summary
+    summary = second.revconvert_summary
+    assert summary.converted_blocks == once.converted_blocks
+    assert summary.segments == once.segments
+    assert (summary.blocks, summary.params_before, summary.conversions) == (once.blocks, once.params_before, 2)
+    assert "converted 5 of 8 residual blocks into 4 reversible segment(s) in 2 conversions" in str(summary)
+    with pytest.warns(UserWarning, match="already converted"):
+        third = revconvert.convert(second, (1, 3, 32, 32))
+    assert third.revconvert_summary.converted_blocks == once.converted_blocks
+
+
+# -- a recompute budget that buys no memory (item 11) --------------------------------------------
+
+def test_a_budget_that_keeps_more_than_ordinary_autograd_warns_with_the_numbers():
+    model = tv_model("resnet18")
+    with pytest.warns(UserWarning, match=r"recompute_budget=0.0, 5 coupling\(s\) keep.*saves [\d.]+ MiB.*"
+                                         r"11\d% of the [\d.]+ MiB it saves under ordinary autograd.*"
+                                         r"default conversion: [\d.]+ MiB.*Raise recompute_budget \(at 0\.2\d"):
+        revconvert.convert(model, (2, 3, 64, 64), config=revconvert.ConvertConfig(recompute_budget=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a budget that does buy memory: no warning
+        revconvert.convert(model, (2, 3, 64, 64), config=revconvert.ConvertConfig(recompute_budget=0.1))
+
+
+def test_a_second_conversion_can_plan_a_budget_over_every_coupling():
+    model = tv_model("resnet18")
+    first = revconvert.convert(model, (2, 3, 64, 64), config=revconvert.ConvertConfig(only=("layer4",)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the budget-buys-little warning
+        second = revconvert.convert(first, (2, 3, 64, 64), config=revconvert.ConvertConfig(recompute_budget=0.0))
+    kept = second.revconvert_summary.kept_couplings
+    assert "layer4.rev_1.couplings.0" in kept and "layer1.rev_0_1.couplings.0" in kept
+    assert all(second.get_submodule(name).keep is not None for name in kept)
