@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import subprocess
+import sys
 import time
 import warnings
 
@@ -94,14 +96,24 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=224, help="input height and width (default 224)")
     parser.add_argument("--batch", type=int, default=32, help="batch size of the memory estimate (default 32)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one model, its row as JSON
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for spec in args.models:
+    if args.one:
         try:
-            rows.append(row(spec, args.side, args.batch))
+            result = row(args.one, args.side, args.batch)
         except Exception as e:  # a failure is a row of the table, not the end of the run
-            rows.append({"model": spec, "error": f"{type(e).__name__}: {e}".splitlines()[0][:80]})
+            result = {"model": args.one, "error": f"{type(e).__name__}: {e}".splitlines()[0][:80]}
+        print(json.dumps(result))
+        return
+    for spec in args.models:
+        # one process per model: nothing one model leaves behind (caches, fake-tensor state) reaches the next
+        done = subprocess.run([sys.executable, __file__, "--one", spec, "--side", str(args.side),
+                               "--batch", str(args.batch)], capture_output=True, text=True)
+        lines = done.stdout.strip().splitlines()
+        rows.append(json.loads(lines[-1]) if done.returncode == 0 and lines else
+                    {"model": spec, "error": (done.stderr.strip().splitlines() or ["failed"])[-1][:80]})
         print(f"# {spec}: {rows[-1]}", flush=True)
     print()
     print(f"Input 1x3x{args.side}x{args.side} (saved activations: batch {args.batch}, float32, estimated on fake "

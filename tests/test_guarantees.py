@@ -61,18 +61,29 @@ def test_partly_frozen_block_maps_layer_by_layer():
     assert coupling.F[2].weight.grad is None and coupling.F[1].weight.grad is not None
 
 
-def test_partly_frozen_layer_without_a_counterpart_refuses():
-    from revconvert.passes.frozen import carry_frozen_flags
+class _LayerScaleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((8, 1, 1), 1e-6))
 
-    original = nn.Linear(2, 2)
-    original.weight.requires_grad_(False)
-    rebuilt = nn.Sequential(nn.BatchNorm1d(2))  # parameters 'weight' and 'bias' map by name ...
-    carry_frozen_flags(rebuilt, [original], block="layer1.1")
-    assert not rebuilt[0].weight.requires_grad and rebuilt[0].bias.requires_grad
-    other = nn.Module()
-    other.scale = nn.Parameter(torch.ones(2))  # ... 'scale' has no counterpart: no faithful rule
-    with pytest.raises(ConversionError, match=r"block 'layer1.1'.*weight.*Hint"):
-        carry_frozen_flags(nn.Sequential(other), [original], block="layer1.1")
+    def forward(self, x):
+        h = self.stem(x)
+        return h + self.gamma * self.conv(h)
+
+
+def test_every_rebuilt_parameter_keeps_the_flag_of_the_one_it_resizes():
+    """The surgery copies each layer and resizes its tensors: a parameter used directly (layer scale)
+    and a partly frozen layer keep their flags parameter by parameter; no rebuilt parameter lacks a
+    counterpart, so there is nothing to refuse."""
+    model = _LayerScaleBlock()
+    model.gamma.requires_grad_(False)
+    model.conv.bias.requires_grad_(False)
+    converted = revconvert.convert(model, (1, 3, 8, 8))
+    (segment,) = [m for m in converted.modules() if isinstance(m, revconvert.ReversibleSegment)]
+    flags = {n: p.requires_grad for n, p in segment.named_parameters()}
+    assert flags and all(flag == (n.endswith("conv.weight")) for n, flag in flags.items()), flags
 
 
 # -- hooks (item 4) ------------------------------------------------------------------------------
