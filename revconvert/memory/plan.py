@@ -1,0 +1,413 @@
+"""``plan_memory``: fit a training step into a memory budget at the least extra compute.
+
+What decides whether a batch fits is the **peak** of a training step (saved activations, the
+backward's recomputation transients, gradients, optimizer state), not the bytes saved for backward.
+The planner decides, per part of the model (see :mod:`revconvert.memory.plan_costs`): each run of
+eligible blocks stays ordinary, is checkpointed, or becomes a reversible segment whose last ``m``
+couplings keep their outputs; each stored part is checkpointed or not. The objective is the least
+training-step FLOPs whose peak fits the budget.
+
+How (the heuristic parts are marked):
+
+1. **Measure** per-part costs once: eight whole-step fake-tensor estimates in which every stored part
+   shares one class and every run another (:data:`~revconvert.memory.plan_costs.CALIBRATIONS`), plus
+   forward FLOPs per part and what keeping saves per coupling, on meta tensors.
+2. **Compose** a peak model: the peak is the largest of the forward's peak, each part's backward
+   (live bytes when it starts, i.e. what the parts up to it saved plus the gradients of the parts
+   after it, plus how far its own backward rises: a checkpointed part's or a coupling's
+   recomputation) and the optimizer step. A part's numbers come from the estimate whose classes
+   match it and its neighbours best (*heuristic*: neighbours with different classes are not all
+   measured together). Keeping in ``m`` of ``n`` couplings is interpolated (*heuristic*), and the
+   kept couplings are always the last ``m`` of a run (*heuristic*: their outputs are freed first).
+3. **Search** the whole product of choices (vectorised); where it exceeds
+   :data:`MAX_CANDIDATES`, the keep counts of the longest runs are thinned to a grid (*heuristic*).
+4. **Verify** the cheapest candidate whose modelled peak fits with one fake-tensor estimate of its
+   very ``ConvertConfig``; the model's error moves the target, and the search runs again (a few
+   rounds). ``plan.peak_bytes`` is the verified estimate, ``plan.flops`` the FLOPs counted on the
+   planned model, never the composed numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..analysis.tracing import model_name
+from ..passes.convert import ConvertConfig
+from .estimate import DTYPES, TRACE_OPTIONS, _check_device, _check_dtype, _check_input_size, _estimate
+from .optim import optimizer_spec
+from .plan_costs import (CALIBRATIONS, HEAD, RUN, STORED, Calibration, Choice, Unit, UnitSample,
+                         calibration_choices, find_units, forward_flops, keep_costs, realise, step_flops,
+                         unit_grad_bytes, unit_samples)
+from .plan_report import MemoryPlan, PlanPart, parse_bytes
+from .report import MemoryBreakdown
+from .step import StepTimeline
+
+__all__ = ["plan_memory", "MAX_CANDIDATES"]
+
+MAX_CANDIDATES = 500_000
+"""Above this many combinations the keep counts of the longest runs are thinned to a grid."""
+
+_VERIFY_ROUNDS = 4
+
+
+def plan_memory(
+    model: nn.Module,
+    budget: int | float | str,
+    *,
+    input_size: Sequence[int] | int = (3, 224, 224),
+    batch_size: int | None = 1,
+    optimizer: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str | None = None,
+    max_flops_ratio: float | None = None,
+    keep: str = "spatial-convs",
+    **trace_options: Any,
+) -> MemoryPlan:
+    """Choose the conversion whose training step fits ``budget`` at the least step FLOPs.
+
+    "Peak" is what a training step allocates beyond the parameters (``measure_memory``'s
+    ``peak_bytes - param_bytes``): activations, gradients, optimizer state and step, recomputation
+    transients, the input batch and buffers. The decisions are per part: each run of eligible blocks
+    stays ordinary, is checkpointed, or becomes reversible with its last ``m`` couplings keeping
+    their outputs; each stored part (stem, projection blocks) is checkpointed or not. Estimated on
+    fake and meta tensors; the caller's model is not touched.
+
+    Args:
+        model: the model to plan for.
+        budget: bytes, or a string such as ``"24GiB"`` / ``"1.5GB"``.
+        input_size: one sample's shape ``(C, H, W)``, or an int ``S`` for ``(3, S, S)``.
+        batch_size: the batch to fit; None finds the largest batch that fits with step FLOPs at most
+            ``max_flops_ratio`` times the original's.
+        optimizer: None, "sgd", "sgd-momentum", "adam" or "adamw" (its state and step count).
+        dtype: parameter and input dtype.
+        device: device to plan for (default: where the model's parameters are).
+        max_flops_ratio: the most step FLOPs a plan may cost, over the original's (required with
+            ``batch_size=None``; otherwise plans above it are not considered).
+        keep: the outputs a kept coupling keeps (``ReversibleCoupling(keep=...)``).
+        **trace_options: tracing options (``leaf_modules=...``).
+
+    Returns:
+        A :class:`MemoryPlan`; ``plan.config`` realises it: ``revconvert.convert(model, example,
+        config=plan.config)``. If nothing fits, the plan with the least peak, and ``plan.fits`` is False.
+
+    Raises:
+        ValueError: bad budget, sizes, dtype, optimizer or ``max_flops_ratio``.
+
+    Example:
+        >>> plan = revconvert.plan_memory(torchvision.models.resnet50(), "6GiB", input_size=224,
+        ...                               batch_size=64, optimizer="adam")
+        >>> print(plan)
+        >>> converted = revconvert.convert(model, (64, 3, 224, 224), config=plan.config)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    budget_bytes = parse_bytes(budget)
+    shape = _check_input_size(input_size)
+    dtype = _check_dtype(dtype)
+    optimizer_spec(optimizer)
+    device = _check_device(model, device)
+    unknown = sorted(set(trace_options) - set(TRACE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; plan_memory passes only "
+                         f"tracing options on: {', '.join(TRACE_OPTIONS)}")
+    if max_flops_ratio is not None and (isinstance(max_flops_ratio, bool) or
+                                        not isinstance(max_flops_ratio, (int, float)) or max_flops_ratio < 1):
+        raise ValueError(f"max_flops_ratio must be a number >= 1 (e.g. 1.2: at most 20% more step FLOPs), "
+                         f"got {max_flops_ratio!r}")
+    if batch_size is None:
+        if max_flops_ratio is None:
+            raise ValueError("batch_size=None finds the largest batch within max_flops_ratio; give "
+                             "max_flops_ratio (e.g. 1.2)")
+    elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    planner = _Planner(model, shape, dtype, optimizer, device, keep, trace_options)
+    if batch_size is None:
+        return planner.largest_batch(budget_bytes, float(max_flops_ratio))
+    return planner.plan(budget_bytes, batch_size, max_flops_ratio)
+
+
+class _Planner:
+    def __init__(self, model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, optimizer: str | None,
+                 device: torch.device, keep: str, trace_options: dict[str, Any]) -> None:
+        self.model, self.shape, self.dtype, self.optimizer, self.device = model, shape, dtype, optimizer, device
+        self.keep = keep
+        self.trace_options = trace_options
+        self.base = ConvertConfig(**trace_options)
+        self.units = find_units(model, (2, *shape), trace_options)
+
+    # -- measuring ---------------------------------------------------------------------------------
+    def estimate(self, config: ConvertConfig | None, batch: int,
+                 timeline: StepTimeline | None = None) -> MemoryBreakdown:
+        out = _estimate(self.model, self.shape, batch, self.dtype, self.optimizer, self.device, config,
+                        self.trace_options, timeline)
+        gc.collect()  # fx graphs are cyclic
+        return out
+
+    def calibrate(self, batch: int) -> Calibration:
+        example = (batch, *self.shape)
+        samples: dict[str, dict[str, UnitSample]] = {}
+        forward_offset, optimizer_offset = 0, None
+        original: MemoryBreakdown | None = None
+        grads: dict[str, dict[str, int]] = {}  # class "P" (as in the original) / "V" (converted) -> unit -> bytes
+        for label in ("A", "C", *(k for k in CALIBRATIONS if k not in ("A", "C"))):
+            choices = calibration_choices(self.units, label)
+            config = None if label == "A" else realise(self.units, choices, self.keep, self.base)
+            timeline = StepTimeline()
+            breakdown = self.estimate(config, batch, timeline)
+            if label in ("A", "C"):
+                grads["P" if label == "A" else "V"] = unit_grad_bytes(self.units, timeline)
+            grad = {u.name: grads["V" if c.cls in ("V", "VK") else "P"][u.name] for u, c in zip(self.units, choices)}
+            samples[label] = unit_samples(self.units, breakdown.segments, timeline, grad)
+            total_saved = sum(s.saved for s in samples[label].values())
+            forward_offset = max(forward_offset, timeline.forward_peak - total_saved)
+            if self.optimizer is not None:
+                off = timeline.optimizer_peak - sum(s.grad for s in samples[label].values())
+                optimizer_offset = off if optimizer_offset is None else max(optimizer_offset, off)
+            if label == "A":
+                original = breakdown
+        assert original is not None
+        converted = ConvertConfig(only=tuple(b for u in self.units if u.kind == RUN for b in u.blocks),
+                                  **self.trace_options)
+        keep_flops, keep_bytes = keep_costs(self.units, self.model, example, self.keep, self.trace_options)
+        return Calibration(
+            units=self.units, samples=samples, forward_offset=forward_offset, optimizer_offset=optimizer_offset,
+            resident=original.buffer_bytes + original.optimizer_bytes + original.input_bytes,
+            original_peak=original.peak_bytes - original.param_bytes,
+            original_saved={u.name: samples["A"][u.name].saved for u in self.units},
+            fwd_original=forward_flops(self.units, self.model, example, None, self.trace_options),
+            fwd_converted=forward_flops(self.units, self.model, example, converted, self.trace_options),
+            keep_saved_flops=keep_flops, keep_bytes=keep_bytes,
+            original_flops=step_flops(self.model, example, None, self.trace_options))
+
+    # -- planning ----------------------------------------------------------------------------------
+    def plan(self, budget: int, batch: int, max_flops_ratio: float | None,
+             calibration: Calibration | None = None) -> MemoryPlan:
+        cal = calibration or self.calibrate(batch)
+        space = _Space(cal, self.keep)
+        target, tried = budget, set()
+        best: tuple[MemoryPlan, ...] = ()
+        fallback: MemoryPlan | None = None
+        for _ in range(_VERIFY_ROUNDS):
+            pick = space.cheapest(target, max_flops_ratio, exclude=tried)
+            if pick is None:
+                break
+            tried.add(pick)
+            plan = self.verify(cal, space, pick, budget, batch)
+            if plan.fits and (max_flops_ratio is None or plan.flops_ratio <= max_flops_ratio + 1e-9):
+                if not best or plan.flops < best[0].flops:
+                    best = (plan,)
+            elif fallback is None or plan.peak_bytes < fallback.peak_bytes:
+                fallback = plan
+            error = plan.peak_bytes - plan.model_peak_bytes
+            new_target = budget - error
+            if plan.fits and new_target <= target:
+                break  # the model was pessimistic or exact here: a larger target finds nothing cheaper
+            target = new_target
+        if best:
+            return best[0]
+        # Nothing verified to fit: the least modelled peak (within the FLOP limit when given).
+        pick = space.least_peak(max_flops_ratio, exclude=tried)
+        if pick is not None:
+            plan = self.verify(cal, space, pick, budget, batch)
+            if fallback is None or plan.peak_bytes < fallback.peak_bytes:
+                fallback = plan
+        assert fallback is not None
+        return fallback
+
+    def verify(self, cal: Calibration, space: _Space, pick: tuple[int, ...], budget: int,
+               batch: int) -> MemoryPlan:
+        choices = space.choices_of(pick)
+        config = realise(self.units, choices, self.keep, self.base)
+        breakdown = self.estimate(config, batch)
+        flops = step_flops(self.model, (batch, *self.shape), config, self.trace_options)
+        of = {alias: u.name for u in self.units for alias in u.aliases}
+        saved = {u.name: 0 for u in self.units}
+        for row in breakdown.segments:
+            if row.name in of:
+                saved[of[row.name]] += row.activation_bytes
+        parts = [PlanPart(name=u.name, blocks=u.blocks, decision=c.label(u), saved_bytes=saved[u.name],
+                          original_saved_bytes=cal.original_saved[u.name],
+                          extra_flops=space.extra_flops(i, c) / cal.original_flops)
+                 for i, (u, c) in enumerate(zip(self.units, choices))]
+        return MemoryPlan(config=config, budget_bytes=budget, peak_bytes=breakdown.peak_bytes - breakdown.param_bytes,
+                          original_peak_bytes=cal.original_peak, flops=flops, original_flops=cal.original_flops,
+                          model_peak_bytes=int(space.peak_of(pick)), parts=parts, batch_size=batch,
+                          input_size=self.shape, dtype=str(self.dtype).removeprefix("torch."),
+                          optimizer=self.optimizer, model_name=model_name(self.model))
+
+    def largest_batch(self, budget: int, max_flops_ratio: float) -> MemoryPlan:
+        """Largest batch that fits within the FLOP limit: calibrate at a small batch, scale what grows
+        with the batch, plan at the predicted batch and step down until a verified plan fits."""
+        probe = 4
+        cal = self.calibrate(probe)
+        space = _Space(cal, self.keep)
+        fixed, per_sample = space.peak_affine(probe, max_flops_ratio)
+        batch = max(1, int((budget - fixed) // per_sample)) if per_sample > 0 else 1
+        plan = None
+        for _ in range(6):
+            plan = self.plan(budget, batch, max_flops_ratio)
+            if plan.fits and plan.flops_ratio <= max_flops_ratio + 1e-9:
+                break
+            # shrink by the overshoot of the activation-sized part of the peak
+            over = plan.peak_bytes / budget
+            batch = max(1, min(batch - 1, int(batch / over))) if batch > 1 else 1
+            if batch == 1 and plan.batch_size == 1:
+                break
+        assert plan is not None
+        return plan
+
+
+class _Space:
+    """Every combination of choices, with the composed peak and the FLOPs of each (numpy arrays)."""
+
+    def __init__(self, cal: Calibration, keep: str) -> None:
+        self.cal = cal
+        units = cal.units
+        self.options: list[list[Choice]] = []
+        for u in units:
+            opts = [Choice(c) for c in u.classes() if c != "VK"]
+            if u.kind == RUN:
+                opts += [Choice("V", m) for m in range(1, len(u.blocks) + 1)]
+            self.options.append(opts)
+        self._thin()
+        sizes = [len(o) for o in self.options]
+        self.index = np.stack(np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij"),
+                              axis=-1).reshape(-1, len(sizes))
+        self._compose()
+
+    def _thin(self) -> None:
+        """Keep counts of the longest run on a coarser grid until the space is small enough (heuristic)."""
+        while math.prod(len(o) for o in self.options) > MAX_CANDIDATES:
+            i = max(range(len(self.options)), key=lambda k: len(self.options[k]))
+            opts = self.options[i]
+            keeps = [c for c in opts if c.cls == "V" and c.keep]
+            if len(keeps) < 3:
+                break
+            thinned = keeps[1::2] if keeps[-1] in keeps[1::2] else keeps[1::2] + [keeps[-1]]
+            self.options[i] = [c for c in opts if not (c.cls == "V" and c.keep)] + thinned
+
+    # a unit's numbers under one choice, given its neighbours' classes
+    def _sample(self, i: int, prev: Choice | None, cur: Choice, nxt: Choice | None) -> np.ndarray:
+        cal, units = self.cal, self.cal.units
+        def pick(cls: str) -> UnitSample:
+            best, score = None, -1
+            for label, (s_cls, r_cls) in CALIBRATIONS.items():
+                def cls_of(u: Unit) -> str:
+                    return r_cls if u.kind == RUN else s_cls if u.kind == STORED else "P"
+                if cls_of(units[i]) != cls:
+                    continue
+                sc = (2 if prev is not None and cls_of(units[i - 1]) == _base(prev) else 0) + \
+                     (1 if nxt is not None and cls_of(units[i + 1]) == _base(nxt) else 0)
+                if sc > score:
+                    best, score = cal.samples[label][units[i].name], sc
+            assert best is not None
+            return best
+        def vec(s: UnitSample) -> np.ndarray:
+            return np.array([s.saved, s.grad, s.base, s.rise, float(s.opened)], dtype=np.float64)
+        if cur.cls == "V" and cur.keep:
+            n = len(units[i].blocks)
+            lo, hi = vec(pick("V")), vec(pick("VK"))
+            kept = sum(self.cal.keep_bytes.get(units[i].name, [0])[n - cur.keep:])
+            allk = sum(self.cal.keep_bytes.get(units[i].name, [0])) or 1
+            w = kept / allk if allk else cur.keep / n
+            out = lo + (hi - lo) * w
+            out[4] = max(lo[4], hi[4])
+            return out
+        return vec(pick(cur.cls))
+
+    def extra_flops(self, i: int, c: Choice) -> float:
+        cal, u = self.cal, self.cal.units[i]
+        if c.cls == "K":
+            return cal.fwd_original[u.name]
+        if c.cls == "V":
+            saved = cal.keep_saved_flops.get(u.name, [])
+            kept = sum(saved[len(saved) - c.keep:]) if c.keep else 0
+            return 4 * cal.fwd_converted[u.name] - 3 * cal.fwd_original[u.name] - kept
+        return 0.0
+
+    def _compose(self) -> None:
+        cal, units, idx = self.cal, self.cal.units, self.index
+        n, rows = len(units), len(self.index)
+        data = np.zeros((n, rows, 5))
+        for i in range(n):
+            prev_opts = self.options[i - 1] if i > 0 else [None]
+            next_opts = self.options[i + 1] if i + 1 < n else [None]
+            table = np.zeros((len(prev_opts), len(self.options[i]), len(next_opts), 5))
+            for (a, p), (b, c), (d, q) in itertools.product(enumerate(prev_opts), enumerate(self.options[i]),
+                                                           enumerate(next_opts)):
+                table[a, b, d] = self._sample(i, p, c, q)
+            pa = idx[:, i - 1] if i > 0 else np.zeros(rows, dtype=int)
+            na = idx[:, i + 1] if i + 1 < n else np.zeros(rows, dtype=int)
+            data[i] = table[pa, idx[:, i], na]
+        saved, grad, base, rise, opened = (data[..., k] for k in range(5))
+        prefix = np.cumsum(saved, axis=0)
+        suffix = grad.sum(axis=0)[None, :] - np.cumsum(grad, axis=0)
+        backward = np.where(opened > 0, base + prefix + suffix + rise, -np.inf).max(axis=0)
+        forward = cal.forward_offset + saved.sum(axis=0)
+        peak = np.maximum(backward, forward)
+        if cal.optimizer_offset is not None:
+            peak = np.maximum(peak, cal.optimizer_offset + grad.sum(axis=0))
+        self.peak = peak + cal.resident
+        self.activation = prefix[-1]  # grows with the batch; used by the batch search
+        flops = np.zeros(rows)
+        for i in range(n):
+            per = np.array([self.extra_flops(i, c) for c in self.options[i]])
+            flops += per[idx[:, i]]
+        self.flops = (cal.original_flops + flops) / cal.original_flops
+
+    def choices_of(self, pick: tuple[int, ...]) -> list[Choice]:
+        return [self.options[i][k] for i, k in enumerate(pick)]
+
+    def _row(self, pick: tuple[int, ...]) -> int:
+        return int(np.ravel_multi_index(pick, [len(o) for o in self.options]))
+
+    def peak_of(self, pick: tuple[int, ...]) -> float:
+        return float(self.peak[self._row(pick)])
+
+    def _allowed(self, max_flops_ratio: float | None, exclude: set[tuple[int, ...]]) -> np.ndarray:
+        ok = np.ones(len(self.index), dtype=bool)
+        if max_flops_ratio is not None:
+            ok &= self.flops <= max_flops_ratio + 1e-9
+        for pick in exclude:
+            ok[self._row(pick)] = False
+        return ok
+
+    def cheapest(self, target: float, max_flops_ratio: float | None,
+                 exclude: set[tuple[int, ...]]) -> tuple[int, ...] | None:
+        ok = self._allowed(max_flops_ratio, exclude) & (self.peak <= target)
+        if not ok.any():
+            return None
+        rows = np.flatnonzero(ok)
+        order = np.lexsort((self.peak[rows], self.flops[rows]))
+        return tuple(int(k) for k in self.index[rows[order[0]]])
+
+    def least_peak(self, max_flops_ratio: float | None, exclude: set[tuple[int, ...]]) -> tuple[int, ...] | None:
+        ok = self._allowed(max_flops_ratio, exclude)
+        if not ok.any():
+            return None
+        rows = np.flatnonzero(ok)
+        order = np.lexsort((self.flops[rows], self.peak[rows]))
+        return tuple(int(k) for k in self.index[rows[order[0]]])
+
+    def peak_affine(self, batch: int, max_flops_ratio: float) -> tuple[float, float]:
+        """(fixed bytes, bytes per sample) of the least-peak plan within the FLOP limit, treating
+        everything but gradients, optimizer and buffers as proportional to the batch."""
+        ok = self._allowed(max_flops_ratio, set())
+        rows = np.flatnonzero(ok)
+        k = rows[np.argmin(self.peak[rows])]
+        grads = sum(s.grad for s in self.cal.samples["A"].values())
+        fixed = grads + (self.cal.optimizer_offset or 0) * 0 + self.cal.resident
+        per_sample = max(1.0, (self.peak[k] - fixed) / batch)
+        return float(fixed), float(per_sample)
+
+
+def _base(c: Choice) -> str:
+    return "VK" if c.cls == "V" and c.keep else c.cls
