@@ -35,7 +35,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -55,7 +54,10 @@ __all__ = ["plan_memory", "MAX_CANDIDATES"]
 MAX_CANDIDATES = 500_000
 """Above this many combinations the keep counts of the longest runs are thinned to a grid."""
 
-_VERIFY_ROUNDS = 4
+_VERIFY_ROUNDS = 4   # rounds to find a first verified fit
+_CHEAPER_TRIES = 3   # cheaper candidates verified after it
+_FIELDS = 7          # saved, grad, base, rise, opened, forward_base, forward_rise
+_MARGIN = 0.02       # least relative model error assumed when looking for cheaper candidates
 
 
 def plan_memory(
@@ -192,35 +194,42 @@ class _Planner:
              calibration: Calibration | None = None) -> MemoryPlan:
         cal = calibration or self.calibrate(batch)
         space = _Space(cal, self.keep)
-        target, tried = budget, set()
-        best: tuple[MemoryPlan, ...] = ()
-        fallback: MemoryPlan | None = None
+        verified: dict[tuple[int, ...], MemoryPlan] = {}
+
+        def ok(plan: MemoryPlan) -> bool:
+            return plan.fits and (max_flops_ratio is None or plan.flops_ratio <= max_flops_ratio + 1e-9)
+
+        def check(pick: tuple[int, ...]) -> MemoryPlan:
+            verified[pick] = self.verify(cal, space, pick, budget, batch)
+            return verified[pick]
+
+        # 1. the cheapest modelled fit, verified; an overshoot lowers the target by as much
+        best, target, margin = None, float(budget), _MARGIN
         for _ in range(_VERIFY_ROUNDS):
-            pick = space.cheapest(target, max_flops_ratio, exclude=tried)
+            pick = space.cheapest(target, max_flops_ratio, exclude=set(verified))
             if pick is None:
                 break
-            tried.add(pick)
-            plan = self.verify(cal, space, pick, budget, batch)
-            if plan.fits and (max_flops_ratio is None or plan.flops_ratio <= max_flops_ratio + 1e-9):
-                if not best or plan.flops < best[0].flops:
-                    best = (plan,)
-            elif fallback is None or plan.peak_bytes < fallback.peak_bytes:
-                fallback = plan
-            error = plan.peak_bytes - plan.model_peak_bytes
-            new_target = budget - error
-            if plan.fits and new_target <= target:
-                break  # the model was pessimistic or exact here: a larger target finds nothing cheaper
-            target = new_target
-        if best:
-            return best[0]
+            plan = check(pick)
+            margin = max(margin, min(0.1, 1.5 * abs(plan.peak_bytes - plan.model_peak_bytes) / budget))
+            if ok(plan):
+                best = plan
+                break
+            target -= plan.peak_bytes - budget
+        if best is not None:
+            # 2. cheaper candidates the model put just above the budget may fit: verify a few
+            for _ in range(_CHEAPER_TRIES):
+                pick = space.cheapest(budget * (1 + margin), best.flops_ratio - 1e-9, exclude=set(verified))
+                if pick is None:
+                    break
+                plan = check(pick)
+                if ok(plan) and plan.flops < best.flops:
+                    best = plan
+            return best
         # Nothing verified to fit: the least modelled peak (within the FLOP limit when given).
-        pick = space.least_peak(max_flops_ratio, exclude=tried)
+        pick = space.least_peak(max_flops_ratio, exclude=set(verified))
         if pick is not None:
-            plan = self.verify(cal, space, pick, budget, batch)
-            if fallback is None or plan.peak_bytes < fallback.peak_bytes:
-                fallback = plan
-        assert fallback is not None
-        return fallback
+            check(pick)
+        return min(verified.values(), key=lambda p: (p.peak_bytes, p.flops))
 
     def verify(self, cal: Calibration, space: _Space, pick: tuple[int, ...], budget: int,
                batch: int) -> MemoryPlan:
@@ -279,8 +288,9 @@ class _Space:
             self.options.append(opts)
         self._thin()
         sizes = [len(o) for o in self.options]
-        self.index = np.stack(np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij"),
-                              axis=-1).reshape(-1, len(sizes))
+        self.sizes = sizes
+        self.index = torch.stack(torch.meshgrid(*[torch.arange(s) for s in sizes], indexing="ij"),
+                                 dim=-1).reshape(-1, len(sizes))
         self._compose()
 
     def _thin(self) -> None:
@@ -295,7 +305,7 @@ class _Space:
             self.options[i] = [c for c in opts if not (c.cls == "V" and c.keep)] + thinned
 
     # a unit's numbers under one choice, given its neighbours' classes
-    def _sample(self, i: int, prev: Choice | None, cur: Choice, nxt: Choice | None) -> np.ndarray:
+    def _sample(self, i: int, prev: Choice | None, cur: Choice, nxt: Choice | None) -> list[float]:
         cal, units = self.cal, self.cal.units
         def pick(cls: str) -> UnitSample:
             best, score = None, -1
@@ -310,17 +320,17 @@ class _Space:
                     best, score = cal.samples[label][units[i].name], sc
             assert best is not None
             return best
-        def vec(s: UnitSample) -> np.ndarray:
-            return np.array([s.saved, s.grad, s.base, s.rise, float(s.opened)], dtype=np.float64)
+        def vec(s: UnitSample) -> list[float]:
+            return [s.saved, s.grad, s.base, s.rise, float(s.opened), s.forward_base, s.forward_rise]
         if cur.cls == "V" and cur.keep:
             n = len(units[i].blocks)
             lo, hi = vec(pick("V")), vec(pick("VK"))
             kept = sum(self.cal.keep_bytes.get(units[i].name, [0])[n - cur.keep:])
             allk = sum(self.cal.keep_bytes.get(units[i].name, [0])) or 1
             w = kept / allk if allk else cur.keep / n
-            out = lo + (hi - lo) * w
-            out[4] = max(lo[4], hi[4])
-            return out
+            mixed = [a + (b - a) * w for a, b in zip(lo, hi)]
+            mixed[4] = max(lo[4], hi[4])
+            return mixed
         return vec(pick(cur.cls))
 
     def extra_flops(self, i: int, c: Choice) -> float:
@@ -336,30 +346,31 @@ class _Space:
     def _compose(self) -> None:
         cal, units, idx = self.cal, self.cal.units, self.index
         n, rows = len(units), len(self.index)
-        data = np.zeros((n, rows, 5))
+        data = torch.zeros((n, rows, _FIELDS), dtype=torch.float64)
         for i in range(n):
             prev_opts = self.options[i - 1] if i > 0 else [None]
             next_opts = self.options[i + 1] if i + 1 < n else [None]
-            table = np.zeros((len(prev_opts), len(self.options[i]), len(next_opts), 5))
+            table = torch.zeros((len(prev_opts), len(self.options[i]), len(next_opts), _FIELDS), dtype=torch.float64)
             for (a, p), (b, c), (d, q) in itertools.product(enumerate(prev_opts), enumerate(self.options[i]),
                                                            enumerate(next_opts)):
-                table[a, b, d] = self._sample(i, p, c, q)
-            pa = idx[:, i - 1] if i > 0 else np.zeros(rows, dtype=int)
-            na = idx[:, i + 1] if i + 1 < n else np.zeros(rows, dtype=int)
+                table[a, b, d] = torch.tensor(self._sample(i, p, c, q), dtype=torch.float64)
+            pa = idx[:, i - 1] if i > 0 else torch.zeros(rows, dtype=torch.long)
+            na = idx[:, i + 1] if i + 1 < n else torch.zeros(rows, dtype=torch.long)
             data[i] = table[pa, idx[:, i], na]
-        saved, grad, base, rise, opened = (data[..., k] for k in range(5))
-        prefix = np.cumsum(saved, axis=0)
-        suffix = grad.sum(axis=0)[None, :] - np.cumsum(grad, axis=0)
-        backward = np.where(opened > 0, base + prefix + suffix + rise, -np.inf).max(axis=0)
-        forward = cal.forward_offset + saved.sum(axis=0)
-        peak = np.maximum(backward, forward)
+        saved, grad, base, rise, opened, fbase, frise = (data[..., k] for k in range(_FIELDS))
+        prefix = torch.cumsum(saved, dim=0)
+        suffix = grad.sum(dim=0)[None, :] - torch.cumsum(grad, dim=0)
+        backward = torch.where(opened > 0, base + prefix + suffix + rise,
+                               torch.tensor(float("-inf"), dtype=torch.float64)).amax(dim=0)
+        forward = (fbase + prefix - saved + frise).amax(dim=0)
+        peak = torch.maximum(backward, forward)
         if cal.optimizer_offset is not None:
-            peak = np.maximum(peak, cal.optimizer_offset + grad.sum(axis=0))
-        self.peak = peak + cal.resident
+            peak = torch.maximum(peak, cal.optimizer_offset + grad.sum(dim=0))
+        self.peak = torch.round(peak + cal.resident)
         self.activation = prefix[-1]  # grows with the batch; used by the batch search
-        flops = np.zeros(rows)
+        flops = torch.zeros(rows, dtype=torch.float64)
         for i in range(n):
-            per = np.array([self.extra_flops(i, c) for c in self.options[i]])
+            per = torch.tensor([self.extra_flops(i, c) for c in self.options[i]], dtype=torch.float64)
             flops += per[idx[:, i]]
         self.flops = (cal.original_flops + flops) / cal.original_flops
 
@@ -367,13 +378,16 @@ class _Space:
         return [self.options[i][k] for i, k in enumerate(pick)]
 
     def _row(self, pick: tuple[int, ...]) -> int:
-        return int(np.ravel_multi_index(pick, [len(o) for o in self.options]))
+        row = 0
+        for k, size in zip(pick, self.sizes):
+            row = row * size + k
+        return row
 
     def peak_of(self, pick: tuple[int, ...]) -> float:
         return float(self.peak[self._row(pick)])
 
-    def _allowed(self, max_flops_ratio: float | None, exclude: set[tuple[int, ...]]) -> np.ndarray:
-        ok = np.ones(len(self.index), dtype=bool)
+    def _allowed(self, max_flops_ratio: float | None, exclude: set[tuple[int, ...]]) -> torch.Tensor:
+        ok = torch.ones(len(self.index), dtype=torch.bool)
         if max_flops_ratio is not None:
             ok &= self.flops <= max_flops_ratio + 1e-9
         for pick in exclude:
@@ -383,28 +397,30 @@ class _Space:
     def cheapest(self, target: float, max_flops_ratio: float | None,
                  exclude: set[tuple[int, ...]]) -> tuple[int, ...] | None:
         ok = self._allowed(max_flops_ratio, exclude) & (self.peak <= target)
-        if not ok.any():
-            return None
-        rows = np.flatnonzero(ok)
-        order = np.lexsort((self.peak[rows], self.flops[rows]))
-        return tuple(int(k) for k in self.index[rows[order[0]]])
+        return self._first(ok, self.flops, self.peak)
 
     def least_peak(self, max_flops_ratio: float | None, exclude: set[tuple[int, ...]]) -> tuple[int, ...] | None:
         ok = self._allowed(max_flops_ratio, exclude)
-        if not ok.any():
+        return self._first(ok, self.peak, self.flops)
+
+    def _first(self, ok: torch.Tensor, key: torch.Tensor, tie: torch.Tensor) -> tuple[int, ...] | None:
+        """The allowed row with the least ``key``, then the least ``tie``."""
+        if not bool(ok.any()):
             return None
-        rows = np.flatnonzero(ok)
-        order = np.lexsort((self.flops[rows], self.peak[rows]))
-        return tuple(int(k) for k in self.index[rows[order[0]]])
+        rows = torch.nonzero(ok).flatten()
+        k = key[rows]
+        near = rows[k <= k.min() + 1e-12 * max(1.0, float(k.min().abs()))]
+        row = near[torch.argmin(tie[near])]
+        return tuple(int(v) for v in self.index[row])
 
     def peak_affine(self, batch: int, max_flops_ratio: float) -> tuple[float, float]:
         """(fixed bytes, bytes per sample) of the least-peak plan within the FLOP limit, treating
         everything but gradients, optimizer and buffers as proportional to the batch."""
         ok = self._allowed(max_flops_ratio, set())
-        rows = np.flatnonzero(ok)
-        k = rows[np.argmin(self.peak[rows])]
+        rows = torch.nonzero(ok).flatten()
+        k = rows[torch.argmin(self.peak[rows])]
         grads = sum(s.grad for s in self.cal.samples["A"].values())
-        fixed = grads + (self.cal.optimizer_offset or 0) * 0 + self.cal.resident
+        fixed = grads + self.cal.resident
         per_sample = max(1.0, (self.peak[k] - fixed) / batch)
         return float(fixed), float(per_sample)
 

@@ -105,6 +105,8 @@ class UnitSample:
             it and the units before it, the gradients of the units after it).
         rise: how far live bytes rise during its backward above their value when it starts.
         opened: whether its backward was seen (a unit without a backward window has none).
+        forward_base: live bytes when its forward starts, less the saved bytes of the units before it.
+        forward_rise: how far live bytes rise during its forward above their value when it starts.
     """
 
     saved: int
@@ -112,6 +114,8 @@ class UnitSample:
     base: int
     rise: int
     opened: bool
+    forward_base: int = 0
+    forward_rise: int = 0
 
 
 @dataclass
@@ -189,22 +193,30 @@ def unit_samples(units: Sequence[Unit], segments: Sequence[Any], timeline: StepT
     for row in segments:
         if row.name in of:
             saved[of[row.name]] += row.activation_bytes
-    start: dict[str, int] = {}
-    top: dict[str, int] = {}
-    for label, at, peak in timeline.windows:
-        unit = of.get(label)
-        if unit is None:
-            continue
-        start.setdefault(unit, at)  # the first window of a unit in backward order is where it starts
-        top[unit] = max(top.get(unit, 0), peak)
+    def spans(windows: list[tuple[str, int, int]]) -> tuple[dict[str, int], dict[str, int]]:
+        start: dict[str, int] = {}
+        top: dict[str, int] = {}
+        for label, at, peak in windows:
+            unit = of.get(label)
+            if unit is None:
+                continue
+            start.setdefault(unit, at)  # the unit's first window (in that pass's order) is where it starts
+            top[unit] = max(top.get(unit, 0), peak)
+        return start, top
+
+    start, top = spans(timeline.windows)
+    fstart, ftop = spans(timeline.forward_windows)
     out = {}
     for i, u in enumerate(units):
         prefix = sum(saved[v.name] for v in units[:i + 1])
         suffix = sum(grad[v.name] for v in units[i + 1:])
         opened = u.name in start
         at = start.get(u.name, 0)
+        fat = fstart.get(u.name, 0)
         out[u.name] = UnitSample(saved=saved[u.name], grad=grad[u.name], base=at - prefix - suffix if opened else 0,
-                                 rise=top.get(u.name, at) - at, opened=opened)
+                                 rise=top.get(u.name, at) - at, opened=opened,
+                                 forward_base=fat - (prefix - saved[u.name]) if u.name in fstart else 0,
+                                 forward_rise=ftop.get(u.name, fat) - fat)
     return out
 
 

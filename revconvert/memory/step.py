@@ -66,6 +66,8 @@ class _SegmentInterpreter(fx.Interpreter):
         self.seg = seg
         self.counter = counter
         self.on_exit_grad = on_exit_grad
+        self.on_enter: Callable[[str], None] | None = None  # called when the forward enters a segment
+        self._last: str | None = None
         # A node is a segment exit if some user belongs to another segment (or is the output).
         self.exits: set[str] = set()
         for node in seg.graph_module.graph.nodes:
@@ -76,6 +78,9 @@ class _SegmentInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         name = self.seg.segment_of(n)
         self.counter.segment = name
+        if self.on_enter is not None and name != self._last and n.op not in ("placeholder", "output"):
+            self.on_enter(name)
+        self._last = name
         result = super().run_node(n)
         if n.name in self.exits:
             for t in tree_leaves(result):
@@ -113,6 +118,8 @@ class StepTimeline:
         forward_peak: the tracked peak reached before the backward started.
         forward_end: tracked live bytes when the backward started (saved tensors, output, loss).
         windows: ``(segment, live at open, peak)`` of each backward window, in backward order.
+        forward_windows: the same for the forward, from where it enters a segment to where it
+            enters the next one.
         after_backward: tracked live bytes after the backward (the gradients, mostly).
         optimizer_peak: tracked peak of the optimizer step (modeled or run); 0 without one.
         grad_bytes: trainable parameter bytes each segment owns (its gradients).
@@ -121,6 +128,7 @@ class StepTimeline:
     forward_peak: int = 0
     forward_end: int = 0
     windows: list[tuple[str, int, int]] = field(default_factory=list)
+    forward_windows: list[tuple[str, int, int]] = field(default_factory=list)
     after_backward: int = 0
     optimizer_peak: int = 0
     grad_bytes: dict[str, int] = field(default_factory=dict)
@@ -154,6 +162,14 @@ def run_step(seg: Segmentation, res: StepResources, *, timeline: StepTimeline | 
         return hook
 
     interp = _SegmentInterpreter(seg, counter, on_exit_grad)
+    forward_opened: list[Window] = []
+
+    def on_enter(name: str) -> None:
+        if forward_opened and not forward_opened[-1].closed:
+            tracker.close_window(forward_opened[-1])
+        forward_opened.append(tracker.open_window(name))
+
+    interp.on_enter = on_enter
     try:
         with tracker, counter:
             output = interp.run(*res.inputs)
@@ -162,6 +178,8 @@ def run_step(seg: Segmentation, res: StepResources, *, timeline: StepTimeline | 
             loss = training_loss(output)
             counter.segment = None  # the backward's recomputation saves tensors only transiently
             del output
+            if forward_opened:
+                tracker.close_window(forward_opened[-1])
             timeline.forward_peak, timeline.forward_end = tracker.peak, tracker.live
             tracker.phase = "backward"
             loss.backward()
@@ -184,6 +202,7 @@ def run_step(seg: Segmentation, res: StepResources, *, timeline: StepTimeline | 
     tracked_peak, by_phase = tracker.peak, tracker.peak_by_phase
     modeled_step_peak = sum(after_backward.values()) + res.modeled_step_bytes
     timeline.windows = [(w.label, w.start, w.peak) for w in opened]
+    timeline.forward_windows = [(w.label, w.start, w.peak) for w in forward_opened]
     timeline.grad_bytes = _segment_param_bytes(seg)
     if res.optimizer_step is None and res.modeled_step_bytes:
         timeline.optimizer_peak = modeled_step_peak
