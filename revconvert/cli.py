@@ -1,4 +1,4 @@
-"""The ``revconvert`` command line: audit, convert, memory, report.
+"""The ``revconvert`` command line: audit, convert, memory, report, plan.
 
 MODEL is a torchvision model name (``resnet50``) or ``package.module:factory`` (a callable that
 returns an ``nn.Module``). Models are built with random weights; nothing is downloaded.
@@ -7,6 +7,7 @@ returns an ``nn.Module``). Models are built with random weights; nothing is down
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import importlib
 import json
@@ -96,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="convert only these blocks or prefixes (repeatable), e.g. --only layer3")
     c.add_argument("--width", default="match-params", help="match-params (default), keep, or a factor")
     _conversion_flags(c)
+    c.add_argument("--plan", metavar="JSON", help="convert as a plan written by `revconvert plan -o` says")
     for name, helptext in (("memory", "estimate training memory, original vs converted"),
                            ("report", "the main job: audit + conversion + memory on one page")):
         m = sub.add_parser(name, help=helptext)
@@ -106,7 +108,60 @@ def _parser() -> argparse.ArgumentParser:
         _conversion_flags(m)
         if name == "memory":
             m.add_argument("--plot", metavar="PNG", help="write a plot (needs the 'plot' extra)")
+        else:
+            m.add_argument("--memory", metavar="SIZE", help="also plan the conversion that fits SIZE (e.g. 24GiB)")
+    _add_plan_parser(sub, common)
     return p
+
+
+def _add_plan_parser(sub: Any, common: Any) -> None:
+    sp = sub.add_parser("plan", help="the conversion that fits a memory budget at the least extra FLOPs")
+    common(sp)
+    sp.add_argument("--memory", required=True, metavar="SIZE", help="budget for one training step, e.g. 24GiB")
+    sp.add_argument("--batch-size", type=int, default=None,
+                    help="batch to fit (default: the largest that fits within --max-flops-ratio)")
+    sp.add_argument("--max-flops-ratio", type=float, default=None, metavar="R",
+                    help="most step FLOPs over the original's (e.g. 1.2); required without --batch-size")
+    sp.add_argument("--optimizer", choices=["sgd", "sgd-momentum", "adam", "adamw"], default=None)
+    sp.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    sp.add_argument("-o", "--output", metavar="JSON", help="write the plan (use with convert --plan)")
+
+
+def _make_plan(args: argparse.Namespace, model: nn.Module):  # noqa: ANN202 - MemoryPlan, imported lazily
+    import revconvert  # lazy: keeps torch out of the CLI start-up
+
+    batch = getattr(args, "batch_size", None)
+    if batch is None and getattr(args, "max_flops_ratio", None) is None:
+        raise CLIError("give --batch-size, or --max-flops-ratio to find the largest batch that fits")
+    try:
+        return revconvert.plan_memory(model, args.memory, input_size=args.input_size, batch_size=batch,
+                                      optimizer=args.optimizer, dtype=_DTYPES[args.dtype],
+                                      max_flops_ratio=getattr(args, "max_flops_ratio", None))
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    plan = _make_plan(args, load_model(args.model))
+    out = plan.to_dict()
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(out, f, indent=2)
+    text = str(plan) + (f"\n\nplan written to {args.output} (revconvert convert MODEL --plan {args.output})"
+                        if args.output else "")
+    print(json.dumps(out, indent=2) if args.json else text)
+    return 0
+
+
+def _plan_config(path: str, width: str | float):  # noqa: ANN202 - ConvertConfig, imported lazily
+    from .memory.plan_report import config_from_dict  # lazy: keeps torch out of the CLI start-up
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return dataclasses.replace(config_from_dict(data), width=width)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--plan {path}: {e}") from e
 
 
 def _conversion_flags(sp: argparse.ArgumentParser) -> None:
@@ -158,7 +213,11 @@ def _run(args: argparse.Namespace) -> int:
         report = revconvert.audit(model, example)
         out, text = report.to_dict(), [str(report)]
     elif args.command == "convert":
-        config = _config(args, only=tuple(args.only) if args.only else None, width=_width(args.width))
+        if args.plan and (args.only or args.checkpoint_stored or args.keep or args.recompute_budget is not None):
+            raise CLIError("--plan sets the conversion; do not combine it with --only, --checkpoint-stored, "
+                           "--keep or --recompute-budget")
+        config = (_plan_config(args.plan, _width(args.width)) if args.plan else
+                  _config(args, only=tuple(args.only) if args.only else None, width=_width(args.width)))
         converted = revconvert.convert(model, example, config=config)
         torch.save(converted, args.output)
         summary = converted.revconvert_summary
@@ -178,6 +237,10 @@ def _run(args: argparse.Namespace) -> int:
             text = ["== Audit ==", report.summary(), "", "== Conversion ==", str(summary), "",
                     f"== Memory (batch {args.batch_size}, {'x'.join(map(str, args.input_size))}) ==",
                     str(profile)]
+            if args.memory:
+                plan = _make_plan(args, model)
+                out["plan"] = plan.to_dict()
+                text += ["", f"== Plan for {args.memory} ==", str(plan)]
         else:
             out, text = profile.to_dict(), [str(profile)]
             if getattr(args, "plot", None):
@@ -193,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        return _run_plan(args) if args.command == "plan" else _run(args)
     except (CLIError, RevConvertError, ImportError) as e:
         print(f"revconvert {args.command}: error: {e}".splitlines()[0] if isinstance(e, CLIError)
               else f"revconvert {args.command}: error: {e}", file=sys.stderr)
