@@ -29,6 +29,7 @@ How (the heuristic parts are marked):
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import math
@@ -156,7 +157,7 @@ class _Planner:
     def calibrate(self, batch: int) -> Calibration:
         example = (batch, *self.shape)
         samples: dict[str, dict[str, UnitSample]] = {}
-        forward_offset, optimizer_offset = 0, None
+        optimizer_offset = None
         original: MemoryBreakdown | None = None
         grads: dict[str, dict[str, int]] = {}  # class "P" (as in the original) / "V" (converted) -> unit -> bytes
         for label in ("A", "C", *(k for k in CALIBRATIONS if k not in ("A", "C"))):
@@ -168,8 +169,6 @@ class _Planner:
                 grads["P" if label == "A" else "V"] = unit_grad_bytes(self.units, timeline)
             grad = {u.name: grads["V" if c.cls in ("V", "VK") else "P"][u.name] for u, c in zip(self.units, choices)}
             samples[label] = unit_samples(self.units, breakdown.segments, timeline, grad)
-            total_saved = sum(s.saved for s in samples[label].values())
-            forward_offset = max(forward_offset, timeline.forward_peak - total_saved)
             if self.optimizer is not None:
                 off = timeline.optimizer_peak - sum(s.grad for s in samples[label].values())
                 optimizer_offset = off if optimizer_offset is None else max(optimizer_offset, off)
@@ -180,14 +179,15 @@ class _Planner:
                                   **self.trace_options)
         keep_flops, keep_bytes = keep_costs(self.units, self.model, example, self.keep, self.trace_options)
         return Calibration(
-            units=self.units, samples=samples, forward_offset=forward_offset, optimizer_offset=optimizer_offset,
+            units=self.units, samples=samples, optimizer_offset=optimizer_offset,
             resident=original.buffer_bytes + original.optimizer_bytes + original.input_bytes,
             original_peak=original.peak_bytes - original.param_bytes,
             original_saved={u.name: samples["A"][u.name].saved for u in self.units},
             fwd_original=forward_flops(self.units, self.model, example, None, self.trace_options),
             fwd_converted=forward_flops(self.units, self.model, example, converted, self.trace_options),
             keep_saved_flops=keep_flops, keep_bytes=keep_bytes,
-            original_flops=step_flops(self.model, example, None, self.trace_options))
+            original_flops=step_flops(self.model, example, None, self.trace_options),
+            batch=batch, input_bytes=original.input_bytes)
 
     # -- planning ----------------------------------------------------------------------------------
     def plan(self, budget: int, batch: int, max_flops_ratio: float | None,
@@ -253,25 +253,55 @@ class _Planner:
                           optimizer=self.optimizer, model_name=model_name(self.model))
 
     def largest_batch(self, budget: int, max_flops_ratio: float) -> MemoryPlan:
-        """Largest batch that fits within the FLOP limit: calibrate at a small batch, scale what grows
-        with the batch, plan at the predicted batch and step down until a verified plan fits."""
-        probe = 4
-        cal = self.calibrate(probe)
-        space = _Space(cal, self.keep)
-        fixed, per_sample = space.peak_affine(probe, max_flops_ratio)
-        batch = max(1, int((budget - fixed) // per_sample)) if per_sample > 0 else 1
-        plan = None
-        for _ in range(6):
-            plan = self.plan(budget, batch, max_flops_ratio)
+        """The largest batch whose plan fits within the FLOP limit.
+
+        The batch is searched on the peak model, scaled from a calibration (activation-sized numbers
+        grow with the batch, gradients and optimizer state do not); the model is re-calibrated at the
+        batch it predicts, and the answer is checked with verified plans: the batch fits, and the
+        next one does not (or the search steps down until one fits).
+        """
+        cal = self.calibrate(4)
+        batch = self._model_largest(cal, budget, max_flops_ratio)
+        cal = self.calibrate(batch)
+        batch = self._model_largest(cal, budget, max_flops_ratio)
+        fits = self._fitting_plan(cal, budget, batch, max_flops_ratio)
+        if fits is not None:
+            while True:  # step up while the next batch verifiably fits too
+                bigger = self._fitting_plan(cal, budget, batch + 1, max_flops_ratio)
+                if bigger is None:
+                    return self._with_original(fits)
+                fits, batch = bigger, batch + 1
+        while batch > 1:  # step down, by the overshoot, until one fits
+            plan = self.plan(budget, batch, max_flops_ratio, cal.scaled(batch))
             if plan.fits and plan.flops_ratio <= max_flops_ratio + 1e-9:
-                break
-            # shrink by the overshoot of the activation-sized part of the peak
-            over = plan.peak_bytes / budget
-            batch = max(1, min(batch - 1, int(batch / over))) if batch > 1 else 1
-            if batch == 1 and plan.batch_size == 1:
-                break
-        assert plan is not None
-        return plan
+                return self._with_original(plan)
+            batch = max(1, min(batch - 1, int(batch * budget / plan.peak_bytes)))
+        return self._with_original(self.plan(budget, 1, max_flops_ratio))
+
+    def _fitting_plan(self, cal: Calibration, budget: int, batch: int,
+                      max_flops_ratio: float) -> MemoryPlan | None:
+        plan = self.plan(budget, batch, max_flops_ratio, cal if batch == cal.batch else cal.scaled(batch))
+        return plan if plan.fits and plan.flops_ratio <= max_flops_ratio + 1e-9 else None
+
+    def _model_largest(self, cal: Calibration, budget: int, max_flops_ratio: float) -> int:
+        """Largest batch whose least modelled peak within the FLOP limit fits (binary search)."""
+        def fits(batch: int) -> bool:
+            space = _Space(cal.scaled(batch), self.keep)
+            pick = space.least_peak(max_flops_ratio, set())
+            return pick is not None and space.peak_of(pick) <= budget
+        lo, hi = 1, 2
+        while fits(hi) and hi < 1 << 20:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
+    def _with_original(self, plan: MemoryPlan) -> MemoryPlan:
+        """The plan with the original model's peak estimated at its batch (a scaled calibration only
+        approximates it)."""
+        original = self.estimate(None, plan.batch_size)
+        return dataclasses.replace(plan, original_peak_bytes=original.peak_bytes - original.param_bytes)
 
 
 class _Space:
@@ -412,17 +442,6 @@ class _Space:
         near = rows[k <= k.min() + 1e-12 * max(1.0, float(k.min().abs()))]
         row = near[torch.argmin(tie[near])]
         return tuple(int(v) for v in self.index[row])
-
-    def peak_affine(self, batch: int, max_flops_ratio: float) -> tuple[float, float]:
-        """(fixed bytes, bytes per sample) of the least-peak plan within the FLOP limit, treating
-        everything but gradients, optimizer and buffers as proportional to the batch."""
-        ok = self._allowed(max_flops_ratio, set())
-        rows = torch.nonzero(ok).flatten()
-        k = rows[torch.argmin(self.peak[rows])]
-        grads = sum(s.grad for s in self.cal.samples["A"].values())
-        fixed = grads + self.cal.resident
-        per_sample = max(1.0, (self.peak[k] - fixed) / batch)
-        return float(fixed), float(per_sample)
 
 
 def _base(c: Choice) -> str:

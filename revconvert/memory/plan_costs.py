@@ -26,6 +26,7 @@ The plan's final FLOPs are counted on its own converted model, not composed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,7 +125,6 @@ class Calibration:
 
     units: list[Unit]
     samples: dict[str, dict[str, UnitSample]]
-    forward_offset: int
     optimizer_offset: int | None
     resident: int
     original_peak: int
@@ -134,6 +134,25 @@ class Calibration:
     keep_saved_flops: dict[str, list[int]]
     original_flops: int
     keep_bytes: dict[str, list[int]] = field(default_factory=dict)
+    batch: int = 1
+    input_bytes: int = 0
+
+    def scaled(self, batch: int) -> Calibration:
+        """The calibration as if measured at ``batch``: activation-sized numbers grow with the batch,
+        gradients, optimizer state and buffers do not (an approximation; plans are verified anyway).
+        FLOP ratios do not depend on the batch."""
+        r = batch / self.batch
+        def one(s: UnitSample) -> UnitSample:
+            return UnitSample(saved=round(s.saved * r), grad=s.grad, base=round(s.base * r),
+                              rise=round((s.rise - s.grad) * r) + s.grad, opened=s.opened,
+                              forward_base=round(s.forward_base * r), forward_rise=round(s.forward_rise * r))
+        return dataclasses.replace(
+            self, samples={k: {u: one(v) for u, v in d.items()} for k, d in self.samples.items()},
+            resident=self.resident + round(self.input_bytes * (r - 1)), batch=batch,
+            input_bytes=round(self.input_bytes * r),
+            original_peak=round(self.original_peak * r),  # report only; plan() re-estimates it
+            original_saved={k: round(v * r) for k, v in self.original_saved.items()},
+            keep_bytes={k: [round(b * r) for b in v] for k, v in self.keep_bytes.items()})
 
 
 def find_units(model: nn.Module, example: Any, trace_options: dict[str, Any]) -> list[Unit]:
