@@ -305,7 +305,7 @@ class _Planner:
 
 
 class _Space:
-    """Every combination of choices, with the composed peak and the FLOPs of each (numpy arrays)."""
+    """Every combination of choices (one row each), with its composed peak and FLOPs ratio (tensors)."""
 
     def __init__(self, cal: Calibration, keep: str) -> None:
         self.cal = cal

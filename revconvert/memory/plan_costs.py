@@ -162,7 +162,7 @@ def find_units(model: nn.Module, example: Any, trace_options: dict[str, Any]) ->
     for plan in analysis.report.segments:
         if plan.kind == "reversible":
             units.append(Unit(plan.name, RUN, tuple(plan.blocks)))
-        elif plan.name == "head":
+        elif plan.name in ("head", "model"):  # not checkpointed (see passes.checkpoint_stored)
             units.append(Unit(plan.name, HEAD, tuple(plan.blocks)))
         else:
             units.append(Unit(plan.name, STORED, tuple(plan.blocks)))
