@@ -123,7 +123,7 @@ class MemoryPlan:
         return self.peak_bytes / self.original_peak_bytes if self.original_peak_bytes else 1.0
 
     def __str__(self) -> str:
-        verdict = "fits" if self.fits else "does NOT fit"
+        verdict = "fits" if self.fits else "does NOT fit (no plan found fits; this one has the least peak)"
         head = (f"{self.model_name}: batch {self.batch_size} x {tuple(self.input_size)}, {self.dtype}, "
                 f"optimizer {self.optimizer or 'none'}; budget {format_bytes(self.budget_bytes)}\n"
                 f"plan peak {format_bytes(self.peak_bytes)} ({self.peak_ratio:.2f}x the original's "
