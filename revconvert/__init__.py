@@ -6,6 +6,7 @@ Example:
     >>> print(revconvert.audit(model))            # which blocks can become reversible, and why
     >>> converted = revconvert.convert(model)      # stride-1 identity blocks -> reversible couplings
     >>> print(revconvert.memory_profile(model, batch_size=64))
+    >>> print(revconvert.plan_memory(model, "8GiB", batch_size=256))  # fit a batch at least FLOPs
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ _EXPORTS: dict[str, str] = {
     "convert": ".passes.convert",
     "memory_profile": ".memory",
     "measure_memory": ".memory",
+    "plan_memory": ".memory",
     "AuditReport": ".analysis.audit",
     "BlockAudit": ".analysis.audit",
     "ConvertConfig": ".passes.convert",
     "MemoryProfile": ".memory",
     "MemoryBreakdown": ".memory",
+    "MemoryPlan": ".memory",
     "ReversibleCoupling": ".runtime",
     "ReversibleSegment": ".runtime",
     "ordinary_autograd": ".runtime",
@@ -40,7 +43,7 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:  # what static type checkers and IDEs see
     from .analysis.audit import AuditReport, BlockAudit, audit
     from .errors import ConversionError, RevConvertError, TraceError
-    from .memory import MemoryBreakdown, MemoryProfile, measure_memory, memory_profile
+    from .memory import MemoryBreakdown, MemoryPlan, MemoryProfile, measure_memory, memory_profile, plan_memory
     from .passes.convert import ConvertConfig, convert
     from .runtime import ReversibleCoupling, ReversibleSegment, ordinary_autograd
 

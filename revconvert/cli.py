@@ -1,4 +1,4 @@
-"""The revconvert command line: audit, convert, memory, report.
+"""The revconvert command line: audit, convert, memory, report, plan.
 
 Nothing here imports torch until a command runs, so ``revconvert --help`` and argument errors
 answer at once. Mistakes a user can make (a bad flag, an unknown model, an output path that cannot
@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--compile", action="store_true",
                    help="run F and G through torch.compile inside the reversible segments (forward and "
                         "recomputation); compiles on the first training step")
+    c.add_argument("--plan", metavar="JSON",
+                   help="convert as a plan written by revconvert plan -o says (sets the conversion options)")
     c.add_argument("--always-save", action="store_true",
                    help="write the output even when no block was converted (by default a model without "
                         "a convertible block is not copied to disk)")
@@ -112,7 +114,44 @@ def _parser() -> argparse.ArgumentParser:
         if name == "memory":
             m.add_argument("--plot", metavar="PNG", help="also draw the profile to this file "
                                                          "(needs matplotlib: pip install 'revconvert[plot]')")
+        else:
+            m.add_argument("--memory", metavar="SIZE",
+                           help="also plan the conversion that fits SIZE per training step (e.g. 24GiB)")
+    sp = command("plan", "the conversion that fits a memory budget at the least extra FLOPs")
+    sp.add_argument("--memory", required=True, metavar="SIZE",
+                    help="memory for one training step beyond the parameters, e.g. 24GiB or 512MiB")
+    sp.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                    help="batch to fit (default: the largest that fits within --max-flops-ratio)")
+    sp.add_argument("--max-flops-ratio", type=_ratio, default=None, metavar="R",
+                    help="most step FLOPs over the original's, e.g. 1.2 (needed without --batch-size)")
+    sp.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, default=None,
+                    help="add this optimizer's state and step (default: none)")
+    sp.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                    help="parameter and input dtype (default: %(default)s)")
+    sp.add_argument("-o", "--output", metavar="JSON", help="write the plan (for revconvert convert --plan)")
     return p
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio such as 1.2, got {text!r}") from None
+    if not 1.0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be at least 1 (the original's FLOPs), got {text!r}")
+    return value
+
+
+def _plan_file(path: str) -> dict[str, Any]:
+    """The JSON a plan was written to, read before any model is built."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--plan {path}: cannot read a plan from it ({e})") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"--plan {path}: not a plan written by revconvert plan -o")
+    return data
 
 
 def _conversion_flags(sp: argparse.ArgumentParser) -> None:
@@ -163,9 +202,22 @@ def _multiple(text: str) -> int:
 # --------------------------------------------------------------------------------------------- #
 def _run(args: argparse.Namespace) -> int:
     # Checks that need no model come first: a typo must not cost a conversion.
-    output = check_output(args.output) if args.command == "convert" else None
+    output = check_output(args.output) if args.command == "convert" or getattr(args, "output", None) else None
     if getattr(args, "plot", None):
         check_output(args.plot, "--plot")
+    plan_data = _plan_file(args.plan) if getattr(args, "plan", None) else None
+    if plan_data is not None and (args.only or args.checkpoint_stored or args.keep or args.recompute_budget is not None):
+        raise CLIError("--plan sets the conversion; do not combine it with --only, --checkpoint-stored, --keep "
+                       "or --recompute-budget")
+    if args.command == "plan" and args.batch_size is None and args.max_flops_ratio is None:
+        raise CLIError("give --batch-size, or --max-flops-ratio to find the largest batch that fits")
+    if getattr(args, "memory", None):
+        from .memory.plan_report import parse_bytes  # lazy: keeps torch out of the CLI start-up
+
+        try:
+            parse_bytes(args.memory)
+        except ValueError as e:
+            raise CLIError(f"--memory: {e}") from None
     model = load_model(args.model)
     shape = input_shape_for(model, args.input_size)
     trace: dict[str, Any] = {}
@@ -180,14 +232,26 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "audit":
         report = revconvert.audit(model, example, **trace)
         return _emit(args, report.to_dict(), [str(report)])
+    if args.command == "plan":
+        plan = _make_plan(args, model, shape, args.batch_size)
+        text = [str(plan)]
+        if output is not None:
+            output.write_text(json.dumps(plan.to_dict(), indent=2))
+            text += ["", f"plan written to {output} (revconvert convert MODEL --plan {output})"]
+        return _emit(args, plan.to_dict(), text)
 
     config = revconvert.ConvertConfig(checkpoint_stored=args.checkpoint_stored, keep=args.keep,
                                       recompute_budget=args.recompute_budget, **trace)
     if args.command == "convert":
         from dataclasses import replace
 
-        config = replace(config, only=tuple(args.only) if args.only else None, width=args.width,
-                         width_multiple=args.width_multiple, compile=args.compile)
+        if plan_data is not None:
+            from .memory.plan_report import config_from_dict  # lazy: keeps torch out of the CLI start-up
+
+            config = replace(config_from_dict(plan_data), **trace)
+        else:
+            config = replace(config, only=tuple(args.only) if args.only else None)
+        config = replace(config, width=args.width, width_multiple=args.width_multiple, compile=args.compile)
         converted = revconvert.convert(model, example, config=config)
         summary = converted.revconvert_summary
         written = bool(summary.converted_blocks) or args.always_save
@@ -211,6 +275,10 @@ def _run(args: argparse.Namespace) -> int:
         out = {"audit": report.to_dict(), "conversion": summary.to_dict(), "memory": profile.to_dict()}
         text = ["== Audit ==", report.summary(), "", "== Conversion ==", str(summary), "",
                 f"== Memory (batch {args.batch_size}, {'x'.join(map(str, shape))}) ==", str(profile)]
+        if args.memory:
+            plan = _make_plan(args, model, shape, args.batch_size)
+            out["plan"] = plan.to_dict()
+            text += ["", f"== Plan for {args.memory} ==", str(plan)]
         return _emit(args, out, text)
     _emit(args, profile.to_dict(), [str(profile)])
     if args.plot:
@@ -223,6 +291,16 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         print(f"plot written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _make_plan(args: argparse.Namespace, model: Any, shape: tuple[int, ...], batch: int | None) -> Any:
+    import torch
+
+    import revconvert  # lazy: keeps torch out of the CLI start-up
+
+    return revconvert.plan_memory(model, args.memory, input_size=shape, batch_size=batch,
+                                  optimizer=args.optimizer, dtype=getattr(torch, args.dtype),
+                                  max_flops_ratio=getattr(args, "max_flops_ratio", None))
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: list[str]) -> int:

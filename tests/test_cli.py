@@ -463,3 +463,15 @@ def test_width_multiple_and_compile_flags(folder):
     assert segments and all(m.compile_options == {} for m in segments)
     widths = {m.out_channels for s in segments for m in s.modules() if isinstance(m, torch.nn.Conv2d)}
     assert all(w % 16 == 0 for w in widths), widths
+
+
+def test_plan_mistakes_are_checked_before_any_work(folder):
+    proc = run(folder, "plan", "resnet18", "--memory", "24 potatoes", "--batch-size", "2")
+    assert proc.returncode == 2 and "--memory" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run(folder, "plan", "resnet18", "--memory", "1GiB")
+    assert proc.returncode == 2 and "--max-flops-ratio" in proc.stderr
+    (folder / "bad.json").write_text("{not json")
+    proc = run(folder, "convert", "resnet18", "-o", "out.pt", "--plan", "bad.json")
+    assert proc.returncode == 2 and "--plan bad.json" in proc.stderr and not (folder / "out.pt").exists()
+    proc = run(folder, "convert", "resnet18", "-o", "out.pt", "--plan", "missing.json")
+    assert proc.returncode == 2 and "--plan missing.json" in proc.stderr

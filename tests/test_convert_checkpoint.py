@@ -341,7 +341,7 @@ def test_segment_boundaries_keep_one_tensor_the_exit_activation_runs_in_the_next
     shape = (2, 3, 32, 32)
     x = torch.randn(*shape, requires_grad=True)
     deferred = revconvert.convert(model, shape, config=CKPT)
-    monkeypatch.setattr(stored, "_defer_exit_activations", lambda gm: [])
+    monkeypatch.setattr(stored, "_defer_exit_activations", lambda gm, parts=None: [])
     inline = revconvert.convert(model, shape, config=CKPT)
     # The outputs of the segments read by layer2.0, layer3.0 and layer4.0 (N x C x H x W float32)
     # are no longer kept twice (segment output + its ReLU's output).

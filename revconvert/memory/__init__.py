@@ -3,6 +3,8 @@
 - :func:`memory_profile` estimates one training step on fake tensors (no activation memory), for the
   model and its conversion side by side, segment by segment.
 - :func:`measure_memory` measures the same quantities on a real step (CPU or CUDA).
+- :func:`plan_memory` chooses, part by part, the conversion whose step fits a memory budget at the
+  least FLOPs (:class:`MemoryPlan`).
 
 Both return the report types of :mod:`revconvert.memory.report`.
 
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 from .estimate import memory_profile
 from .measure import measure_memory
+from .plan import plan_memory
+from .plan_report import MemoryPlan, PlanPart
 from .report import MemoryBreakdown, MemoryProfile, SegmentMemory, format_profile
 
-__all__ = ["memory_profile", "measure_memory", "MemoryProfile", "MemoryBreakdown", "SegmentMemory",
+__all__ = ["memory_profile", "measure_memory", "plan_memory", "MemoryPlan", "PlanPart", "MemoryProfile", "MemoryBreakdown", "SegmentMemory",
            "format_profile"]

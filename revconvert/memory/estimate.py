@@ -25,7 +25,7 @@ from ..runtime import ReversibleSegment
 from .optim import optimizer_spec
 from .report import MemoryBreakdown, MemoryProfile
 from .segments import segmentation
-from .step import StepResources, run_step
+from .step import StepResources, StepTimeline, run_step
 
 __all__ = ["memory_profile", "DTYPES", "TRACE_OPTIONS"]
 
@@ -171,8 +171,9 @@ def _check_device(model: nn.Module, device: torch.device | str | None) -> torch.
 
 def _estimate(model: nn.Module, shape: tuple[int, ...], batch_size: int, dtype: torch.dtype,
               optimizer: str | None, device: torch.device, config: ConvertConfig | None,
-              trace_options: dict[str, Any]) -> MemoryBreakdown:
-    """One breakdown: of ``model`` as it is (``config`` None), or of its conversion by ``config``."""
+              trace_options: dict[str, Any], timeline: StepTimeline | None = None) -> MemoryBreakdown:
+    """One breakdown: of ``model`` as it is (``config`` None), or of its conversion by ``config``.
+    ``timeline`` is filled in by the step (see :class:`StepTimeline`)."""
     work = _meta_copy(model)
     example = (batch_size, *shape)  # a shape: the audit traces on meta tensors, nothing is allocated
     if config is not None:
@@ -196,7 +197,7 @@ def _estimate(model: nn.Module, shape: tuple[int, ...], batch_size: int, dtype: 
             modeled_step_bytes=spec.step_temporary_bytes(params, device) if spec else 0,
             optimizer_name=optimizer)
         try:
-            return run_step(seg, resources)
+            return run_step(seg, resources, timeline=timeline)
         except ValueError as e:
             if "more than 1 value per channel" not in str(e):
                 raise

@@ -14,7 +14,7 @@ sum of the model's outputs (a real loss adds a few bytes per sample).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from .report import MemoryBreakdown, SegmentMemory
 from .segments import Segmentation, SegmentInfo
 from .tracker import AllocationTracker, SavedTensorCounter, Window, storage_bytes
 
-__all__ = ["StepResources", "run_step"]
+__all__ = ["StepResources", "StepTimeline", "run_step"]
 
 # Names of the parts of the peak, in the order they are reported.
 PARAMS, BUFFERS, OPT_STATE, INPUT = "parameters", "buffers", "optimizer state", "input batch"
@@ -66,6 +66,8 @@ class _SegmentInterpreter(fx.Interpreter):
         self.seg = seg
         self.counter = counter
         self.on_exit_grad = on_exit_grad
+        self.on_enter: Callable[[str], None] | None = None  # called when the forward enters a segment
+        self._last: str | None = None
         # A node is a segment exit if some user belongs to another segment (or is the output).
         self.exits: set[str] = set()
         for node in seg.graph_module.graph.nodes:
@@ -76,6 +78,9 @@ class _SegmentInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         name = self.seg.segment_of(n)
         self.counter.segment = name
+        if self.on_enter is not None and name != self._last and n.op not in ("placeholder", "output"):
+            self.on_enter(name)
+        self._last = name
         result = super().run_node(n)
         if n.name in self.exits:
             for t in tree_leaves(result):
@@ -105,11 +110,38 @@ def _segment_param_bytes(seg: Segmentation) -> dict[str, int]:
     return owned
 
 
-def run_step(seg: Segmentation, res: StepResources) -> MemoryBreakdown:
+@dataclass
+class StepTimeline:
+    """Where in the step live bytes stood, for a planner that composes peaks part by part.
+
+    Attributes:
+        forward_peak: the tracked peak reached before the backward started.
+        forward_end: tracked live bytes when the backward started (saved tensors, output, loss).
+        windows: ``(segment, live at open, peak)`` of each backward window, in backward order.
+        forward_windows: the same for the forward, from where it enters a segment to where it
+            enters the next one.
+        after_backward: tracked live bytes after the backward (the gradients, mostly).
+        optimizer_peak: tracked peak of the optimizer step (modeled or run); 0 without one.
+        grad_bytes: trainable parameter bytes each segment owns (its gradients).
+    """
+
+    forward_peak: int = 0
+    forward_end: int = 0
+    windows: list[tuple[str, int, int]] = field(default_factory=list)
+    forward_windows: list[tuple[str, int, int]] = field(default_factory=list)
+    after_backward: int = 0
+    optimizer_peak: int = 0
+    grad_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def run_step(seg: Segmentation, res: StepResources, *, timeline: StepTimeline | None = None) -> MemoryBreakdown:
     """Run forward + backward (+ optimizer step) of ``seg.graph_module`` and account for its memory.
 
-    Parameter gradients must be ``None`` on entry; they are left populated on return.
+    Parameter gradients must be ``None`` on entry; they are left populated on return. ``timeline``,
+    if given, is filled in (see :class:`StepTimeline`).
     """
+    timeline = timeline if timeline is not None else StepTimeline()
+    opened: list[Window] = []
     params = list(res.params)
     tracker = AllocationTracker()
     tracker.mark_existing([*params, *res.buffers, *res.optimizer_state, *tree_leaves(res.inputs)])
@@ -125,10 +157,19 @@ def run_step(seg: Segmentation, res: StepResources) -> MemoryBreakdown:
                 tracker.close_window(current.pop())
             window = tracker.open_window(name)
             windows.setdefault(name, window)
+            opened.append(window)
             current.append(window)
         return hook
 
     interp = _SegmentInterpreter(seg, counter, on_exit_grad)
+    forward_opened: list[Window] = []
+
+    def on_enter(name: str) -> None:
+        if forward_opened and not forward_opened[-1].closed:
+            tracker.close_window(forward_opened[-1])
+        forward_opened.append(tracker.open_window(name))
+
+    interp.on_enter = on_enter
     try:
         with tracker, counter:
             output = interp.run(*res.inputs)
@@ -137,15 +178,22 @@ def run_step(seg: Segmentation, res: StepResources) -> MemoryBreakdown:
             loss = training_loss(output)
             counter.segment = None  # the backward's recomputation saves tensors only transiently
             del output
+            if forward_opened:
+                tracker.close_window(forward_opened[-1])
+            timeline.forward_peak, timeline.forward_end = tracker.peak, tracker.live
             tracker.phase = "backward"
             loss.backward()
             del loss
             if current:
                 tracker.close_window(current.pop())
             after_backward = tracker.live_by_phase
+            timeline.after_backward = tracker.live
             if res.optimizer_step is not None:
                 tracker.phase = "optimizer"
+                optimizer_window = tracker.open_window("(optimizer)")
                 res.optimizer_step()
+                tracker.close_window(optimizer_window)
+                timeline.optimizer_peak = optimizer_window.peak
     finally:  # drop the weak references and hooks' state, which form reference cycles
         tracker.stop()
         counter.close()
@@ -153,6 +201,11 @@ def run_step(seg: Segmentation, res: StepResources) -> MemoryBreakdown:
 
     tracked_peak, by_phase = tracker.peak, tracker.peak_by_phase
     modeled_step_peak = sum(after_backward.values()) + res.modeled_step_bytes
+    timeline.windows = [(w.label, w.start, w.peak) for w in opened]
+    timeline.forward_windows = [(w.label, w.start, w.peak) for w in forward_opened]
+    timeline.grad_bytes = _segment_param_bytes(seg)
+    if res.optimizer_step is None and res.modeled_step_bytes:
+        timeline.optimizer_peak = modeled_step_peak
     if res.optimizer_step is None and res.modeled_step_bytes and modeled_step_peak > tracked_peak:
         tracked_peak = modeled_step_peak
         by_phase = {**after_backward, "optimizer": res.modeled_step_bytes}

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import dataclasses
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +34,12 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 from ..analysis.ops import mutated_inputs
+from ..errors import ConversionError
 from ..runtime import ReversibleSegment
 from ..runtime.checkpoint import CheckpointedRun
 from .summary import ConversionSummary, keep_summary
 
-__all__ = ["StoredRegion", "find_stored_regions", "checkpoint_stored_parts"]
+__all__ = ["StoredRegion", "find_stored_regions", "checkpoint_stored_parts", "stored_part_names"]
 
 # Segments that stay as they are, and why: they are not stored parts in the sense of this pass.
 _NOT_CHECKPOINTED = {
@@ -175,7 +177,7 @@ def _rewrite(gm: fx.GraphModule, region: StoredRegion, renamed: dict[str, fx.Nod
         graph.erase_node(n)
 
 
-def _defer_exit_activations(gm: fx.GraphModule) -> list[str]:
+def _defer_exit_activations(gm: fx.GraphModule, parts: Collection[str] | None = None) -> list[str]:
     """Apply each reversible segment's exit activation in the stored part that reads its output.
 
     A segment keeps its output for its backward; an exit activation applied inside the segment keeps
@@ -194,9 +196,9 @@ def _defer_exit_activations(gm: fx.GraphModule) -> list[str]:
         if not isinstance(segment, ReversibleSegment) or segment.exit_activation is None \
                 or not segment.apply_exit_activation or getattr(segment.exit_activation, "inplace", False):
             continue
-        parts = {_segment(u) for u in node.users}
-        part = parts.pop() if len(parts) == 1 else None
-        if part is None or part in _NOT_CHECKPOINTED or part in reversible \
+        readers = {_segment(u) for u in node.users}
+        part = readers.pop() if len(readers) == 1 else None
+        if part is None or part in _NOT_CHECKPOINTED or part in reversible or (parts is not None and part not in parts) \
                 or any(u.op == "output" or mutated_inputs(gm, u) for u in node.users):
             continue
         with gm.graph.inserting_after(node):
@@ -208,10 +210,31 @@ def _defer_exit_activations(gm: fx.GraphModule) -> list[str]:
     return changed
 
 
-def _checkpoint_stored_parts(gm: fx.GraphModule) -> dict[str, list[str]]:
-    """In place: find, rewrite, lint, recompile. Returns run name -> the parts it covers."""
-    _defer_exit_activations(gm)
-    regions = find_stored_regions(gm)
+def stored_part_names(gm: fx.GraphModule) -> list[str]:
+    """The parts of a converted model that checkpointing can cover, in graph order."""
+    reversible = {_segment(n) for n in gm.graph.nodes if n.op == "call_module"
+                  and isinstance(gm.get_submodule(n.target), ReversibleSegment)}
+    names = dict.fromkeys(_segment(n) for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output"))
+    return [n for n in names if n is not None and n not in _NOT_CHECKPOINTED and n not in reversible]
+
+
+def _checkpoint_stored_parts(gm: fx.GraphModule, parts: Collection[str] | None = None) -> dict[str, list[str]]:
+    """In place: find, rewrite, lint, recompile. Returns run name -> the parts it covers.
+
+    ``parts``: the stored parts to checkpoint (segment names such as ``"stem"``, ``"layer2.0"``);
+    None checkpoints every one. Names that are not stored parts of ``gm`` raise ``ConversionError``.
+    """
+    if parts is not None:
+        valid = stored_part_names(gm)
+        unknown = [p for p in parts if p not in valid]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], valid, n=3)
+            raise ConversionError(
+                f"ConvertConfig.checkpoint_stored names {unknown[0]!r}, which is not a stored part of the "
+                f"converted model" + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
+                + f"; its stored parts are {valid}")
+    _defer_exit_activations(gm, parts)
+    regions = [r for r in find_stored_regions(gm) if parts is None or r.part in parts]
     renamed: dict[str, fx.Node] = {}
     for region in regions:
         _rewrite(gm, region, renamed)

@@ -72,7 +72,12 @@ class ConvertConfig:
             blocks; not the head) under activation checkpointing, one ``CheckpointedRun`` per part
             (``ckpt_stem``, ``ckpt_layer2_0``, ...): autograd keeps only each part's inputs and runs
             its forward again in the backward pass, so a training step costs their forward FLOPs
-            once more. Parameter names and ``state_dict`` keys are unchanged.
+            once more. Parameter names and ``state_dict`` keys are unchanged. A collection of part
+            names (``("stem", "layer2.0")``; the segment names of ``memory_profile``'s rows, and the
+            block names of eligible blocks left unconverted) checkpoints only those parts.
+        keep_blocks: names of converted blocks whose couplings keep their outputs (policy ``keep``,
+            default ``"spatial-convs"``); the other couplings recompute everything. None: ``keep``
+            and ``recompute_budget`` decide, as described above. ``revconvert.plan_memory`` sets it.
         compile: run the couplings' F and G through ``torch.compile`` (True, or a dict of its
             options) in the forward and in the recomputation (``ReversibleSegment(compile=...)``).
             ``torch.compile(converted)`` alone compiles the stored parts and leaves each reversible
@@ -93,7 +98,8 @@ class ConvertConfig:
     memory_saving: bool = True
     keep: str | None = None
     recompute_budget: float | None = None
-    checkpoint_stored: bool = False
+    checkpoint_stored: bool | tuple[str, ...] = False
+    keep_blocks: tuple[str, ...] | None = None
     compile: bool | dict = field(default=False, hash=False)
     leaf_modules: tuple[type | str, ...] = ()
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
@@ -121,10 +127,33 @@ class ConvertConfig:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
             raise ValueError(f"ConvertConfig.recompute_budget must be a number >= 0 (extra FLOPs per step as a "
                              f"fraction of ordinary autograd, e.g. 0.2) or None, got {budget!r}")
-        if not isinstance(self.checkpoint_stored, bool):
-            raise TypeError(f"ConvertConfig.checkpoint_stored must be True or False, got {self.checkpoint_stored!r}")
+        object.__setattr__(self, "checkpoint_stored", _names_or_bool(self.checkpoint_stored))
+        if self.keep_blocks is not None:
+            blocks = _names_or_bool(self.keep_blocks, what="keep_blocks")
+            if isinstance(blocks, bool):
+                raise TypeError(f"ConvertConfig.keep_blocks must be a collection of block names or None, "
+                                f"got {self.keep_blocks!r}")
+            if self.recompute_budget is not None:
+                raise ValueError("ConvertConfig: give keep_blocks or recompute_budget, not both (both choose "
+                                 "which couplings keep their outputs)")
+            object.__setattr__(self, "keep_blocks", blocks)
         if self.select is not None and not callable(self.select):
             raise TypeError("ConvertConfig.select must be a callable taking a block name")
+
+
+def _names_or_bool(value: Any, what: str = "checkpoint_stored") -> bool | tuple[str, ...]:
+    """True/False, or a collection of names normalised to a tuple. A lone string is refused: "yes"
+    would otherwise silently name a part."""
+    if isinstance(value, bool):
+        return value
+    try:
+        names = None if isinstance(value, str) else tuple(value)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"ConvertConfig.{what} must be True or False, or a collection of names such "
+                        f"as ('stem', 'layer2.0'), got {value!r}")
+    return names
 
 
 def _selector(analysis: Analysis, config: ConvertConfig) -> Callable[[str], bool] | None:
@@ -245,13 +274,22 @@ def _rewrite(analysis: Analysis, config: ConvertConfig) -> tuple[list[str], dict
 def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
                 config: ConvertConfig) -> tuple[list[str], float | None]:
     """Set ``keep`` on the couplings config asks for; returns their names and the planned overhead."""
-    if config.keep is None and config.recompute_budget is None:
+    if config.keep is None and config.recompute_budget is None and config.keep_blocks is None:
         return [], None
     policy = KEEP_POLICIES[config.keep or "spatial-convs"]
     # Every coupling of the model, those of an earlier conversion too: the plan is of the whole model.
     couplings = {f"{name}.couplings.{k}": c for name, seg in gm.named_modules()
                  if isinstance(seg, ReversibleSegment) for k, c in enumerate(seg.couplings)}
-    if config.recompute_budget is None:
+    if config.keep_blocks is not None:
+        by_block = {block.name: f"{seg}.couplings.{k}" for seg, blocks in analysis.runs.items()
+                    for k, block in enumerate(blocks)}
+        missing = [b for b in config.keep_blocks if b not in by_block]
+        if missing:
+            raise ConversionError(f"ConvertConfig.keep_blocks names {missing[0]!r}, which is not a converted "
+                                  f"block; converted blocks are {list(by_block)[:8]}"
+                                  f"{' ...' if len(by_block) > 8 else ''}")
+        names, overhead = [by_block[b] for b in config.keep_blocks], None
+    elif config.recompute_budget is None:
         names, overhead = list(couplings), None
     else:
         example = example_from(example_input, next(gm.parameters()).dtype)
@@ -277,8 +315,9 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
         coupling.keep = None
     for name in names:
         couplings[name].keep = policy
-        # A plan must hold at every batch size: its couplings keep every selected op, however small.
-        couplings[name].keep_small = config.recompute_budget is not None
+        # A plan (recompute_budget, or plan_memory's keep_blocks) must hold at every batch size: its
+        # couplings keep every selected op, however small.
+        couplings[name].keep_small = config.recompute_budget is not None or config.keep_blocks is not None
     return names, overhead
 
 
@@ -335,7 +374,8 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
                       stacklevel=2)
     gm = analysis.graph_module
     gm.training = model.training
-    checkpointed = _checkpoint_stored_parts(gm) if config.checkpoint_stored else {}
+    parts = config.checkpoint_stored
+    checkpointed = _checkpoint_stored_parts(gm, None if parts is True else parts) if parts else {}
     with no_global_hooks():  # the planner runs a meta copy
         kept, overhead = _apply_keep(gm, analysis, example_input, config)
     stored = {b.name: f"{b.reason}: {b.message}" for b in report.blocks if not b.reversible}
@@ -356,7 +396,7 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
         warnings.warn(f"revconvert.convert: {report.model} is already converted "
                       f"({len(report.converted_segments)} reversible segments) and has no further eligible "
                       f"block; the returned model is equivalent to it", stacklevel=2)
-    elif not converted_blocks:
+    elif not converted_blocks and config.only != ():  # only=(): the caller asked for no conversion
         why = ", ".join(f"{k}: {v}" for k, v in sorted(report.reason_counts.items())) or "no residual blocks"
         warnings.warn(f"revconvert.convert: no block of {report.model} can become reversible ({why}); "
                       f"the returned model is equivalent to the original", stacklevel=2)

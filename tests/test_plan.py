@@ -1,0 +1,152 @@
+"""plan_memory: the least step FLOPs whose peak fits a budget, checked against measurement and brute force."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+import revconvert
+from revconvert import ConvertConfig
+from revconvert.cli import main
+from revconvert.memory.plan import _Planner, _Space
+from revconvert.memory.plan_costs import realise, step_flops
+from revconvert.memory.plan_report import config_from_dict, parse_bytes
+from toy_models import CifarResNet
+
+
+def _measured(model, example, config, optimizer=None):
+    """Measured peak beyond the parameters, and FLOPs of one training step, of ``convert(model, config)``."""
+    converted = revconvert.convert(model, example, config=config)
+    breakdown = revconvert.measure_memory(converted, example, optimizer=optimizer)
+    work = revconvert.convert(model, example, config=config).train()
+    with FlopCounterMode(display=False) as counter:
+        work(example).sum().backward()
+    return breakdown.peak_bytes - breakdown.param_bytes, counter.get_total_flops()
+
+
+def _original_flops(model, example):
+    with FlopCounterMode(display=False) as counter:
+        model(example).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * 2**30
+    assert parse_bytes("1.5 GB") == 1_500_000_000
+    assert parse_bytes(1000) == 1000
+    with pytest.raises(ValueError, match="24GiB"):
+        parse_bytes("24 gigs")
+    with pytest.raises(ValueError, match="positive"):
+        parse_bytes(0)
+
+
+def test_bad_arguments_say_what_is_wrong():
+    model = CifarResNet(n=1, widths=(8, 16, 32))
+    with pytest.raises(ValueError, match="max_flops_ratio"):
+        revconvert.plan_memory(model, "1MiB", input_size=32, batch_size=None)
+    with pytest.raises(ValueError, match="batch_size"):
+        revconvert.plan_memory(model, "1MiB", input_size=32, batch_size=0)
+    with pytest.raises(ValueError, match="cannot read memory size"):
+        revconvert.plan_memory(model, "lots", input_size=32, batch_size=2)
+
+
+def test_checkpoint_stored_takes_part_names():
+    model = torchvision.models.resnet18()
+    x = torch.randn(2, 3, 64, 64)
+    cfg = ConvertConfig(only=("layer2",), checkpoint_stored=("stem", "layer1.1"), keep_blocks=("layer2.1",))
+    converted = revconvert.convert(model, x, config=cfg)
+    assert converted.revconvert_summary.checkpointed == {"ckpt_stem": ["stem"], "ckpt_layer1_1": ["layer1.1"]}
+    assert converted.revconvert_summary.kept_couplings == ["layer2.rev_1.couplings.0"]
+    with pytest.raises(revconvert.ConversionError, match="did you mean 'stem'"):
+        revconvert.convert(model, x, config=ConvertConfig(checkpoint_stored=("stme",)))
+    with pytest.raises(revconvert.ConversionError, match="keep_blocks names 'layer3.1'"):
+        revconvert.convert(model, x, config=ConvertConfig(only=("layer2",), keep_blocks=("layer3.1",)))
+    with pytest.raises(ValueError, match="not both"):
+        ConvertConfig(keep_blocks=("layer2.1",), recompute_budget=0.2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A CIFAR ResNet with one block per stage (stem, an eligible block, two projection blocks, head):
+    every combination of choices can be estimated."""
+    torch.manual_seed(0)
+    model = CifarResNet(n=1, widths=(8, 16, 32))
+    planner = _Planner(model, (3, 32, 32), torch.float32, None, torch.device("cpu"), "spatial-convs", {})
+    cal = planner.calibrate(4)
+    space = _Space(cal, "spatial-convs")
+    combos = []
+    for pick in itertools.product(*[range(len(o)) for o in space.options]):
+        config = realise(planner.units, space.choices_of(pick))
+        est = planner.estimate(config, 4)
+        combos.append((pick, est.peak_bytes - est.param_bytes, step_flops(model, (4, 3, 32, 32), config, {})))
+    return model, planner, cal, combos
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.8, 0.65, 0.5])
+def test_plan_matches_brute_force(tiny, fraction):
+    model, planner, cal, combos = tiny
+    budget = int(cal.original_peak * fraction)
+    plan = planner.plan(budget, 4, None, cal)
+    fitting = [flops for _, peak, flops in combos if peak <= budget]
+    assert plan.fits == bool(fitting)
+    if fitting:
+        assert plan.flops == min(fitting)
+    else:
+        assert plan.peak_bytes == min(peak for _, peak, _ in combos)
+
+
+def test_plan_peak_and_flops_are_measured(tiny):
+    model, planner, cal, combos = tiny
+    budget = int(cal.original_peak * 0.8)
+    plan = planner.plan(budget, 4, None, cal)
+    assert plan.fits and plan.flops_ratio > 1
+    x = torch.randn(4, 3, 32, 32)
+    peak, flops = _measured(model, x, plan.config)
+    assert abs(peak - plan.peak_bytes) <= 0.02 * plan.peak_bytes
+    assert peak <= budget * 1.02
+    assert flops / _original_flops(model, x) == pytest.approx(plan.flops_ratio, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_plan_fits_as_measured(name):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)()
+    # 1 byte: nothing fits, the plan is the least peak
+    plan = revconvert.plan_memory(model, 1, input_size=64, batch_size=2, optimizer="sgd-momentum")
+    assert not plan.fits
+    budget = int((plan.peak_bytes + plan.original_peak_bytes) / 2)
+    plan = revconvert.plan_memory(model, budget, input_size=64, batch_size=2, optimizer="sgd-momentum")
+    x = torch.randn(2, 3, 64, 64)
+    peak, flops = _measured(model, x, plan.config, optimizer="sgd-momentum")
+    assert plan.fits and peak <= budget * 1.02
+    assert abs(peak - plan.peak_bytes) <= 0.02 * plan.peak_bytes
+    assert flops / _original_flops(model, x) == pytest.approx(plan.flops_ratio, rel=1e-9)
+    assert "decision" in str(plan) and json.dumps(plan.to_dict())
+    assert config_from_dict(json.loads(json.dumps(plan.to_dict()))) == plan.config
+
+
+def test_largest_batch():
+    model = CifarResNet(n=1, widths=(8, 16, 32))
+    plan = revconvert.plan_memory(model, "2MiB", input_size=32, batch_size=None, max_flops_ratio=1.2)
+    assert plan.fits and plan.flops_ratio <= 1.2 + 1e-9
+    bigger = revconvert.plan_memory(model, "2MiB", input_size=32, batch_size=plan.batch_size + 1,
+                                    max_flops_ratio=1.2)
+    assert not bigger.fits
+
+
+def test_cli_plan_then_convert(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "resnet18", "--input-size", "64", "--batch-size", "2", "--memory", "40MiB",
+                 "-o", str(out)]) == 0
+    assert "decision" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    pt = tmp_path / "c.pt"
+    assert main(["convert", "resnet18", "--input-size", "64", "--plan", str(out), "-o", str(pt), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sorted(summary["converted_blocks"]) == sorted(saved["config"]["only"])
