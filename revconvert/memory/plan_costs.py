@@ -39,7 +39,7 @@ from .._loss import training_loss
 from ..analysis.audit import analyze
 from ..analysis.tracing import meta_copy
 from ..passes.convert import ConvertConfig, convert
-from ..passes.recompute import FlopCount, _drop_batch_norms, plan_recompute
+from ..passes.recompute import FlopCount, drop_batch_norms, plan_recompute
 from ..runtime._keep import KEEP_POLICIES
 from .segments import segmentation
 from .step import StepTimeline
@@ -195,12 +195,17 @@ def calibration_choices(units: Sequence[Unit], label: str) -> list[Choice]:
 def unit_grad_bytes(units: Sequence[Unit], timeline: StepTimeline) -> dict[str, int]:
     """Gradient bytes of each unit's parameters, as the step's segments own them (a checkpointed
     part owns none there: its run calls modules it does not register)."""
+    return _per_unit(units, timeline.grad_bytes)
+
+
+def _per_unit(units: Sequence[Unit], by_segment: dict[str, int]) -> dict[str, int]:
+    """Per-segment figures summed into the units whose aliases name those segments."""
     of = {alias: u.name for u in units for alias in u.aliases}
-    grad = {u.name: 0 for u in units}
-    for name, nbytes in timeline.grad_bytes.items():
+    out = {u.name: 0 for u in units}
+    for name, value in by_segment.items():
         if name in of:
-            grad[of[name]] += nbytes
-    return grad
+            out[of[name]] += value
+    return out
 
 
 def unit_samples(units: Sequence[Unit], segments: Sequence[Any], timeline: StepTimeline,
@@ -246,7 +251,7 @@ def _meta_segmented(model: nn.Module, example: tuple[int, ...], config: ConvertC
         work = convert(work, example, config=config).train()
     seg = segmentation(work, example, **trace_options)
     gm = seg.graph_module.train()
-    _drop_batch_norms(gm)  # no counted FLOPs, and slow on meta tensors
+    drop_batch_norms(gm)  # no counted FLOPs, and slow on meta tensors
     return gm, seg
 
 
@@ -280,12 +285,7 @@ def forward_flops(units: Sequence[Unit], model: nn.Module, example: tuple[int, .
     counter = _SegmentFlopCount()
     with torch.no_grad(), counter:
         _Attributing(gm, seg, counter).run(torch.empty(example, device="meta"))
-    of = {alias: u.name for u in units for alias in u.aliases}
-    out = {u.name: 0 for u in units}
-    for name, flops in counter.by_segment.items():
-        if name in of:
-            out[of[name]] += flops
-    return out
+    return _per_unit(units, counter.by_segment)
 
 
 def step_flops(model: nn.Module, example: tuple[int, ...], config: ConvertConfig | None,

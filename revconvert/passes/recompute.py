@@ -26,7 +26,7 @@ from ..analysis.tracing import meta_copy
 from ..runtime import ReversibleSegment, ordinary_autograd
 from ..runtime._keep import KeepPolicy, recording, replaying
 
-__all__ = ["CouplingCost", "RecomputePlan", "plan_recompute"]
+__all__ = ["CouplingCost", "FlopCount", "RecomputePlan", "drop_batch_norms", "plan_recompute"]
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ class _FreshLike(nn.Module):
         return x.clone()
 
 
-def _drop_batch_norms(model: nn.Module) -> None:
+def drop_batch_norms(model: nn.Module) -> None:
     """Replace batch norms by fresh-tensor stand-ins in a meta copy: they cost no counted FLOPs and
     keep shapes, and batch norm on meta tensors runs a Python decomposition that dominates the
     planning time."""
@@ -203,7 +203,7 @@ def plan_recompute(model: nn.Module, example_args: Sequence[Any], budget: float,
         policy: which ops a kept coupling keeps (see ``ReversibleCoupling(keep=...)``).
     """
     meta = meta_copy(model).train(model.training)
-    _drop_batch_norms(meta)
+    drop_batch_norms(meta)
     for module in meta.modules():
         if isinstance(module, ReversibleSegment):
             for coupling in module.couplings:
