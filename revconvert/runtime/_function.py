@@ -308,6 +308,7 @@ class ReversibleFunction(torch.autograd.Function):
                 g, grads = _step_back(plan, k, "G", coupling.G, y1, need_f, g_params, gy2, kept[2 * k + 1],
                                       policy, rng_g)
                 x2 = y2 - g
+                del g  # G's output is not needed while F is recomputed
                 if need_f:
                     gy1 = _add(gy1, grads[0])
                     grads = grads[1:]
@@ -319,6 +320,7 @@ class ReversibleFunction(torch.autograd.Function):
                 f, grads = _step_back(plan, k, "F", coupling.F, x2, chain[k], f_params, gy1, kept[2 * k],
                                       policy, rng_f)
                 x1 = y1 - f
+                del f
                 if chain[k]:
                     gy2 = _add(gy2, grads[0])
                     grads = grads[1:]
