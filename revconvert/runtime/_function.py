@@ -120,9 +120,7 @@ def compiled_call(module: nn.Module, needs: RecomputeNeeds, options: dict | None
     trace. The compiled callable is cached per module and structure, so a plan rebuilt after an
     unrelated change does not compile again.
     """
-    if not options and options != {}:
-        return module
-    if needs.random:
+    if options is None or needs.random:
         return module
     key = (tuple(map(id, module.modules())), tuple(map(id, module.parameters())), tuple(sorted(options.items())))
     cached = _COMPILED.get(module)
@@ -217,7 +215,7 @@ def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tenso
         set_rng(rng)
     other_buffers = (plan.f_needs if name == "F" else plan.g_needs)[k].other_buffers
     z = source.detach().requires_grad_(need_input)
-    with restored_buffers(other_buffers, name) if other_buffers else contextlib.nullcontext():
+    with restored_buffers(other_buffers) if other_buffers else contextlib.nullcontext():
         out = _recompute_one(plan, fn, _non_leaf(z), k, name, kept, policy)
         grads = _vjp(out, ([z] if need_input else []) + [plan.params[i] for i in params], grad)
     return out.detach(), grads

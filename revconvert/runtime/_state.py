@@ -109,8 +109,8 @@ class RecomputeNeeds:
 
     Attributes:
         norms: its norm layers that track running statistics (frozen during the recomputation).
-        other_buffers: buffers outside those norms, snapshotted only if the recomputation changes them
-            (checked by version counter; empty for ordinary residual functions).
+        other_buffers: buffers outside those norms: snapshotted before the recomputation and put back
+            where it changed them (by version counter); empty for ordinary residual functions.
         random: whether it may draw random numbers (its generator state is then captured).
     """
 
@@ -168,7 +168,7 @@ def frozen_running_stats(norms: Sequence[_NormBase]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def restored_buffers(buffers: Sequence[tuple[str, torch.Tensor]], owner: str) -> Iterator[None]:
+def restored_buffers(buffers: Sequence[tuple[str, torch.Tensor]]) -> Iterator[None]:
     """Fallback for buffers :func:`frozen_running_stats` cannot protect: put back what the body changed.
 
     Only buffers whose version counter moved are restored, from a snapshot taken before the body;
