@@ -306,6 +306,36 @@ def test_compiled_functions_give_the_eager_gradients_and_statistics():
     assert all(call is c.F for call, c in zip(seg.plan(1).f_calls, seg.couplings))
 
 
+def test_couplings_of_one_structure_share_their_compiled_graphs():
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # noqa: ANN001 - torch.compile's backend protocol
+        graphs.append(gm)
+        return gm.forward
+
+    seg = _segment(depth=4)  # 8 functions of one structure (F and G alike)
+    seg.compile_options = {"backend": counting_backend}
+    ref = copy.deepcopy(seg)
+    ref.compile_options = None
+    x = torch.randn(2, 16, 6, 6)
+    for model in (seg, ref):
+        for _ in range(2):
+            model(x.clone().requires_grad_()).sum().backward()
+    # One graph for the forward (no grad), one for the recomputation (grad, frozen statistics):
+    # compiling each of the 8 functions on its own would give 16.
+    assert 1 <= len(graphs) <= 3, len(graphs)
+    for p, r in zip(seg.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-6)
+    calls = seg.plan(1).f_calls + seg.plan(1).g_calls
+    assert len({id(c.runner) for c in calls}) == 1
+    wider = ReversibleSegment([ReversibleCoupling(conv_bn(8), conv_bn(8)),
+                               ReversibleCoupling(nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)), conv_bn(8))],
+                              compile={"backend": counting_backend})
+    plan = wider.plan(1)
+    assert plan.f_calls[0].runner is not plan.f_calls[1].runner  # another structure, its own cache
+    assert plan.f_calls[0].runner is plan.g_calls[1].runner
+
+
 def test_functions_that_draw_random_numbers_stay_eager_when_compiling():
     seg = ReversibleSegment([ReversibleCoupling(conv_bn(8, dropout=0.2), conv_bn(8))],
                             compile={"backend": "aot_eager"})

@@ -10,13 +10,10 @@ Parameter gradients are returned from ``backward`` so autograd accumulates them 
 from __future__ import annotations
 
 import contextlib
-import warnings
-import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from ._keep import Kept, KeepPolicy, kept_modules, recording, replaying
@@ -107,34 +104,59 @@ def make_plan(couplings: Sequence[ReversibleCoupling], dim: int, compile_options
                 norms, random, module_generation(), f_calls, g_calls, compile_options)
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_RUNNERS: dict[tuple, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {}
 
 
-def compiled_call(module: nn.Module, needs: RecomputeNeeds, options: dict | None) -> nn.Module:
-    """``module`` compiled with ``torch.compile(**options)``, or ``module`` itself.
+class CompiledCall:
+    """``module(x)`` run through the compiled function its structure shares (see :func:`compiled_call`)."""
 
-    The module is traced with ``torch.fx`` first, so each F and G has its own generated code and
-    its own compile cache (``torch.compile`` on many instances of one class shares a cache per code
-    object, which fills up). Modules that draw random numbers stay eager: the recomputation must
-    replay their draws exactly, which a compiled graph does not promise; so do modules fx cannot
-    trace. The compiled callable is cached per module and structure, so a plan rebuilt after an
-    unrelated change does not compile again.
+    __slots__ = ("module", "runner")
+
+    def __init__(self, module: nn.Module, runner: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
+        self.module, self.runner = module, runner
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runner(self.module, x)
+
+
+def structure_key(module: nn.Module) -> tuple:
+    """What a compiled graph of ``module`` depends on besides its tensors' values: every submodule's
+    name, type and settings (``extra_repr``), and its own parameters' and buffers' shapes, dtypes and
+    devices. Modules with the same key run the same graphs with their own parameters."""
+    def tensors(items: Iterator[tuple[str, torch.Tensor | None]]) -> tuple:
+        return tuple((n, None if t is None else (tuple(t.shape), t.dtype, t.device.type, t.requires_grad))
+                     for n, t in items)
+    return tuple((name, type(m), m.extra_repr(), tensors(iter(m._parameters.items())),
+                  tensors(iter(m._buffers.items())))
+                 for name, m in module.named_modules())
+
+
+def _new_runner(index: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x)
+    # torch.compile keeps one cache per code object, limited to a few entries
+    # (torch._dynamo.config.recompile_limit): a copy of the code per structure gives each its own.
+    run.__code__ = run.__code__.replace(co_name=f"revconvert_structure_{index}")
+    return run
+
+
+def compiled_call(module: nn.Module, needs: RecomputeNeeds,
+                  options: dict | None) -> nn.Module | CompiledCall:
+    """``module`` run through ``torch.compile(**options)``, or ``module`` itself.
+
+    Modules of one structure (:func:`structure_key`: e.g. every F and G of a ResNet stage) share one
+    compiled function that takes the module as an argument: torch.compile lifts its parameters and
+    buffers to graph inputs, so resnet152's 92 F and G compile 4 structures (a few graphs each:
+    forward, recomputation with grad, eval) instead of 92. Modules that draw random numbers stay
+    eager: the recomputation must replay their draws exactly, which a compiled graph does not promise.
     """
     if options is None or needs.random:
         return module
-    key = (tuple(map(id, module.modules())), tuple(map(id, module.parameters())), tuple(sorted(options.items())))
-    cached = _COMPILED.get(module)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    try:
-        traced = fx.symbolic_trace(module)
-    except Exception as e:  # noqa: BLE001 - any tracing failure means "run it eagerly"
-        warnings.warn(f"ReversibleSegment: {type(module).__name__} cannot be traced for torch.compile "
-                      f"({type(e).__name__}: {e}); it runs eagerly", RuntimeWarning, stacklevel=3)
-        return module
-    compiled = torch.compile(traced, **options)
-    _COMPILED[module] = (key, compiled)
-    return compiled
+    key = (structure_key(module), repr(sorted(options.items())))  # option values may not hash
+    runner = _RUNNERS.get(key)
+    if runner is None:
+        runner = _RUNNERS[key] = torch.compile(_new_runner(len(_RUNNERS)), **options)
+    return CompiledCall(module, runner)
 
 
 def _version(t: torch.Tensor) -> int | None:
