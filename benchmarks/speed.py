@@ -89,18 +89,24 @@ SUITES = ("launch", "ops", "compute", "gpu")
 # --------------------------------------------------------------------------------------------- #
 # variants
 # --------------------------------------------------------------------------------------------- #
-def variants(original: torch.nn.Module, x: torch.Tensor) -> list[Method]:
-    """original, converted under ordinary autograd, converted memory-saving, converted keep."""
+def variants(original: torch.nn.Module, x: torch.Tensor, compile_fg: str | None = None) -> list[Method]:
+    """original, converted under ordinary autograd, converted memory-saving, converted keep; with
+    ``compile_fg`` (a torch.compile backend) also memory-saving with F and G compiled."""
     null = contextlib.nullcontext
     original = original.to(x.device).train()
     torch.manual_seed(0)
     converted = revconvert.convert(original, x.shape).to(x.device).train()
     torch.manual_seed(0)
     keep = revconvert.convert(original, x.shape, config=revconvert.ConvertConfig(keep="spatial-convs"))
-    return [Method("original", original, null),
-            Method("ordinary", converted, revconvert.ordinary_autograd),
-            Method("memory-saving", converted, null),
-            Method("keep", keep.to(x.device).train(), null)]
+    methods = [Method("original", original, null),
+               Method("ordinary", converted, revconvert.ordinary_autograd),
+               Method("memory-saving", converted, null),
+               Method("keep", keep.to(x.device).train(), null)]
+    if compile_fg:
+        torch.manual_seed(0)
+        fg = revconvert.convert(original, x.shape, config=revconvert.ConvertConfig(compile={"backend": compile_fg}))
+        methods.append(Method("memory-saving F/G compiled", fg.to(x.device).train(), null))
+    return methods
 
 
 def couplings_of(model: torch.nn.Module) -> int:
@@ -112,7 +118,7 @@ def couplings_of(model: torch.nn.Module) -> int:
 # --------------------------------------------------------------------------------------------- #
 def timed_suite(suite: str, original: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -> list[Row]:
     """FLOPs and interleaved median step times of the four variants."""
-    methods = variants(original, x)
+    methods = variants(original, x, args.fg_backend if args.compile_fg else None)
     rows = [Row(suite, m.name) for m in methods]
     for m, row in zip(methods, rows):
         for _ in range(args.warmup):
@@ -331,8 +337,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="precisions with torch.compile rows (default bfloat16: each one compiles both models "
                         "again, the longest part of the suite); none: no compiled rows")
     p.add_argument("--compile-fg", action="store_true",
-                   help="also a row with F and G compiled inside the segments (ConvertConfig(compile=...)); "
-                        "each F and G compiles on its first call, which takes long")
+                   help="also a row with F and G compiled inside the segments (ConvertConfig(compile=...); in the "
+                        "launch and compute suites with inductor unless --compile-backend says otherwise); "
+                        "each structure of F/G compiles on its first call")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend of the gpu suite (inductor on CUDA, aot_eager on CPU); none skips")
     p.add_argument("--top", type=int, default=15, help="rows of the op breakdown")
@@ -363,6 +370,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.compile_dtypes is None:
         args.compile_dtypes = ["bfloat16"] if "bfloat16" in args.dtypes else args.dtypes[:1]
     args.compile_dtypes = [d for d in args.compile_dtypes if d in args.dtypes]
+    args.fg_backend = args.compile_backend or "inductor"  # CPU timed suites: a row worth timing
     args.compile_backend = args.compile_backend or ("inductor" if cuda else "aot_eager")
     if args.compile_backend == "none":
         args.compile_dtypes = []
