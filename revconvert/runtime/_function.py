@@ -226,7 +226,7 @@ def _recompute_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: s
 
 
 def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tensor, need_input: bool,
-               params: list[int], grad: torch.Tensor, kept: Kept | None, policy: KeepPolicy | None,
+               params: Sequence[int], grad: torch.Tensor, kept: Kept | None, policy: KeepPolicy | None,
                rng: RNGState | None) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """Recompute ``fn`` (coupling k's F or G) on ``source`` and back-propagate ``grad`` through it.
 
@@ -243,10 +243,11 @@ def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tenso
     return out.detach(), grads
 
 
-def _accumulate(param_grads: list[torch.Tensor | None], indices: list[int],
+def _accumulate(param_grads: list[torch.Tensor | None], indices: Sequence[int],
                 grads: Sequence[torch.Tensor | None]) -> None:
     for i, grad in zip(indices, grads):
-        param_grads[i] = _add(param_grads[i], grad)
+        current = param_grads[i]
+        param_grads[i] = grad if current is None else _add(current, grad)  # shared parameters add up
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -296,10 +297,12 @@ class ReversibleFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         needs_param = needs[2:]
         # chain[k]: does anything upstream of coupling k (its input or earlier parameters) need a grad?
+        every_param = all(needs_param)  # the usual case: the index lists serve as they are
         chain, upstream = [], needs[1]
         for k in range(len(plan.couplings)):
             chain.append(upstream)
-            upstream = upstream or any(needs_param[i] for i in plan.f_index[k] + plan.g_index[k])
+            upstream = upstream or (every_param and bool(plan.f_index[k] or plan.g_index[k])) or \
+                any(needs_param[i] for i in plan.f_index[k] + plan.g_index[k])
 
         y, *tensors = ctx.saved_tensors
         kept: list[Kept | None] = ctx.kept
@@ -320,8 +323,8 @@ class ReversibleFunction(torch.autograd.Function):
                 coupling = plan.couplings[k]
                 policy = ctx.policies[k]
                 rng_f, rng_g = ctx.rng[k]
-                f_params = [i for i in plan.f_index[k] if needs_param[i]]
-                g_params = [i for i in plan.g_index[k] if needs_param[i]]
+                f_params = plan.f_index[k] if every_param else [i for i in plan.f_index[k] if needs_param[i]]
+                g_params = plan.g_index[k] if every_param else [i for i in plan.g_index[k] if needs_param[i]]
                 need_f = chain[k] or bool(f_params)
 
                 # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
