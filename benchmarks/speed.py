@@ -89,9 +89,14 @@ SUITES = ("launch", "ops", "compute", "gpu")
 # --------------------------------------------------------------------------------------------- #
 # variants
 # --------------------------------------------------------------------------------------------- #
-def variants(original: torch.nn.Module, x: torch.Tensor, compile_fg: str | None = None) -> list[Method]:
+def fg_options(backend: str, args: argparse.Namespace) -> dict:
+    """The ``ConvertConfig(compile=...)`` options of the F/G-compiled rows."""
+    return {"backend": backend} if args.fg_mode is None else {"backend": backend, "mode": args.fg_mode}
+
+
+def variants(original: torch.nn.Module, x: torch.Tensor, compile_fg: dict | None = None) -> list[Method]:
     """original, converted under ordinary autograd, converted memory-saving, converted keep; with
-    ``compile_fg`` (a torch.compile backend) also memory-saving with F and G compiled."""
+    ``compile_fg`` (torch.compile options) also memory-saving with F and G compiled."""
     null = contextlib.nullcontext
     original = original.to(x.device).train()
     torch.manual_seed(0)
@@ -104,7 +109,7 @@ def variants(original: torch.nn.Module, x: torch.Tensor, compile_fg: str | None 
                Method("keep", keep.to(x.device).train(), null)]
     if compile_fg:
         torch.manual_seed(0)
-        fg = revconvert.convert(original, x.shape, config=revconvert.ConvertConfig(compile={"backend": compile_fg}))
+        fg = revconvert.convert(original, x.shape, config=revconvert.ConvertConfig(compile=compile_fg))
         methods.append(Method("memory-saving F/G compiled", fg.to(x.device).train(), null))
     return methods
 
@@ -118,7 +123,7 @@ def couplings_of(model: torch.nn.Module) -> int:
 # --------------------------------------------------------------------------------------------- #
 def timed_suite(suite: str, original: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -> list[Row]:
     """FLOPs and interleaved median step times of the four variants."""
-    methods = variants(original, x, args.fg_backend if args.compile_fg else None)
+    methods = variants(original, x, fg_options(args.fg_backend, args) if args.compile_fg else None)
     rows = [Row(suite, m.name) for m in methods]
     for m, row in zip(methods, rows):
         for _ in range(args.warmup):
@@ -201,7 +206,7 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
         if args.compile_fg:
             # F and G compiled too (ConvertConfig(compile=...)): the segments are graph breaks of
             # torch.compile(converted), and this compiles inside them.
-            inner = revconvert.ConvertConfig(compile={"backend": args.compile_backend})
+            inner = revconvert.ConvertConfig(compile=fg_options(args.compile_backend, args))
             fg = revconvert.convert(original, shape, config=inner).to(device).train()
             methods.append(Method("compiled memory-saving F/G", compiled(fg, args.compile_backend), null))
     return methods
@@ -340,6 +345,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="also a row with F and G compiled inside the segments (ConvertConfig(compile=...); in the "
                         "launch and compute suites with inductor unless --compile-backend says otherwise); "
                         "each structure of F/G compiles on its first call")
+    p.add_argument("--fg-mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode of the --compile-fg row (reduce-overhead: CUDA graphs per F/G)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend of the gpu suite (inductor on CUDA, aot_eager on CPU); none skips")
     p.add_argument("--top", type=int, default=15, help="rows of the op breakdown")
