@@ -150,3 +150,26 @@ def test_cli_plan_then_convert(tmp_path, capsys):
     assert main(["convert", "resnet18", "--input-size", "64", "--plan", str(out), "-o", str(pt), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert sorted(summary["converted_blocks"]) == sorted(saved["config"]["only"])
+
+
+def test_nothing_fits_returns_least_verified_peak(tiny, monkeypatch):
+    """When no plan fits, the answer is the least *verified* peak: a model that ranks the truly least
+    peak second must not hide it."""
+    model, planner, cal, combos = tiny
+    least = min(peak for _, peak, _ in combos)
+    best = {pick for pick, peak, _ in combos if peak == least}
+    true_peak = {pick: peak for pick, peak, _ in combos}
+    compose = _Space._compose
+
+    def misjudged(self):
+        compose(self)
+        rows = [self._row(p) for p in best]
+        others = self.peak.clone()
+        others[rows] = float("inf")
+        self.peak[rows] = others.min() + 1  # just above the model's least peak, which is not the least
+    monkeypatch.setattr(_Space, "_compose", misjudged)
+    space = _Space(cal, "spatial-convs")
+    assert true_peak[space.least_peak(None, set())] > least  # the model is wrong where it matters
+    plan = planner.plan(1, 4, None, cal)
+    assert not plan.fits
+    assert plan.peak_bytes == least

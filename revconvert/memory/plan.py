@@ -23,7 +23,8 @@ How (the heuristic parts are marked):
    :data:`MAX_CANDIDATES`, the keep counts of the longest runs are thinned to a grid (*heuristic*).
 4. **Verify** the cheapest candidate whose modelled peak fits with one fake-tensor estimate of its
    very ``ConvertConfig``; the model's error moves the target, and the search runs again (a few
-   rounds). ``plan.peak_bytes`` is the verified estimate, ``plan.flops`` the FLOPs counted on the
+   rounds). If nothing fits, the cheapest candidate at each of the few least modelled peak levels is
+   verified, and the least verified peak is returned. ``plan.peak_bytes`` is the verified estimate, ``plan.flops`` the FLOPs counted on the
    planned model, never the composed numbers.
 """
 
@@ -57,6 +58,7 @@ MAX_CANDIDATES = 500_000
 
 _VERIFY_ROUNDS = 4   # rounds to find a first verified fit
 _CHEAPER_TRIES = 3   # cheaper candidates verified after it
+_LEAST_TRIES = 3     # least modelled peak levels verified when nothing fits
 _FIELDS = 7          # saved, grad, base, rise, opened, forward_base, forward_rise
 _MARGIN = 0.02       # least relative model error assumed when looking for cheaper candidates
 
@@ -99,7 +101,8 @@ def plan_memory(
 
     Returns:
         A :class:`MemoryPlan`; ``plan.config`` realises it: ``revconvert.convert(model, example,
-        config=plan.config)``. If nothing fits, the plan with the least peak, and ``plan.fits`` is False.
+        config=plan.config)``. If nothing fits, the plan with the least verified peak among those
+        checked (the model's few least peaks and the near fits tried), and ``plan.fits`` is False.
 
     Raises:
         ValueError: bad budget, sizes, dtype, optimizer or ``max_flops_ratio``.
@@ -226,10 +229,16 @@ class _Planner:
                 if ok(plan) and plan.flops < best.flops:
                     best = plan
             return best
-        # Nothing verified to fit: the least modelled peak (within the FLOP limit when given).
-        pick = space.least_peak(max_flops_ratio, exclude=set(verified))
-        if pick is not None:
+        # Nothing verified to fit: the cheapest plan at each of the model's few least peak levels
+        # (within the FLOP limit when given) is verified too, since the model errs; the answer is the
+        # least *verified* peak of every plan checked.
+        level = None
+        for _ in range(_LEAST_TRIES):
+            pick = space.least_peak(max_flops_ratio, exclude=set(verified), above=level)
+            if pick is None:
+                break
             check(pick)
+            level = space.peak_of(pick)
         return min(verified.values(), key=lambda p: (p.peak_bytes, p.flops))
 
     def verify(self, cal: Calibration, space: _Space, pick: tuple[int, ...], budget: int,
@@ -430,8 +439,12 @@ class _Space:
         ok = self._allowed(max_flops_ratio, exclude) & (self.peak <= target)
         return self._first(ok, self.flops, self.peak)
 
-    def least_peak(self, max_flops_ratio: float | None, exclude: set[tuple[int, ...]]) -> tuple[int, ...] | None:
+    def least_peak(self, max_flops_ratio: float | None, exclude: set[tuple[int, ...]],
+                   above: float | None = None) -> tuple[int, ...] | None:
+        """The allowed row with the least modelled peak (above ``above`` when given), then the least FLOPs."""
         ok = self._allowed(max_flops_ratio, exclude)
+        if above is not None:
+            ok &= self.peak > above
         return self._first(ok, self.peak, self.flops)
 
     def _first(self, ok: torch.Tensor, key: torch.Tensor, tie: torch.Tensor) -> tuple[int, ...] | None:
