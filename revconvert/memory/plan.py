@@ -3,13 +3,14 @@
 What decides whether a batch fits is the **peak** of a training step (saved activations, the
 backward's recomputation transients, gradients, optimizer state), not the bytes saved for backward.
 The planner decides, per part of the model (see :mod:`revconvert.memory.plan_costs`): each run of
-eligible blocks stays ordinary, is checkpointed, or becomes a reversible segment whose last ``m``
-couplings keep their outputs; each stored part is checkpointed or not. The objective is the least
+eligible blocks stays ordinary, is checkpointed (each block in one region or in two), or becomes a
+reversible segment whose last ``m`` couplings keep their outputs; each stored part is checkpointed
+in one region, in two, or not. The objective is the least
 training-step FLOPs whose peak fits the budget.
 
 How (the heuristic parts are marked):
 
-1. **Measure** per-part costs once: eight whole-step fake-tensor estimates in which every stored part
+1. **Measure** per-part costs once: fifteen whole-step fake-tensor estimates in which every stored part
    shares one class and every run another (:data:`~revconvert.memory.plan_costs.CALIBRATIONS`), plus
    forward FLOPs per part and what keeping saves per coupling, on meta tensors.
 2. **Compose** a peak model: the peak is the largest of the forward's peak, each part's backward
@@ -375,7 +376,7 @@ class _Space:
 
     def extra_flops(self, i: int, c: Choice) -> float:
         cal, u = self.cal, self.cal.units[i]
-        if c.cls == "K":
+        if c.cls in ("K", "K2"):
             return cal.fwd_original[u.name]
         if c.cls == "V":
             saved = cal.keep_saved_flops.get(u.name, [])
