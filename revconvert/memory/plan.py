@@ -82,8 +82,9 @@ def plan_memory(
     "Peak" is what a training step allocates beyond the parameters (``measure_memory``'s
     ``peak_bytes - param_bytes``): activations, gradients, optimizer state and step, recomputation
     transients, the input batch and buffers. The decisions are per part: each run of eligible blocks
-    stays ordinary, is checkpointed, or becomes reversible with its last ``m`` couplings keeping
-    their outputs; each stored part (stem, projection blocks) is checkpointed or not. Estimated on
+    stays ordinary, is checkpointed (each block in one region or two), or becomes reversible with its
+    last ``m`` couplings keeping their outputs; each stored part (stem, projection blocks) is
+    checkpointed in one region, in two (``ConvertConfig.checkpoint_split``), or not. Estimated on
     fake and meta tensors; the caller's model is not touched.
 
     Args:
