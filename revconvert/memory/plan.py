@@ -3,13 +3,14 @@
 What decides whether a batch fits is the **peak** of a training step (saved activations, the
 backward's recomputation transients, gradients, optimizer state), not the bytes saved for backward.
 The planner decides, per part of the model (see :mod:`revconvert.memory.plan_costs`): each run of
-eligible blocks stays ordinary, is checkpointed, or becomes a reversible segment whose last ``m``
-couplings keep their outputs; each stored part is checkpointed or not. The objective is the least
+eligible blocks stays ordinary, is checkpointed (each block in one region or in two), or becomes a
+reversible segment whose last ``m`` couplings keep their outputs; each stored part is checkpointed
+in one region, in two, or not. The objective is the least
 training-step FLOPs whose peak fits the budget.
 
 How (the heuristic parts are marked):
 
-1. **Measure** per-part costs once: eight whole-step fake-tensor estimates in which every stored part
+1. **Measure** per-part costs once: fifteen whole-step fake-tensor estimates in which every stored part
    shares one class and every run another (:data:`~revconvert.memory.plan_costs.CALIBRATIONS`), plus
    forward FLOPs per part and what keeping saves per coupling, on meta tensors.
 2. **Compose** a peak model: the peak is the largest of the forward's peak, each part's backward
@@ -23,7 +24,8 @@ How (the heuristic parts are marked):
    :data:`MAX_CANDIDATES`, the keep counts of the longest runs are thinned to a grid (*heuristic*).
 4. **Verify** the cheapest candidate whose modelled peak fits with one fake-tensor estimate of its
    very ``ConvertConfig``; the model's error moves the target, and the search runs again (a few
-   rounds). ``plan.peak_bytes`` is the verified estimate, ``plan.flops`` the FLOPs counted on the
+   rounds). If nothing fits, the cheapest candidate at each of the few least modelled peak levels is
+   verified, and the least verified peak is returned. ``plan.peak_bytes`` is the verified estimate, ``plan.flops`` the FLOPs counted on the
    planned model, never the composed numbers.
 """
 
@@ -57,6 +59,7 @@ MAX_CANDIDATES = 500_000
 
 _VERIFY_ROUNDS = 4   # rounds to find a first verified fit
 _CHEAPER_TRIES = 3   # cheaper candidates verified after it
+_LEAST_TRIES = 3     # least modelled peak levels verified when nothing fits
 _FIELDS = 7          # saved, grad, base, rise, opened, forward_base, forward_rise
 _MARGIN = 0.02       # least relative model error assumed when looking for cheaper candidates
 
@@ -79,8 +82,9 @@ def plan_memory(
     "Peak" is what a training step allocates beyond the parameters (``measure_memory``'s
     ``peak_bytes - param_bytes``): activations, gradients, optimizer state and step, recomputation
     transients, the input batch and buffers. The decisions are per part: each run of eligible blocks
-    stays ordinary, is checkpointed, or becomes reversible with its last ``m`` couplings keeping
-    their outputs; each stored part (stem, projection blocks) is checkpointed or not. Estimated on
+    stays ordinary, is checkpointed (each block in one region or two), or becomes reversible with its
+    last ``m`` couplings keeping their outputs; each stored part (stem, projection blocks) is
+    checkpointed in one region, in two (``ConvertConfig.checkpoint_split``), or not. Estimated on
     fake and meta tensors; the caller's model is not touched.
 
     Args:
@@ -99,7 +103,8 @@ def plan_memory(
 
     Returns:
         A :class:`MemoryPlan`; ``plan.config`` realises it: ``revconvert.convert(model, example,
-        config=plan.config)``. If nothing fits, the plan with the least peak, and ``plan.fits`` is False.
+        config=plan.config)``. If nothing fits, the plan with the least verified peak among those
+        checked (the model's few least peaks and the near fits tried), and ``plan.fits`` is False.
 
     Raises:
         ValueError: bad budget, sizes, dtype, optimizer or ``max_flops_ratio``.
@@ -226,10 +231,16 @@ class _Planner:
                 if ok(plan) and plan.flops < best.flops:
                     best = plan
             return best
-        # Nothing verified to fit: the least modelled peak (within the FLOP limit when given).
-        pick = space.least_peak(max_flops_ratio, exclude=set(verified))
-        if pick is not None:
+        # Nothing verified to fit: the cheapest plan at each of the model's few least peak levels
+        # (within the FLOP limit when given) is verified too, since the model errs; the answer is the
+        # least *verified* peak of every plan checked.
+        level = None
+        for _ in range(_LEAST_TRIES):
+            pick = space.least_peak(max_flops_ratio, exclude=set(verified), above=level)
+            if pick is None:
+                break
             check(pick)
+            level = space.peak_of(pick)
         return min(verified.values(), key=lambda p: (p.peak_bytes, p.flops))
 
     def verify(self, cal: Calibration, space: _Space, pick: tuple[int, ...], budget: int,
@@ -366,7 +377,7 @@ class _Space:
 
     def extra_flops(self, i: int, c: Choice) -> float:
         cal, u = self.cal, self.cal.units[i]
-        if c.cls == "K":
+        if c.cls in ("K", "K2"):
             return cal.fwd_original[u.name]
         if c.cls == "V":
             saved = cal.keep_saved_flops.get(u.name, [])
@@ -430,8 +441,12 @@ class _Space:
         ok = self._allowed(max_flops_ratio, exclude) & (self.peak <= target)
         return self._first(ok, self.flops, self.peak)
 
-    def least_peak(self, max_flops_ratio: float | None, exclude: set[tuple[int, ...]]) -> tuple[int, ...] | None:
+    def least_peak(self, max_flops_ratio: float | None, exclude: set[tuple[int, ...]],
+                   above: float | None = None) -> tuple[int, ...] | None:
+        """The allowed row with the least modelled peak (above ``above`` when given), then the least FLOPs."""
         ok = self._allowed(max_flops_ratio, exclude)
+        if above is not None:
+            ok &= self.peak > above
         return self._first(ok, self.peak, self.flops)
 
     def _first(self, ok: torch.Tensor, key: torch.Tensor, tie: torch.Tensor) -> tuple[int, ...] | None:

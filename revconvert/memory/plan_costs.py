@@ -4,10 +4,13 @@ A model is cut into *units*, the parts a plan decides about: a stored part (stem
 block, code between blocks), a run of eligible blocks (which may become one reversible segment) and
 the head. A unit's *class* is what the plan does with it:
 
-- stored part: ``P`` (plain, autograd stores its activations) or ``K`` (checkpointed);
-- run of eligible blocks: ``P`` (left as it is), ``K`` (left, each block checkpointed), ``V``
-  (reversible, recomputing everything) or ``VK`` (reversible, every coupling keeping its outputs;
-  keeping in the last ``m`` couplings is interpolated between ``V`` and ``VK``);
+- stored part: ``P`` (plain, autograd stores its activations), ``K`` (checkpointed) or ``K2``
+  (checkpointed in two regions, ``ConvertConfig.checkpoint_split``: its backward recomputes one half
+  at a time);
+- run of eligible blocks: ``P`` (left as it is), ``K`` (left, each block checkpointed), ``K2`` (each
+  block checkpointed in two regions), ``V`` (reversible, recomputing everything) or ``VK``
+  (reversible, every coupling keeping its outputs; keeping in the last ``m`` couplings is
+  interpolated between ``V`` and ``VK``);
 - head: ``P`` only.
 
 Memory is measured by a handful of whole-step fake-tensor estimates (:data:`CALIBRATIONS`), each
@@ -19,8 +22,8 @@ first), so every pair of neighbouring classes appears in some estimate, and a pl
 numbers from the estimate with the same classes for it and the unit before it.
 
 FLOPs follow from forward FLOPs per unit on meta tensors: a unit's training step costs its forward
-three times (forward, gradient of the input, gradient of the weights), checkpointing adds one
-forward, a reversible run costs its couplings' forward four times less what kept outputs save.
+three times (forward, gradient of the input, gradient of the weights), checkpointing (in one
+region or two) adds one forward, a reversible run costs its couplings' forward four times less what kept outputs save.
 The plan's final FLOPs are counted on its own converted model, not composed.
 """
 
@@ -50,10 +53,13 @@ __all__ = ["Unit", "Choice", "UnitSample", "Calibration", "CALIBRATIONS", "find_
 STORED, RUN, HEAD = "stored", "run", "head"
 
 # (class of every stored part, class of every run) of each calibration estimate: every pair of
-# neighbouring classes (stored -> run, run -> stored) occurs in one of them.
+# neighbouring classes (stored -> run, run -> stored) occurs in one of them. "A" is the original
+# model and "C" converts every run (the planner reads gradient bytes from those two).
 CALIBRATIONS: dict[str, tuple[str, str]] = {
     "A": ("P", "P"), "B": ("K", "K"), "C": ("P", "V"), "D": ("P", "VK"),
     "E": ("K", "V"), "F": ("K", "P"), "G": ("P", "K"), "H": ("K", "VK"),
+    "I": ("K2", "P"), "J": ("K2", "K"), "L": ("K2", "K2"), "M": ("K2", "V"), "N": ("K2", "VK"),
+    "O": ("P", "K2"), "Q": ("K", "K2"),
 }
 
 
@@ -78,7 +84,7 @@ class Unit:
         return frozenset((self.name, *self.blocks))
 
     def classes(self) -> tuple[str, ...]:
-        return {STORED: ("P", "K"), RUN: ("P", "K", "V", "VK"), HEAD: ("P",)}[self.kind]
+        return {STORED: ("P", "K", "K2"), RUN: ("P", "K", "K2", "V", "VK"), HEAD: ("P",)}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ class Choice:
         if unit.kind == RUN and self.cls == "V":
             n = len(unit.blocks)
             return "reversible" if not self.keep else f"reversible, last {self.keep} of {n} keep"
-        return {"P": "stored", "K": "checkpointed"}[self.cls]
+        return {"P": "stored", "K": "checkpointed", "K2": "checkpointed in two halves"}[self.cls]
 
 
 @dataclass(frozen=True)
@@ -172,17 +178,19 @@ def find_units(model: nn.Module, example: Any, trace_options: dict[str, Any]) ->
 def realise(units: Sequence[Unit], choices: Sequence[Choice], keep_policy: str = "spatial-convs",
             base: ConvertConfig | None = None) -> ConvertConfig:
     """The ``ConvertConfig`` that converts, checkpoints and keeps as ``choices`` say."""
-    only, ckpt, keep = [], [], []
+    only, ckpt, split, keep = [], [], [], []
     for unit, choice in zip(units, choices):
         if unit.kind == RUN and choice.cls in ("V", "VK"):
             only += unit.blocks
             m = len(unit.blocks) if choice.cls == "VK" else choice.keep
             keep += unit.blocks[len(unit.blocks) - m:] if m else ()
-        elif choice.cls == "K":
-            ckpt += unit.blocks if unit.kind == RUN else (unit.name,)
+        elif choice.cls in ("K", "K2"):
+            names = unit.blocks if unit.kind == RUN else (unit.name,)
+            ckpt += names
+            split += names if choice.cls == "K2" else ()
     fields = {} if base is None else {n: getattr(base, n) for n in ("leaf_modules", "autowrap_functions",
                                                                      "concrete_args")}
-    return ConvertConfig(only=tuple(only), checkpoint_stored=tuple(ckpt),
+    return ConvertConfig(only=tuple(only), checkpoint_stored=tuple(ckpt), checkpoint_split=tuple(split),
                          keep=keep_policy if keep else None, keep_blocks=tuple(keep) if keep else None,
                          **fields)
 

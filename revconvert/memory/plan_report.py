@@ -56,7 +56,8 @@ class PlanPart:
         name: the part: ``stem``, a stored block (``layer2.0``), a run of eligible blocks
             (``layer3.rev_1_5``) or ``head``.
         blocks: the residual blocks in it.
-        decision: ``stored``, ``checkpointed``, ``reversible`` or ``reversible, keeps k of n``.
+        decision: ``stored``, ``checkpointed``, ``checkpointed in two halves``, ``reversible`` or
+            ``reversible, last k of n keep``.
         saved_bytes: bytes it saves for the backward under the plan (verified estimate).
         original_saved_bytes: bytes it saves in the original model.
         extra_flops: training-step FLOPs the decision adds, as a fraction of the original step.
@@ -151,7 +152,8 @@ def config_to_dict(config: ConvertConfig) -> dict[str, Any]:
     def plain(v: Any) -> Any:
         return list(v) if isinstance(v, tuple) else v
     return {"only": plain(config.only), "checkpoint_stored": plain(config.checkpoint_stored),
-            "keep": config.keep, "keep_blocks": plain(config.keep_blocks)}
+            "keep": config.keep, "keep_blocks": plain(config.keep_blocks),
+            "checkpoint_split": plain(config.checkpoint_split)}
 
 
 def config_from_dict(data: Mapping[str, Any]) -> ConvertConfig:
@@ -161,7 +163,7 @@ def config_from_dict(data: Mapping[str, Any]) -> ConvertConfig:
         ValueError: the mapping has no plan configuration in it.
     """
     data = data.get("config", data)
-    known = {"only", "checkpoint_stored", "keep", "keep_blocks"}
+    known = {"only", "checkpoint_stored", "keep", "keep_blocks", "checkpoint_split"}
     if not isinstance(data, Mapping) or not set(data) & known:
         raise ValueError("not a revconvert plan: expected a 'config' entry with only / checkpoint_stored / "
                          "keep_blocks (write one with `revconvert plan MODEL --memory ... -o plan.json`)")

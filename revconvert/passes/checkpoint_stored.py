@@ -39,7 +39,7 @@ from ..runtime import ReversibleSegment
 from ..runtime.checkpoint import CheckpointedRun
 from .summary import ConversionSummary, keep_summary
 
-__all__ = ["StoredRegion", "find_stored_regions", "checkpoint_stored_parts", "stored_part_names"]
+__all__ = ["StoredRegion", "find_stored_regions", "split_point", "checkpoint_stored_parts", "stored_part_names"]
 
 # Segments that stay as they are, and why: they are not stored parts in the sense of this pass.
 _NOT_CHECKPOINTED = {
@@ -81,7 +81,7 @@ def _module_name(gm: fx.GraphModule, part: str, taken: set[str]) -> str:
     return name
 
 
-def find_stored_regions(gm: fx.GraphModule) -> list[StoredRegion]:
+def find_stored_regions(gm: fx.GraphModule, split: Collection[str] = ()) -> list[StoredRegion]:
     """The regions :func:`checkpoint_stored_parts` would create, without changing ``gm``.
 
     A region is a maximal run of consecutive nodes of one stored part (``stem``, a stored block such
@@ -90,6 +90,10 @@ def find_stored_regions(gm: fx.GraphModule) -> list[StoredRegion]:
     inputs). In-place modifications must not change what the recomputation reads: a node that
     modifies a value from outside its run stays outside, and a run whose input is modified later
     stays inline.
+
+    A run of a part named in ``split`` becomes two regions, cut where :func:`split_point` says: the
+    backward then recomputes one half at a time (the second half's recomputation is freed before the
+    first half's starts), for the price of keeping the values that cross the cut.
     """
     def opaque(node: fx.Node) -> bool:
         return node.op == "call_module" and isinstance(gm.get_submodule(node.target),
@@ -119,6 +123,11 @@ def find_stored_regions(gm: fx.GraphModule) -> list[StoredRegion]:
     if current:
         runs.append((part, current))
 
+    halves = []
+    for part, nodes in runs:
+        k = split_point(gm, nodes) if part in split else None
+        halves += [(part, nodes)] if k is None else [(part, nodes[:k]), (part, nodes[k:])]
+    runs = halves
     taken = {name for name, _ in gm.named_children()}
     regions = []
     for part, nodes in runs:
@@ -133,6 +142,39 @@ def find_stored_regions(gm: fx.GraphModule) -> list[StoredRegion]:
                                         inputs=tuple(n.name for n in inputs),
                                         outputs=tuple(n.name for n in outputs)))
     return regions
+
+
+def _value_bytes(node: fx.Node) -> int:
+    """Bytes of the tensors a node produces, from its ``meta["val"]``."""
+    return sum(t.numel() * t.element_size() for t in tree_leaves(node.meta.get("val"))
+               if isinstance(t, torch.Tensor))
+
+
+def split_point(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> int | None:
+    """Where to cut a run of nodes in two checkpointed regions: the index of the second half's first node.
+
+    Each half's backward holds its recomputed values at once, and the values that cross the cut
+    are kept from the forward on, through the backward of every later part as well as this one's, so
+    the cut minimises the larger half's new bytes plus twice the bytes crossing it (*heuristic*:
+    values are counted as produced, in-place ops as producing nothing; ``plan_memory`` verifies its
+    plans with a full estimate; on resnet50's bottlenecks it cuts after the 3x3 convolution's
+    activation, the narrowest point). None: the run has fewer than two nodes that produce anything.
+    """
+    mutated = [mutated_inputs(gm, n) for n in nodes]
+    produced = [0 if m else _value_bytes(n) for n, m in zip(nodes, mutated)]
+    position = {n: i for i, n in enumerate(nodes)}
+    best, best_cost = None, None
+    total = sum(produced)
+    first = 0
+    for k in range(1, len(nodes)):
+        first += produced[k - 1]
+        if not first or first == total or any(position.get(v, k) < k for m in mutated[k:] for v in m):
+            continue  # the second half would modify, in place, a value the first half hands it
+        crossing = sum(_value_bytes(n) for n in nodes[:k] if any(position.get(u, -1) >= k for u in n.users))
+        cost = max(first, total - first) + 2 * crossing
+        if best_cost is None or cost < best_cost:
+            best, best_cost = k, cost
+    return best
 
 
 def _rewrite(gm: fx.GraphModule, region: StoredRegion, renamed: dict[str, fx.Node]) -> None:
@@ -218,23 +260,25 @@ def stored_part_names(gm: fx.GraphModule) -> list[str]:
     return [n for n in names if n is not None and n not in _NOT_CHECKPOINTED and n not in reversible]
 
 
-def _checkpoint_stored_parts(gm: fx.GraphModule, parts: Collection[str] | None = None) -> dict[str, list[str]]:
+def _checkpoint_stored_parts(gm: fx.GraphModule, parts: Collection[str] | None = None,
+                             split: Collection[str] = ()) -> dict[str, list[str]]:
     """In place: find, rewrite, lint, recompile. Returns run name -> the parts it covers.
 
     ``parts``: the stored parts to checkpoint (segment names such as ``"stem"``, ``"layer2.0"``);
-    None checkpoints every one. Names that are not stored parts of ``gm`` raise ``ConversionError``.
+    None checkpoints every one. ``split``: parts checkpointed in two regions instead of one. Names
+    that are not stored parts of ``gm`` raise ``ConversionError``.
     """
-    if parts is not None:
-        valid = stored_part_names(gm)
-        unknown = [p for p in parts if p not in valid]
+    valid = stored_part_names(gm)
+    for field_name, names in (("checkpoint_stored", parts or ()), ("checkpoint_split", split)):
+        unknown = [p for p in names if p not in valid]
         if unknown:
             close = difflib.get_close_matches(unknown[0], valid, n=3)
             raise ConversionError(
-                f"ConvertConfig.checkpoint_stored names {unknown[0]!r}, which is not a stored part of the "
+                f"ConvertConfig.{field_name} names {unknown[0]!r}, which is not a stored part of the "
                 f"converted model" + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
                 + f"; its stored parts are {valid}")
     _defer_exit_activations(gm, parts)
-    regions = [r for r in find_stored_regions(gm) if parts is None or r.part in parts]
+    regions = [r for r in find_stored_regions(gm, split) if parts is None or r.part in parts]
     renamed: dict[str, fx.Node] = {}
     for region in regions:
         _rewrite(gm, region, renamed)

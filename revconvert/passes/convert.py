@@ -78,6 +78,11 @@ class ConvertConfig:
         keep_blocks: names of converted blocks whose couplings keep their outputs (policy ``keep``,
             default ``"spatial-convs"``); the other couplings recompute everything. None: ``keep``
             and ``recompute_budget`` decide, as described above. ``revconvert.plan_memory`` sets it.
+        checkpoint_split: checkpointed parts (names as for ``checkpoint_stored``) run as two
+            ``CheckpointedRun`` regions instead of one, cut inside the part where the larger half's
+            recomputation plus what crosses the cut is least: the backward recomputes one half at a
+            time, so the part's recomputation transient is about halved, for keeping the values that
+            cross the cut. Each name must be checkpointed. ``revconvert.plan_memory`` sets it.
         compile: run the couplings' F and G through ``torch.compile`` (True, or a dict of its
             options) in the forward and in the recomputation (``ReversibleSegment(compile=...)``).
             ``torch.compile(converted)`` alone compiles the stored parts and leaves each reversible
@@ -100,6 +105,7 @@ class ConvertConfig:
     recompute_budget: float | None = None
     checkpoint_stored: bool | tuple[str, ...] = False
     keep_blocks: tuple[str, ...] | None = None
+    checkpoint_split: tuple[str, ...] = ()
     compile: bool | dict = field(default=False, hash=False)
     leaf_modules: tuple[type | str, ...] = ()
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
@@ -137,6 +143,16 @@ class ConvertConfig:
                 raise ValueError("ConvertConfig: give keep_blocks or recompute_budget, not both (both choose "
                                  "which couplings keep their outputs)")
             object.__setattr__(self, "keep_blocks", blocks)
+        split = _names_or_bool(self.checkpoint_split, what="checkpoint_split")
+        if isinstance(split, bool):
+            raise TypeError(f"ConvertConfig.checkpoint_split must be a collection of part names, "
+                            f"got {self.checkpoint_split!r}")
+        if split and self.checkpoint_stored is not True:
+            missing = [p for p in split if p not in (self.checkpoint_stored or ())]
+            if missing:
+                raise ValueError(f"ConvertConfig.checkpoint_split names {missing[0]!r}, which is not "
+                                 f"checkpointed; add it to checkpoint_stored (or set checkpoint_stored=True)")
+        object.__setattr__(self, "checkpoint_split", split)
         if self.select is not None and not callable(self.select):
             raise TypeError("ConvertConfig.select must be a callable taking a block name")
 
@@ -375,7 +391,8 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     gm = analysis.graph_module
     gm.training = model.training
     parts = config.checkpoint_stored
-    checkpointed = _checkpoint_stored_parts(gm, None if parts is True else parts) if parts else {}
+    checkpointed = _checkpoint_stored_parts(gm, None if parts is True else parts,
+                                            config.checkpoint_split) if parts else {}
     with no_global_hooks():  # the planner runs a meta copy
         kept, overhead = _apply_keep(gm, analysis, example_input, config)
     stored = {b.name: f"{b.reason}: {b.message}" for b in report.blocks if not b.reversible}
