@@ -17,10 +17,14 @@ start as None), rows:
 peak: what the step allocates beyond the parameters (``measure_memory``'s ``peak_bytes - param_bytes``:
 the tracked peak plus buffers and the input batch). FLOPs: ``FlopCounterMode`` (the compile rows: the same
 formulas counted inside the compiled graphs). time: median of ``--reps`` eager steps (compile rows: inductor).
+With ``--device cuda`` the plans are estimated for CUDA and every row also gets its CUDA peak:
+``torch.cuda.max_memory_allocated`` during the step less what was allocated before it, plus buffers and
+the input, beyond the parameters (for the compile rows: the ``aot_eager`` partitioned step).
 
 Usage:
     python benchmarks/plan.py                       # resnet50 and resnet152, 16x3x160x160, CPU
     python benchmarks/plan.py --models resnet50 --inductor 0.2 --json plan_bench.json
+    python benchmarks/plan.py --device cuda --models resnet50 --batch 64 --size 224
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class Row:
     peak_ratio: float = 1.0
     flops_ratio: float = 1.0
     note: str = ""
+    cuda_peak: int | None = None  # --device cuda: max_memory_allocated's peak beyond the parameters
 
 
 class Sequential(nn.Module):
@@ -84,6 +89,23 @@ def _step(model: nn.Module, x: torch.Tensor) -> None:
     model(x).sum().backward()
 
 
+def _cuda_peak(fn, model: nn.Module, x: torch.Tensor) -> int | None:  # noqa: ANN001
+    """What ``fn()`` (one step, gradients None at its start) allocates on CUDA beyond the parameters:
+    ``max_memory_allocated`` during it, less what was allocated before it, plus buffers and the input
+    (``measure_memory``'s convention). None on CPU."""
+    if not x.is_cuda:
+        return None
+    for p in model.parameters():
+        p.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base + _resident(model, x)
+
+
 def _resident(model: nn.Module, x: torch.Tensor) -> int:
     return storage_bytes([*model.buffers(), x])
 
@@ -99,11 +121,14 @@ def _eager_peak_flops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 
 def _time(fn, reps: int) -> float:  # noqa: ANN001
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     fn()
     times = []
     for _ in range(reps):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -143,13 +168,15 @@ def _compile_rows(name: str, model: nn.Module, x: torch.Tensor, budgets: list[fl
             inside.modes = [flops]
             _step(compiled, x)
             inside.modes = []
+            cuda_peak = _cuda_peak(lambda: _step(compiled, x), model, x)
             t = None
             if budget in inductor:
                 torch._dynamo.reset()
                 fast = torch.compile(model, backend="inductor")
                 t = _time(lambda: _step(fast, x), reps)
         rows.append(Row(name, f"compile b={budget}", None, tracker.peak + _resident(model, x), flops.total, t,
-                        note="time: inductor" if budget in inductor else "time: not run (--inductor B)"))
+                        note="time: inductor" if budget in inductor else "time: not run (--inductor B)",
+                        cuda_peak=cuda_peak))
         torch._dynamo.reset()
         gc.collect()
     return rows
@@ -157,28 +184,29 @@ def _compile_rows(name: str, model: nn.Module, x: torch.Tensor, budgets: list[fl
 
 def bench(name: str, args: argparse.Namespace) -> list[Row]:
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).train()
-    x = torch.randn(args.batch, 3, args.size, args.size)
+    device = torch.device(args.device)
+    model = getattr(torchvision.models, name)(weights=None).to(device).train()
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     rows = []
     measured = revconvert.measure_memory(model, x)
     _, flops = _eager_peak_flops(model, x)
     rows.append(Row(name, "original", None, measured.peak_bytes - measured.param_bytes, flops,
-                    _time(lambda: _step(model, x), args.reps)))
+                    _time(lambda: _step(model, x), args.reps), cuda_peak=_beyond_params(measured)))
     seq = Sequential(model)
     peak, flops = _eager_peak_flops(seq, x)
-    rows.append(Row(name, "ckpt-sequential", None, peak, flops, _time(lambda: _step(seq, x), args.reps)))
+    rows.append(Row(name, "ckpt-sequential", None, peak, flops, _time(lambda: _step(seq, x), args.reps),
+                    cuda_peak=_cuda_peak(lambda: _step(seq, x), seq, x)))
     rows += _compile_rows(name, model, x, args.compile_budgets, args.reps, args.inductor)
 
     t0 = time.perf_counter()
-    planner = _Planner(model, (3, args.size, args.size), torch.float32, None, torch.device("cpu"),
-                       "spatial-convs", {})
+    planner = _Planner(model, (3, args.size, args.size), torch.float32, None, device, "spatial-convs", {})
     cal = planner.calibrate(args.batch)
     print(f"# {name}: calibration {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     for fraction in args.budgets:
         t0 = time.perf_counter()
         plan = planner.plan(int(fraction * cal.original_peak), args.batch, None, cal)
         print(f"# {name}: plan {fraction} in {time.perf_counter() - t0:.0f} s\n{plan}", file=sys.stderr)
-        converted = revconvert.convert(model, x, config=plan.config).train()
+        converted = revconvert.convert(model, x, config=plan.config).to(device).train()
         m = revconvert.measure_memory(converted, x)
         with FlopCounterMode(display=False) as counter:
             _step(converted, x)
@@ -186,7 +214,8 @@ def bench(name: str, args: argparse.Namespace) -> list[Row]:
                         counter.get_total_flops(), _time(lambda: _step(converted, x), args.reps),
                         note=("fits" if plan.fits else "does not fit") +
                              f"; flops_ratio {plan.flops_ratio:.4f}; " +
-                             ", ".join(f"{p.name}: {p.decision}" for p in plan.parts if p.decision != "stored")))
+                             ", ".join(f"{p.name}: {p.decision}" for p in plan.parts if p.decision != "stored"),
+                        cuda_peak=_beyond_params(m)))
         del converted
         gc.collect()
     base = rows[0]
@@ -196,15 +225,26 @@ def bench(name: str, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def _beyond_params(m: revconvert.MemoryBreakdown) -> int | None:
+    return None if m.cuda_peak_bytes is None else m.cuda_peak_bytes - m.param_bytes
+
+
 def _mib(n: int | None) -> str:
     return "" if n is None else f"{n / 2**20:.1f}"
 
 
 def markdown(rows: list[Row]) -> str:
-    out = ["| model | method | est. peak MiB | peak MiB | peak ratio | FLOPs ratio | time s | note |",
-           "|---|---|---:|---:|---:|---:|---:|---|"]
+    cuda = any(r.cuda_peak is not None for r in rows)
+    extra = " CUDA peak MiB | CUDA peak ratio |" if cuda else ""
+    out = [f"| model | method | est. peak MiB | peak MiB | peak ratio |{extra} FLOPs ratio | time s | note |",
+           "|---|---|---:|---:|---:|" + ("---:|---:|" if cuda else "") + "---:|---:|---|"]
+    base = {r.model: r.cuda_peak for r in rows if r.method == "original"}
     for r in rows:
-        out.append(f"| {r.model} | {r.method} | {_mib(r.est_peak)} | {_mib(r.peak)} | {r.peak_ratio:.3f} | "
+        cells = ""
+        if cuda:
+            ratio = "" if r.cuda_peak is None or not base.get(r.model) else f"{r.cuda_peak / base[r.model]:.3f}"
+            cells = f" {_mib(r.cuda_peak)} | {ratio} |"
+        out.append(f"| {r.model} | {r.method} | {_mib(r.est_peak)} | {_mib(r.peak)} | {r.peak_ratio:.3f} |{cells} "
                    f"{r.flops_ratio:.3f} | {'' if r.time_s is None else f'{r.time_s:.2f}'} | {r.note} |")
     return "\n".join(out)
 
@@ -219,8 +259,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--inductor", type=float, nargs="*", default=[], metavar="B",
                    help="time the compile rows of these budgets under inductor (slow to compile on a CPU)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: then each row also gets "
+                   "torch.cuda.max_memory_allocated's peak, and plans are estimated for CUDA")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}, but CUDA is not available here")
     rows = []
     for name in args.models:
         rows += bench(name, args)
