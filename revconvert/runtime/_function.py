@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._direct import DirectSequential, direct_call
 from ._keep import Kept, KeepPolicy, kept_modules, recording, replaying
 from ._state import (
     AutocastState,
@@ -48,7 +49,7 @@ class Plan:
     ``g_index[k]`` are the positions of coupling k's F and G parameters in it. ``f_needs``/``g_needs``
     say what recomputing each F and G must take care of; ``norms`` are all their tracked norms.
     ``generation`` is :func:`module_generation` when the plan was made: the plan is stale once it moves.
-    ``f_calls``/``g_calls`` are what runs F and G: the modules, or their compiled versions.
+    ``f_calls``/``g_calls`` are what runs F and G: the modules, their direct calls, or compiled versions.
     """
 
     couplings: tuple[ReversibleCoupling, ...]
@@ -141,8 +142,9 @@ def _new_runner(index: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 def compiled_call(module: nn.Module, needs: RecomputeNeeds,
-                  options: dict | None) -> nn.Module | CompiledCall:
-    """``module`` run through ``torch.compile(**options)``, or ``module`` itself.
+                  options: dict | None) -> nn.Module | CompiledCall | DirectSequential:
+    """``module`` run through ``torch.compile(**options)``; without options (or for a module that
+    draws random numbers) its direct call (:func:`~._direct.direct_call`) or the module itself.
 
     Modules of one structure (:func:`structure_key`: e.g. every F and G of a ResNet stage) share one
     compiled function that takes the module as an argument: torch.compile lifts its parameters and
@@ -151,7 +153,7 @@ def compiled_call(module: nn.Module, needs: RecomputeNeeds,
     eager: the recomputation must replay their draws exactly, which a compiled graph does not promise.
     """
     if options is None or needs.random:
-        return module
+        return direct_call(module) or module
     key = (structure_key(module), repr(sorted(options.items())))  # option values may not hash
     runner = _RUNNERS.get(key)
     if runner is None:

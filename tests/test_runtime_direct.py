@@ -1,0 +1,184 @@
+"""Direct calls of F and G (``runtime/_direct.py``): the module call's results bit for bit, without
+the modules' Python forward, and the module call itself wherever something could tell them apart."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from conftest import conv_bn
+from revconvert import ReversibleCoupling, ReversibleSegment, ordinary_autograd
+from revconvert.runtime._direct import DirectSequential, direct_call
+from revconvert.runtime._state import frozen_running_stats
+
+
+def _layers(kind: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    if kind == "bottleneck":
+        seq = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                            nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                            nn.Conv2d(6, 8, 1, bias=False), nn.BatchNorm2d(8))
+    else:  # convolution settings the direct call must pass through, and a norm without affine
+        seq = nn.Sequential(nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=2, bias=True),
+                            nn.BatchNorm2d(8, affine=False, momentum=0.3, eps=1e-3), nn.ReLU(),
+                            nn.Conv2d(8, 8, 3, stride=2, padding=(1, 2)))
+    for m in seq.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return seq.double()
+
+
+def _run(fn, seq: nn.Module, x: torch.Tensor):  # noqa: ANN001, ANN202
+    x = x.clone().requires_grad_()
+    out = fn(x)
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+    return out.detach(), x.grad, [p.grad for p in seq.parameters()], [b.clone() for b in seq.buffers()]
+
+
+def _assert_identical(a, b) -> None:  # noqa: ANN001
+    for u, v in zip(a, b, strict=True):
+        if isinstance(u, list):
+            _assert_identical(u, v)
+        else:
+            assert torch.equal(u, v)
+
+
+@pytest.fixture
+def no_module_forward(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """Makes the layers' own forward raise: a direct call must not need it."""
+    def refuse(self, *args):  # noqa: ANN001, ANN002, ANN202
+        raise AssertionError(f"{type(self).__name__}.forward called")
+    def patch() -> None:
+        for cls in (nn.Conv2d, nn.BatchNorm2d, nn.ReLU):
+            monkeypatch.setattr(cls, "forward", refuse)
+    return patch
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "settings"])
+@pytest.mark.parametrize("mode", ["train", "eval", "frozen"])
+def test_a_direct_call_is_the_module_call_bit_for_bit(kind, mode, no_module_forward):  # noqa: ANN001
+    seq = _layers(kind).train(mode != "eval")
+    twin = copy.deepcopy(seq)
+    x = torch.randn(4, 8, 9, 9, dtype=torch.float64)
+    direct = direct_call(twin)
+    assert isinstance(direct, DirectSequential)
+    norms = [m for m in seq.modules() if isinstance(m, nn.BatchNorm2d)]
+    twin_norms = [m for m in twin.modules() if isinstance(m, nn.BatchNorm2d)]
+    with frozen_running_stats(norms if mode == "frozen" else []):
+        expected = _run(seq, seq, x)[:3]
+    no_module_forward()
+    with frozen_running_stats(twin_norms if mode == "frozen" else []):
+        got = _run(direct, twin, x)[:3]
+    _assert_identical(got, expected)
+    _assert_identical(list(twin.buffers()), list(seq.buffers()))  # statistics and counters
+
+
+def test_only_plain_sequentials_of_known_layers_get_a_direct_call():
+    assert direct_call(nn.Sequential(nn.Conv2d(2, 2, 1), nn.GELU())) is None
+    assert direct_call(nn.Conv2d(2, 2, 1)) is None
+    assert direct_call(nn.Sequential()) is None
+
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    assert direct_call(nn.Sequential(nn.Conv2d(2, 2, 1), MyBN(2))) is None
+
+
+def _hook_on_layer(seq: nn.Sequential, fired: list) -> None:
+    seq[1].register_forward_hook(lambda *_: fired.append("layer"))
+
+
+def _pre_hook_on_sequential(seq: nn.Sequential, fired: list) -> None:
+    seq.register_forward_pre_hook(lambda *_: fired.append("sequential"))
+
+
+def _backward_hook_on_conv(seq: nn.Sequential, fired: list) -> None:
+    seq[1].register_full_backward_hook(lambda *_: fired.append("backward"))
+
+
+def _forward_replaced(seq: nn.Sequential, fired: list) -> None:
+    conv = seq[1]
+    conv.forward = lambda x: (fired.append("forward"), nn.Conv2d.forward(conv, x))[1]
+
+
+@pytest.mark.parametrize("observe", [_hook_on_layer, _pre_hook_on_sequential, _backward_hook_on_conv,
+                                     _forward_replaced])
+def test_hooks_and_replaced_forwards_see_the_module_calls(observe):  # noqa: ANN001
+    seq = _layers("bottleneck").train()
+    twin = copy.deepcopy(seq)
+    fired, twin_fired = [], []
+    observe(seq, fired)
+    observe(twin, twin_fired)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    _assert_identical(_run(direct_call(twin), twin, x), _run(seq, seq, x))
+    assert twin_fired == fired and fired
+
+
+def test_global_hooks_and_function_modes_see_the_module_calls():
+    seq = _layers("bottleneck").train()
+    direct = direct_call(copy.deepcopy(seq))
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, *_: seen.append(type(m).__name__))
+    try:
+        direct(x)
+    finally:
+        handle.remove()
+    assert seen.count("BatchNorm2d") == 3
+
+    class Calls(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Calls() as calls:
+        direct(x)
+    assert "batch_norm" in calls.names and calls.names.count("relu") + calls.names.count("relu_") == 3
+
+
+@pytest.mark.parametrize("change", ["reflect", "cumulative", "untracked", "one value"])
+def test_layers_the_direct_path_does_not_reproduce_run_as_modules(change):  # noqa: ANN001
+    seq = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).double().train()
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    if change == "reflect":
+        seq[0].padding_mode = "reflect"
+    elif change == "cumulative":
+        seq[1].momentum = None
+    elif change == "untracked":
+        seq[1].track_running_stats = False
+    else:
+        x = torch.randn(1, 4, 1, 1, dtype=torch.float64)
+    twin = copy.deepcopy(seq)
+    if change == "one value":
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            seq(x)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            direct_call(twin)(x)
+        return
+    _assert_identical(_run(direct_call(twin), twin, x), _run(seq, seq, x))
+
+
+def test_a_segment_runs_its_functions_directly_forward_and_backward(no_module_forward):  # noqa: ANN001
+    torch.manual_seed(0)
+    seg = ReversibleSegment([ReversibleCoupling(conv_bn(4), conv_bn(4)) for _ in range(3)]).double()
+    ref = copy.deepcopy(seg)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    with ordinary_autograd():
+        expected = _run(ref, ref, x)
+    plan = seg.plan(1)
+    assert all(isinstance(call, DirectSequential) for call in plan.f_calls + plan.g_calls)
+    no_module_forward()  # neither the forward nor the recomputation may call a layer module
+    got = _run(seg, seg, x)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
+    for g, r in zip(got[1:3], expected[1:3]):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    _assert_identical(got[3], expected[3])  # running statistics updated once, as ordinary autograd does
