@@ -182,3 +182,22 @@ def test_a_segment_runs_its_functions_directly_forward_and_backward(no_module_fo
     for g, r in zip(got[1:3], expected[1:3]):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
     _assert_identical(got[3], expected[3])  # running statistics updated once, as ordinary autograd does
+
+
+def test_keep_with_nothing_worth_keeping_runs_directly_from_the_second_step(no_module_forward):  # noqa: ANN001
+    torch.manual_seed(0)
+    seg = ReversibleSegment([ReversibleCoupling(conv_bn(4), conv_bn(4), keep="spatial-convs") for _ in range(2)])
+    seg = seg.double()
+    ref = copy.deepcopy(seg)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)  # 3x3 convolutions far below MIN_KEPT_FLOPS
+    _run(seg, seg, x)  # the first step records, and its recomputation checks, that nothing is kept
+    with ordinary_autograd():
+        _run(ref, ref, x)
+        expected = _run(ref, ref, x)
+    no_module_forward()  # recording and replaying go through the layer modules: not any more
+    got = _run(seg, seg, x)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-10)
+    for g, r in zip(got[2], expected[2], strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    _assert_identical(got[3], expected[3])

@@ -66,6 +66,7 @@ class Plan:
     g_calls: tuple = ()
     compile_options: dict | None = None
     _kept_modules: dict = field(default_factory=dict, compare=False, repr=False)
+    _keeps_nothing: set = field(default_factory=set, compare=False, repr=False)
 
     def kept_modules(self, module: nn.Module, policy: KeepPolicy) -> tuple[nn.Module, ...] | None:
         """``kept_modules(policy, module)``, cached (a coupling's policy may change between steps)."""
@@ -207,10 +208,18 @@ def _vjp(
 _run_backward = getattr(getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None)
 
 
+def _keep_key(plan: Plan, k: int, name: str, arg: torch.Tensor) -> tuple:
+    coupling = plan.couplings[k]
+    return (name, k, id(coupling.keep), coupling.keep_small, arg.shape, arg.dtype, arg.device)
+
+
 def _forward_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str,
                  kept: list[Kept | None]) -> torch.Tensor:
     policy = plan.couplings[k].keep
-    if policy is None:
+    # A call whose every candidate was too small to keep (MIN_KEPT_FLOPS), and whose recomputation
+    # was checked to run the same kept calls, keeps nothing again at the same input size: it runs like
+    # a call without keep (the plan, and this with it, is remade when modules change).
+    if policy is None or _keep_key(plan, k, name, arg) in plan._keeps_nothing:
         kept.append(None)
         return _call_checked((plan.f_calls if name == "F" else plan.g_calls)[k], arg, k, name)
     with recording(policy, fn, plan.kept_modules(fn, policy), keep_small=plan.couplings[k].keep_small) as record:
@@ -223,8 +232,12 @@ def _recompute_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: s
                    kept: Kept | None, policy: KeepPolicy | None) -> torch.Tensor:
     if kept is None:
         return _call_checked((plan.f_calls if name == "F" else plan.g_calls)[k], arg, k, name)
-    with replaying(policy, fn, kept, f"couplings[{k}].{name}", plan.kept_modules(fn, policy)):
-        return _call_checked(fn, arg, k, name)
+    modules = plan.kept_modules(fn, policy)
+    with replaying(policy, fn, kept, f"couplings[{k}].{name}", modules):
+        out = _call_checked(fn, arg, k, name)
+    if modules is not None and not kept.saved():
+        plan._keeps_nothing.add(_keep_key(plan, k, name, arg))
+    return out
 
 
 def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tensor, need_input: bool,
