@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 import revconvert
 from revconvert import ConversionError
 from conftest import assert_unchanged, snapshot, tv_model
+from toy_models import FunctionalBlock
 
 
 def _trainable(model):
@@ -163,6 +165,90 @@ def test_audit_and_memory_profile_call_no_hook():
         handle.remove()
     assert calls == []
 
+
+
+class _Gates:
+    """Two events that every copy of a model shares (the analysis runs copies of the model)."""
+
+    def __init__(self, entered, proceed):
+        self.entered, self.proceed = entered, proceed
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _Gate(nn.Module):
+    """Passes its input on after opening ``entered`` and waiting for ``proceed``. Kept as a leaf, it
+    runs inside the analysis (shape propagation): two threads' analyses can be interleaved at will."""
+
+    def __init__(self, entered, proceed):
+        super().__init__()
+        self.gates = _Gates(entered, proceed)
+
+    def forward(self, x):
+        self.gates.entered.set()
+        assert self.gates.proceed.wait(timeout=60), "the other thread never got there"
+        return x
+
+
+def _gated(entered, proceed):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Gate(entered, proceed), FunctionalBlock(8))
+
+
+def test_global_hooks_survive_analyses_in_two_threads():
+    # Thread A's analysis starts, B's starts, A's ends, B's ends: the global hooks must come back
+    # once both have ended, not be left set aside by B (which started while they were set aside).
+    a_in, b_in, a_done = (threading.Event() for _ in range(3))
+    model_a, model_b = _gated(a_in, b_in), _gated(b_in, a_done)
+    calls, errors = [], []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(type(m).__name__))
+
+    def audit(model, done=None):
+        try:
+            revconvert.audit(model, (1, 3, 8, 8), leaf_modules=(_Gate,))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        finally:
+            if done is not None:
+                done.set()
+
+    try:
+        a = threading.Thread(target=audit, args=(model_a, a_done))
+        b = threading.Thread(target=audit, args=(model_b,))
+        a.start()
+        assert a_in.wait(timeout=60)
+        b.start()
+        a.join(timeout=120)
+        b.join(timeout=120)
+        assert not errors, errors
+        assert calls == []  # neither analysis ran the hook
+        nn.Identity()(torch.zeros(1))
+        assert calls == ["Identity"]  # still registered, and it fires
+    finally:
+        handle.remove()
+    nn.Identity()(torch.zeros(1))
+    assert calls == ["Identity"]  # and its handle still removes it
+
+
+def test_a_global_hook_registered_during_an_analysis_is_kept_after_the_older_ones():
+    from revconvert.analysis.hooks import no_global_hooks
+
+    order = []
+    first = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: order.append("first"))
+    try:
+        with no_global_hooks():
+            second = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: order.append("second"))
+            with no_global_hooks():  # nested: still set aside afterwards
+                pass
+            nn.Identity()(torch.zeros(1))
+            assert order == ["second"]
+        nn.Identity()(torch.zeros(1))
+        assert order == ["second", "first", "second"]
+        second.remove()
+    finally:
+        first.remove()
+    nn.Identity()(torch.zeros(1))
+    assert order == ["second", "first", "second"]
 
 # -- example inputs without a batch dimension (item 7) -------------------------------------------
 

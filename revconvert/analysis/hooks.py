@@ -5,6 +5,10 @@ code on proxies and meta or fake tensors; a user's hook called there would see t
 data, and could record them. So the analysis calls no hook: it traces through modules by calling
 their ``forward`` directly, strips the hooks of its own copies, and sets the global module hooks
 (``torch.nn.modules.module.register_module_forward_hook`` and friends) aside while it runs.
+
+The global hooks are process-wide, so setting them aside is too: while any thread analyses, no
+thread's module calls run them. Analyses in several threads share one suspension (a lock and a
+count), so the hooks come back exactly once, when the last of them ends.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,19 +61,54 @@ def strip_hooks(model: nn.Module) -> nn.Module:
     return model
 
 
+# One suspension of the global hooks for all threads: the entries set aside while ``_depth`` > 0.
+_SUSPENSION_LOCK = threading.Lock()
+_depth = 0
+_set_aside: dict[str, dict[int, Any]] = {}
+
+
 @contextlib.contextmanager
 def no_global_hooks() -> Iterator[None]:
-    """Set the global module hooks aside (restored in ``finally``): they are the caller's, and the
-    analysis runs on proxies and meta tensors. Rebinds the module-level names ``Module.__call__``
-    reads; the hook dictionaries themselves are not touched."""
-    saved = {name: getattr(_module, name) for name in _GLOBAL_HOOKS if hasattr(_module, name)}
+    """Set the global module hooks aside while the body runs: they are the caller's, and the
+    analysis runs on proxies and meta or fake tensors.
+
+    Re-entrant and thread-safe: the first entry (in any thread) empties torch's global hook
+    dictionaries in place, the last exit puts their entries back, in their order; a global hook
+    registered meanwhile is kept, after them. The dictionaries stay the same objects, so the
+    handles of registered hooks keep working.
+    """
+    _suspend()
     try:
-        for name, value in saved.items():
-            setattr(_module, name, type(value)())
         yield
     finally:
-        for name, value in saved.items():
-            setattr(_module, name, value)
+        _resume()
+
+
+def _suspend() -> None:
+    global _depth
+    with _SUSPENSION_LOCK:
+        if _depth == 0:
+            for name in _GLOBAL_HOOKS:
+                hooks = getattr(_module, name, None)
+                if hooks is not None:
+                    _set_aside[name] = dict(hooks)
+                    hooks.clear()
+        _depth += 1
+
+
+def _resume() -> None:
+    global _depth
+    with _SUSPENSION_LOCK:
+        _depth -= 1
+        if _depth:
+            return
+        for name, entries in _set_aside.items():
+            hooks = getattr(_module, name)
+            added = [key for key in hooks if key not in entries]  # registered during the suspension
+            hooks.update(entries)
+            for key in added:  # after the older hooks, as if registered after them
+                hooks[key] = hooks.pop(key)
+        _set_aside.clear()
 
 
 def copy_sharing_hooks(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
