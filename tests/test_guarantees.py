@@ -178,8 +178,9 @@ class _Gates:
 
 
 class _Gate(nn.Module):
-    """Passes its input on after opening ``entered`` and waiting for ``proceed``. Kept as a leaf, it
-    runs inside the analysis (shape propagation): two threads' analyses can be interleaved at will."""
+    """Passes its input on after opening ``entered`` and waiting up to two seconds for ``proceed``.
+    Kept as a leaf, it runs inside the analysis (shape propagation), where another thread's analysis
+    gets the chance to start."""
 
     def __init__(self, entered, proceed):
         super().__init__()
@@ -187,7 +188,7 @@ class _Gate(nn.Module):
 
     def forward(self, x):
         self.gates.entered.set()
-        assert self.gates.proceed.wait(timeout=60), "the other thread never got there"
+        self.gates.proceed.wait(timeout=2)
         return x
 
 
@@ -196,8 +197,8 @@ def _gated(entered, proceed):
 
 
 def test_global_hooks_survive_analyses_in_two_threads():
-    # Thread A's analysis starts, B's starts, A's ends, B's ends: the global hooks must come back
-    # once both have ended, not be left set aside by B (which started while they were set aside).
+    # B's analysis starts while A's runs. Unserialised, A's end put the hooks back while B's ran
+    # (which then called them), and B's end set them aside for good (it had saved A's empty dicts).
     a_in, b_in, a_done = (threading.Event() for _ in range(3))
     model_a, model_b = _gated(a_in, b_in), _gated(b_in, a_done)
     calls, errors = [], []
@@ -229,6 +230,44 @@ def test_global_hooks_survive_analyses_in_two_threads():
     nn.Identity()(torch.zeros(1))
     assert calls == ["Identity"]  # and its handle still removes it
 
+
+
+class _TracedGate(nn.Module):
+    """Opens ``entered`` while fx traces its forward, then gives another thread two seconds to start
+    a trace of its own."""
+
+    def __init__(self, entered, proceed):
+        super().__init__()
+        self.gates = _Gates(entered, proceed)
+        self.block = FunctionalBlock(8)
+
+    def forward(self, x):
+        self.gates.entered.set()
+        self.gates.proceed.wait(timeout=2)
+        return self.block(x)
+
+
+def test_traces_in_two_threads_take_turns():
+    # torch.fx patches nn.Module.__call__ while it traces: interleaved traces undo each other's
+    # patches and fail ("module is not installed as a submodule") or leave one in place.
+    a_in, b_in = threading.Event(), threading.Event()
+    original_call, errors = nn.Module.__call__, []
+
+    def audit(model):
+        try:
+            revconvert.audit(model, (1, 8, 8, 8))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    a = threading.Thread(target=audit, args=(_TracedGate(a_in, b_in),))
+    b = threading.Thread(target=audit, args=(_TracedGate(b_in, threading.Event()),))
+    a.start()
+    assert a_in.wait(timeout=60)
+    b.start()
+    a.join(timeout=120)
+    b.join(timeout=120)
+    assert not errors, errors
+    assert nn.Module.__call__ is original_call
 
 def test_a_global_hook_registered_during_an_analysis_is_kept_after_the_older_ones():
     from revconvert.analysis.hooks import no_global_hooks

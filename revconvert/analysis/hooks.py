@@ -6,9 +6,11 @@ data, and could record them. So the analysis calls no hook: it traces through mo
 their ``forward`` directly, strips the hooks of its own copies, and sets the global module hooks
 (``torch.nn.modules.module.register_module_forward_hook`` and friends) aside while it runs.
 
-The global hooks are process-wide, so setting them aside is too: while any thread analyses, no
-thread's module calls run them. Analyses in several threads share one suspension (a lock and a
-count), so the hooks come back exactly once, when the last of them ends.
+The global hooks are process-wide, so setting them aside is too. And torch.fx patches
+``nn.Module.__call__`` process-wide while it traces, so a trace in one thread breaks module calls
+in every other (two traces undo each other's patches). So analyses take turns: ``no_global_hooks``,
+which every analysis runs in, holds one re-entrant process-wide lock, and the hooks are set aside by
+its outermost entry and put back, exactly once, by its outermost exit.
 """
 
 from __future__ import annotations
@@ -61,54 +63,53 @@ def strip_hooks(model: nn.Module) -> nn.Module:
     return model
 
 
-# One suspension of the global hooks for all threads: the entries set aside while ``_depth`` > 0.
-_SUSPENSION_LOCK = threading.Lock()
+# Held by the thread that analyses (re-entrant: an analysis calls others); ``_depth`` counts its
+# nested entries, ``_set_aside`` holds the hooks' entries while it is positive.
+_ANALYSIS_LOCK = threading.RLock()
 _depth = 0
 _set_aside: dict[str, dict[int, Any]] = {}
 
 
 @contextlib.contextmanager
 def no_global_hooks() -> Iterator[None]:
-    """Set the global module hooks aside while the body runs: they are the caller's, and the
-    analysis runs on proxies and meta or fake tensors.
+    """Run the body as the process's only analysis, with the global module hooks set aside: they
+    are the caller's, and the analysis runs on proxies and meta or fake tensors.
 
-    Re-entrant and thread-safe: the first entry (in any thread) empties torch's global hook
-    dictionaries in place, the last exit puts their entries back, in their order; a global hook
-    registered meanwhile is kept, after them. The dictionaries stay the same objects, so the
-    handles of registered hooks keep working.
+    Analyses in other threads wait for this one to end (torch.fx tracing is process-wide, see the
+    module docstring). Re-entrant: the outermost entry empties torch's global hook dictionaries in
+    place and the outermost exit puts their entries back, in their order; a global hook registered
+    meanwhile is kept, after them. The dictionaries stay the same objects, so the handles of
+    registered hooks keep working.
     """
-    _suspend()
-    try:
-        yield
-    finally:
-        _resume()
+    global _depth
+    with _ANALYSIS_LOCK:
+        if _depth == 0:
+            _suspend()
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+            if _depth == 0:
+                _restore()
 
 
 def _suspend() -> None:
-    global _depth
-    with _SUSPENSION_LOCK:
-        if _depth == 0:
-            for name in _GLOBAL_HOOKS:
-                hooks = getattr(_module, name, None)
-                if hooks is not None:
-                    _set_aside[name] = dict(hooks)
-                    hooks.clear()
-        _depth += 1
+    for name in _GLOBAL_HOOKS:
+        hooks = getattr(_module, name, None)
+        if hooks is not None:
+            _set_aside[name] = dict(hooks)
+            hooks.clear()
 
 
-def _resume() -> None:
-    global _depth
-    with _SUSPENSION_LOCK:
-        _depth -= 1
-        if _depth:
-            return
-        for name, entries in _set_aside.items():
-            hooks = getattr(_module, name)
-            added = [key for key in hooks if key not in entries]  # registered during the suspension
-            hooks.update(entries)
-            for key in added:  # after the older hooks, as if registered after them
-                hooks[key] = hooks.pop(key)
-        _set_aside.clear()
+def _restore() -> None:
+    for name, entries in _set_aside.items():
+        hooks = getattr(_module, name)
+        added = [key for key in hooks if key not in entries]  # registered during the analysis
+        hooks.update(entries)
+        for key in added:  # after the older hooks, as if registered after them
+            hooks[key] = hooks.pop(key)
+    _set_aside.clear()
 
 
 def copy_sharing_hooks(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
