@@ -11,8 +11,11 @@ from torch import nn
 
 import revconvert
 from revconvert import ConversionError
+from revconvert.analysis.hooks import no_global_hooks
+from revconvert.passes.recompute import plan_recompute
+from revconvert.runtime import keep_spatial_convolutions
 from conftest import assert_unchanged, snapshot, tv_model
-from toy_models import FunctionalBlock
+from toy_models import CifarResNet, FunctionalBlock
 
 
 def _trainable(model):
@@ -167,6 +170,18 @@ def test_audit_and_memory_profile_call_no_hook():
 
 
 
+def test_memory_and_recompute_planners_call_no_global_hook():
+    converted = revconvert.convert(CifarResNet(n=2), (2, 3, 16, 16))
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(type(m).__name__))
+    try:
+        revconvert.plan_memory(CifarResNet(n=1), "1GiB", input_size=16, batch_size=2)
+        plan_recompute(converted, (torch.randn(2, 3, 16, 16),), 0.5, keep_spatial_convolutions)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
 class _Gates:
     """Two events that every copy of a model shares (the analysis runs copies of the model)."""
 
@@ -270,8 +285,6 @@ def test_traces_in_two_threads_take_turns():
     assert nn.Module.__call__ is original_call
 
 def test_a_global_hook_registered_during_an_analysis_is_kept_after_the_older_ones():
-    from revconvert.analysis.hooks import no_global_hooks
-
     order = []
     first = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: order.append("first"))
     try:
