@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 
@@ -117,6 +118,36 @@ def test_hooks_on_the_model_itself_are_carried_over():
     import copy
     torch.testing.assert_close(copy.deepcopy(converted)(x), converted(x))  # a deep copy keeps them
 
+
+
+def test_state_dict_hooks_on_the_model_itself_are_carried_over():
+    model, calls = CifarResNet(n=1), []
+    model.register_state_dict_pre_hook(lambda m, prefix, keep_vars: calls.append(("pre", m)))
+    model.register_state_dict_post_hook(lambda m, sd, prefix, meta: calls.append(("post", m)))
+    # the older private hook may return a new state dict, which the root's state_dict() returns
+    model._register_state_dict_hook(lambda m, sd, prefix, meta: {k: v for k, v in sd.items()
+                                                                 if not k.endswith("num_batches_tracked")})
+    model.register_load_state_dict_pre_hook(lambda m, sd, *rest: calls.append(("load-pre", m)))
+    model.register_load_state_dict_post_hook(lambda m, keys: calls.append(("load-post", m)))
+    converted = revconvert.convert(model, (2, 3, 16, 16))
+    assert calls == []
+    for target in (converted, copy.deepcopy(converted)):  # a deep copy keeps them, calling itself
+        calls.clear()
+        state = target.state_dict()
+        assert state and not any(k.endswith("num_batches_tracked") for k in state)
+        target.load_state_dict(state, strict=False)
+        assert calls == [("pre", target), ("post", target), ("load-pre", target), ("load-post", target)]
+
+
+def test_a_backward_hook_registered_after_conversion_survives_a_deep_copy():
+    converted = revconvert.convert(CifarResNet(n=1), (2, 3, 16, 16))
+    calls = []
+    converted.register_full_backward_hook(lambda m, gin, gout: calls.append(m))
+    duplicate = copy.deepcopy(converted)
+    for target in (duplicate, copy.deepcopy(duplicate)):
+        calls.clear()
+        target(torch.randn(2, 3, 16, 16)).sum().backward()
+        assert calls == [target]
 
 def test_hooks_on_stored_leaf_modules_keep_calling_the_callers_hook():
     model = tv_model("resnet18").eval()
