@@ -98,10 +98,13 @@ class _Recorder:
     """A hook that is a bound method: a plain deep copy would record into a copy of it."""
 
     def __init__(self):
-        self.shapes = []
+        self.shapes, self.modules = [], []
 
     def hook(self, module, args, output):
         self.shapes.append(tuple(output.shape))
+
+    def load_hook(self, module, state_dict, prefix, *rest):
+        self.modules.append(module)
 
 
 def test_hooks_on_the_model_itself_are_carried_over():
@@ -173,6 +176,28 @@ def test_hooks_that_cannot_be_carried_are_refused(where, match):
         revconvert.convert(model, (1, 3, 32, 32))
     assert_unchanged(model, before)
 
+
+
+@pytest.mark.parametrize("where,match", [
+    ("layer1", r"state-dict hook .* on 'layer1' \(Sequential\).*traces through"),
+    ("layer1.1.bn2", r"state-dict hook .* on 'layer1.1.bn2' \(BatchNorm2d\), a layer of block 'layer1.1'"),
+])
+def test_state_dict_hooks_that_would_be_lost_are_refused(where, match):
+    # The converted model has no such module (a bare container stands for 'layer1'; bn2 is rebuilt):
+    # the hook would silently never run.
+    model = tv_model("resnet18")
+    model.get_submodule(where).register_state_dict_post_hook(lambda m, sd, prefix, meta: None)
+    with pytest.raises(ConversionError, match=match):
+        revconvert.convert(model, (1, 3, 32, 32))
+
+
+def test_state_dict_hooks_on_stored_leaf_modules_keep_calling_the_callers_hook():
+    model = tv_model("resnet18")
+    recorder = _Recorder()
+    model.layer2[0].conv1.register_load_state_dict_pre_hook(recorder.load_hook)
+    converted = revconvert.convert(model, (1, 3, 32, 32))
+    converted.load_state_dict(converted.state_dict())
+    assert recorder.modules == [converted.get_submodule("layer2.0.conv1")]  # the caller's recorder, given the copy
 
 def test_the_remedies_the_refusal_names_work():
     model = tv_model("resnet18").eval()

@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules import module as _module
 
-__all__ = ["HOOK_KINDS", "module_hooks", "strip_hooks", "no_global_hooks", "copy_sharing_hooks"]
+__all__ = ["HOOK_KINDS", "STATE_DICT_HOOK_KINDS", "module_hooks", "strip_hooks", "no_global_hooks", "copy_sharing_hooks"]
 
 # attribute of an nn.Module -> what its entries are called in messages
 HOOK_KINDS = {
@@ -33,6 +33,14 @@ HOOK_KINDS = {
     "_forward_hooks": "forward hook",
     "_backward_pre_hooks": "backward pre-hook",
     "_backward_hooks": "backward hook",
+}
+# the same for state_dict() and load_state_dict(); never called by the analysis, but lost with their
+# module where a conversion replaces it
+STATE_DICT_HOOK_KINDS = {
+    "_state_dict_pre_hooks": "state-dict pre-hook",
+    "_state_dict_hooks": "state-dict hook",
+    "_load_state_dict_pre_hooks": "load-state-dict pre-hook",
+    "_load_state_dict_post_hooks": "load-state-dict post-hook",
 }
 # bookkeeping next to the hooks (keyed by the same handle ids)
 _HOOK_FLAGS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
@@ -46,9 +54,9 @@ def _hook_name(hook: Any) -> str:
 
 
 def module_hooks(module: nn.Module) -> list[str]:
-    """Descriptions of the hooks registered on ``module`` itself (not its children), e.g.
-    ``["forward hook add_100"]``."""
-    return [f"{kind} {_hook_name(h)}" for attr, kind in HOOK_KINDS.items()
+    """Descriptions of the hooks registered on ``module`` itself (not its children), forward,
+    backward and state-dict hooks, e.g. ``["forward hook add_100"]``."""
+    return [f"{kind} {_hook_name(h)}" for attr, kind in {**HOOK_KINDS, **STATE_DICT_HOOK_KINDS}.items()
             for h in getattr(module, attr, {}).values()]
 
 
@@ -120,7 +128,10 @@ def copy_sharing_hooks(model: nn.Module, memo: dict[int, Any] | None = None) -> 
     """
     memo = dict(memo or {})
     for m in model.modules():
-        for attr in HOOK_KINDS:
+        for attr in {**HOOK_KINDS, **STATE_DICT_HOOK_KINDS}:
             for hook in getattr(m, attr, {}).values():
+                # a load pre-hook is wrapped with a reference to its module: copy the wrapper (its
+                # module becomes the copy), share what it wraps
+                hook = getattr(hook, "hook", hook) if attr == "_load_state_dict_pre_hooks" else hook
                 memo[id(hook)] = hook
     return copy.deepcopy(model, memo)
