@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import threading
 import warnings
 
 import pytest
@@ -10,7 +12,11 @@ from torch import nn
 
 import revconvert
 from revconvert import ConversionError
+from revconvert.analysis.hooks import no_global_hooks
+from revconvert.passes.recompute import plan_recompute
+from revconvert.runtime import keep_spatial_convolutions
 from conftest import assert_unchanged, snapshot, tv_model
+from toy_models import CifarResNet, FunctionalBlock
 
 
 def _trainable(model):
@@ -92,10 +98,13 @@ class _Recorder:
     """A hook that is a bound method: a plain deep copy would record into a copy of it."""
 
     def __init__(self):
-        self.shapes = []
+        self.shapes, self.modules = [], []
 
     def hook(self, module, args, output):
         self.shapes.append(tuple(output.shape))
+
+    def load_hook(self, module, state_dict, prefix, *rest):
+        self.modules.append(module)
 
 
 def test_hooks_on_the_model_itself_are_carried_over():
@@ -112,6 +121,36 @@ def test_hooks_on_the_model_itself_are_carried_over():
     import copy
     torch.testing.assert_close(copy.deepcopy(converted)(x), converted(x))  # a deep copy keeps them
 
+
+
+def test_state_dict_hooks_on_the_model_itself_are_carried_over():
+    model, calls = CifarResNet(n=1), []
+    model.register_state_dict_pre_hook(lambda m, prefix, keep_vars: calls.append(("pre", m)))
+    model.register_state_dict_post_hook(lambda m, sd, prefix, meta: calls.append(("post", m)))
+    # the older private hook may return a new state dict, which the root's state_dict() returns
+    model._register_state_dict_hook(lambda m, sd, prefix, meta: {k: v for k, v in sd.items()
+                                                                 if not k.endswith("num_batches_tracked")})
+    model.register_load_state_dict_pre_hook(lambda m, sd, *rest: calls.append(("load-pre", m)))
+    model.register_load_state_dict_post_hook(lambda m, keys: calls.append(("load-post", m)))
+    converted = revconvert.convert(model, (2, 3, 16, 16))
+    assert calls == []
+    for target in (converted, copy.deepcopy(converted)):  # a deep copy keeps them, calling itself
+        calls.clear()
+        state = target.state_dict()
+        assert state and not any(k.endswith("num_batches_tracked") for k in state)
+        target.load_state_dict(state, strict=False)
+        assert calls == [("pre", target), ("post", target), ("load-pre", target), ("load-post", target)]
+
+
+def test_a_backward_hook_registered_after_conversion_survives_a_deep_copy():
+    converted = revconvert.convert(CifarResNet(n=1), (2, 3, 16, 16))
+    calls = []
+    converted.register_full_backward_hook(lambda m, gin, gout: calls.append(m))
+    duplicate = copy.deepcopy(converted)
+    for target in (duplicate, copy.deepcopy(duplicate)):
+        calls.clear()
+        target(torch.randn(2, 3, 16, 16)).sum().backward()
+        assert calls == [target]
 
 def test_hooks_on_stored_leaf_modules_keep_calling_the_callers_hook():
     model = tv_model("resnet18").eval()
@@ -138,6 +177,28 @@ def test_hooks_that_cannot_be_carried_are_refused(where, match):
     assert_unchanged(model, before)
 
 
+
+@pytest.mark.parametrize("where,match", [
+    ("layer1", r"state-dict hook .* on 'layer1' \(Sequential\).*traces through"),
+    ("layer1.1.bn2", r"state-dict hook .* on 'layer1.1.bn2' \(BatchNorm2d\), a layer of block 'layer1.1'"),
+])
+def test_state_dict_hooks_that_would_be_lost_are_refused(where, match):
+    # The converted model has no such module (a bare container stands for 'layer1'; bn2 is rebuilt):
+    # the hook would silently never run.
+    model = tv_model("resnet18")
+    model.get_submodule(where).register_state_dict_post_hook(lambda m, sd, prefix, meta: None)
+    with pytest.raises(ConversionError, match=match):
+        revconvert.convert(model, (1, 3, 32, 32))
+
+
+def test_state_dict_hooks_on_stored_leaf_modules_keep_calling_the_callers_hook():
+    model = tv_model("resnet18")
+    recorder = _Recorder()
+    model.layer2[0].conv1.register_load_state_dict_pre_hook(recorder.load_hook)
+    converted = revconvert.convert(model, (1, 3, 32, 32))
+    converted.load_state_dict(converted.state_dict())
+    assert recorder.modules == [converted.get_submodule("layer2.0.conv1")]  # the caller's recorder, given the copy
+
 def test_the_remedies_the_refusal_names_work():
     model = tv_model("resnet18").eval()
     recorder = _Recorder()
@@ -163,6 +224,139 @@ def test_audit_and_memory_profile_call_no_hook():
         handle.remove()
     assert calls == []
 
+
+
+def test_memory_and_recompute_planners_call_no_global_hook():
+    converted = revconvert.convert(CifarResNet(n=2), (2, 3, 16, 16))
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(type(m).__name__))
+    try:
+        revconvert.plan_memory(CifarResNet(n=1), "1GiB", input_size=16, batch_size=2)
+        plan_recompute(converted, (torch.randn(2, 3, 16, 16),), 0.5, keep_spatial_convolutions)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+class _Gates:
+    """Two events that every copy of a model shares (the analysis runs copies of the model)."""
+
+    def __init__(self, entered, proceed):
+        self.entered, self.proceed = entered, proceed
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _Gate(nn.Module):
+    """Passes its input on after opening ``entered`` and waiting up to two seconds for ``proceed``.
+    Kept as a leaf, it runs inside the analysis (shape propagation), where another thread's analysis
+    gets the chance to start."""
+
+    def __init__(self, entered, proceed):
+        super().__init__()
+        self.gates = _Gates(entered, proceed)
+
+    def forward(self, x):
+        self.gates.entered.set()
+        self.gates.proceed.wait(timeout=2)
+        return x
+
+
+def _gated(entered, proceed):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Gate(entered, proceed), FunctionalBlock(8))
+
+
+def test_global_hooks_survive_analyses_in_two_threads():
+    # B's analysis starts while A's runs. Unserialised, A's end put the hooks back while B's ran
+    # (which then called them), and B's end set them aside for good (it had saved A's empty dicts).
+    a_in, b_in, a_done = (threading.Event() for _ in range(3))
+    model_a, model_b = _gated(a_in, b_in), _gated(b_in, a_done)
+    calls, errors = [], []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(type(m).__name__))
+
+    def audit(model, done=None):
+        try:
+            revconvert.audit(model, (1, 3, 8, 8), leaf_modules=(_Gate,))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        finally:
+            if done is not None:
+                done.set()
+
+    try:
+        a = threading.Thread(target=audit, args=(model_a, a_done))
+        b = threading.Thread(target=audit, args=(model_b,))
+        a.start()
+        assert a_in.wait(timeout=60)
+        b.start()
+        a.join(timeout=120)
+        b.join(timeout=120)
+        assert not errors, errors
+        assert calls == []  # neither analysis ran the hook
+        nn.Identity()(torch.zeros(1))
+        assert calls == ["Identity"]  # still registered, and it fires
+    finally:
+        handle.remove()
+    nn.Identity()(torch.zeros(1))
+    assert calls == ["Identity"]  # and its handle still removes it
+
+
+
+class _TracedGate(nn.Module):
+    """Opens ``entered`` while fx traces its forward, then gives another thread two seconds to start
+    a trace of its own."""
+
+    def __init__(self, entered, proceed):
+        super().__init__()
+        self.gates = _Gates(entered, proceed)
+        self.block = FunctionalBlock(8)
+
+    def forward(self, x):
+        self.gates.entered.set()
+        self.gates.proceed.wait(timeout=2)
+        return self.block(x)
+
+
+def test_traces_in_two_threads_take_turns():
+    # torch.fx patches nn.Module.__call__ while it traces: interleaved traces undo each other's
+    # patches and fail ("module is not installed as a submodule") or leave one in place.
+    a_in, b_in = threading.Event(), threading.Event()
+    original_call, errors = nn.Module.__call__, []
+
+    def audit(model):
+        try:
+            revconvert.audit(model, (1, 8, 8, 8))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    a = threading.Thread(target=audit, args=(_TracedGate(a_in, b_in),))
+    b = threading.Thread(target=audit, args=(_TracedGate(b_in, threading.Event()),))
+    a.start()
+    assert a_in.wait(timeout=60)
+    b.start()
+    a.join(timeout=120)
+    b.join(timeout=120)
+    assert not errors, errors
+    assert nn.Module.__call__ is original_call
+
+def test_a_global_hook_registered_during_an_analysis_is_kept_after_the_older_ones():
+    order = []
+    first = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: order.append("first"))
+    try:
+        with no_global_hooks():
+            second = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: order.append("second"))
+            with no_global_hooks():  # nested: still set aside afterwards
+                pass
+            nn.Identity()(torch.zeros(1))
+            assert order == ["second"]
+        nn.Identity()(torch.zeros(1))
+        assert order == ["second", "first", "second"]
+        second.remove()
+    finally:
+        first.remove()
+    nn.Identity()(torch.zeros(1))
+    assert order == ["second", "first", "second"]
 
 # -- example inputs without a batch dimension (item 7) -------------------------------------------
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import assert_unchanged, snapshot, tv_model
 from torch import nn
+from toy_models import LibraryNormNet
 
 import revconvert
 from revconvert.memory import MemoryBreakdown, MemoryProfile, measure_memory, memory_profile
@@ -216,3 +217,23 @@ def test_batchnorm_single_value_gets_a_hint():
 
     with pytest.raises(ValueError, match=r"batch_size=1 .*BatchNorm.*batch_size >= 2"):
         memory_profile(torchvision.models.resnet18(), (3, 32, 32), 1)
+
+
+def test_estimates_one_after_another_share_no_fake_tensor():
+    # The scratch batch counter that a library norm gets during the backward's recomputation was
+    # cached process-wide; made under the first estimate's FakeTensorMode, it broke the second
+    # ("Mixing fake modes"), e.g. timm's mobilenetv2_100 after resnetv2_50 in one process.
+    torch.manual_seed(0)
+    model = LibraryNormNet()
+    first = memory_profile(model, (3, 8, 8), 2)
+    second = memory_profile(model, (3, 8, 8), 2)
+    assert second.converted.activation_bytes == first.converted.activation_bytes
+    assert first.converted.activation_bytes < first.original.activation_bytes  # it did convert
+
+
+def test_timm_estimates_one_after_another():
+    timm = pytest.importorskip("timm")
+    for name in ("resnetv2_50", "mobilenetv2_100"):  # the sequence that failed (BatchNormAct2d)
+        torch.manual_seed(0)
+        profile = memory_profile(timm.create_model(name), (3, 32, 32), 2)
+        assert profile.converted.activation_bytes < profile.original.activation_bytes

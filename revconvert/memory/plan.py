@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.hooks import no_global_hooks
 from ..analysis.tracing import model_name, unwrap_compiled
 from ..passes.convert import ConvertConfig
 from .estimate import DTYPES, TRACE_OPTIONS, _check_device, _check_dtype, _check_input_size, _estimate
@@ -137,10 +138,11 @@ def plan_memory(
                              "max_flops_ratio (e.g. 1.2)")
     elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    planner = _Planner(model, shape, dtype, optimizer, device, keep, trace_options)
-    if batch_size is None:
-        return planner.largest_batch(budget_bytes, float(max_flops_ratio))
-    return planner.plan(budget_bytes, batch_size, max_flops_ratio)
+    with no_global_hooks():  # its steps run on fake and meta tensors: no hook of the caller's may see them
+        planner = _Planner(model, shape, dtype, optimizer, device, keep, trace_options)
+        if batch_size is None:
+            return planner.largest_batch(budget_bytes, float(max_flops_ratio))
+        return planner.plan(budget_bytes, batch_size, max_flops_ratio)
 
 
 class _Planner:

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from .._loss import training_loss
+from ..analysis.hooks import no_global_hooks
 from ..analysis.tracing import meta_copy
 from ..runtime import ReversibleSegment, ordinary_autograd
 from ..runtime._keep import KeepPolicy, recording, replaying
@@ -210,12 +211,13 @@ def plan_recompute(model: nn.Module, example_args: Sequence[Any], budget: float,
                 coupling.keep = None
     args = [a.detach().to("meta").requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
             for a in example_args]
-    with ordinary_autograd():
-        ordinary, ordinary_saved = _step_cost(meta, args)
-    full, full_saved = _step_cost(meta, args)
+    with no_global_hooks():  # the steps run on meta tensors: no hook of the caller's may see them
+        with ordinary_autograd():
+            ordinary, ordinary_saved = _step_cost(meta, args)
+        full, full_saved = _step_cost(meta, args)
+        costs = _coupling_costs(meta, args, policy)
     plan = RecomputePlan(budget=budget, ordinary_flops=ordinary, recompute_flops=full - ordinary,
-                         costs=_coupling_costs(meta, args, policy), ordinary_saved_bytes=ordinary_saved,
-                         recompute_saved_bytes=full_saved)
+                         costs=costs, ordinary_saved_bytes=ordinary_saved, recompute_saved_bytes=full_saved)
     order = {c.name: i for i, c in enumerate(plan.costs)}
     # Cheapest bytes per saved FLOP first; among equals, the later coupling (its backward runs first).
     for cost in sorted(plan.costs, key=lambda c: (c.bytes_per_flop, -order[c.name])):

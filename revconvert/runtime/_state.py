@@ -130,10 +130,16 @@ def recompute_needs(module: nn.Module) -> RecomputeNeeds:
 
 # --- norm statistics -------------------------------------------------------------------------------
 
+# One scratch counter per device and dtype, shared by every norm and every step: no allocation per
+# recomputation. Only plain tensors are kept. A tensor subclass (a FakeTensor of memory_profile, a
+# functional tensor of a compiler's trace) belongs to the mode that made it, and a later call under
+# another mode could not use it ("Mixing fake modes"), so those counters are made afresh each time.
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _scratch_counter(like: torch.Tensor) -> torch.Tensor:
+    if type(like) is not torch.Tensor:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
     key = (like.device, like.dtype)
     if key not in _SCRATCH:
         _SCRATCH[key] = torch.zeros((), dtype=like.dtype, device=like.device)
