@@ -285,13 +285,8 @@ def test_global_hooks_survive_analyses_in_two_threads():
                 done.set()
 
     try:
-        a = threading.Thread(target=audit, args=(model_a, a_done))
-        b = threading.Thread(target=audit, args=(model_b,))
-        a.start()
-        assert a_in.wait(timeout=60)
-        b.start()
-        a.join(timeout=120)
-        b.join(timeout=120)
+        _overlapping(threading.Thread(target=audit, args=(model_a, a_done)),
+                     threading.Thread(target=audit, args=(model_b,)), a_in)
         assert not errors, errors
         assert calls == []  # neither analysis ran the hook
         nn.Identity()(torch.zeros(1))
@@ -300,7 +295,6 @@ def test_global_hooks_survive_analyses_in_two_threads():
         handle.remove()
     nn.Identity()(torch.zeros(1))
     assert calls == ["Identity"]  # and its handle still removes it
-
 
 
 class _TracedGate(nn.Module):
@@ -330,15 +324,20 @@ def test_traces_in_two_threads_take_turns():
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
-    a = threading.Thread(target=audit, args=(_TracedGate(a_in, b_in),))
-    b = threading.Thread(target=audit, args=(_TracedGate(b_in, threading.Event()),))
+    _overlapping(threading.Thread(target=audit, args=(_TracedGate(a_in, b_in),)),
+                 threading.Thread(target=audit, args=(_TracedGate(b_in, threading.Event()),)), a_in)
+    assert not errors, errors
+    assert nn.Module.__call__ is original_call
+
+
+def _overlapping(a: threading.Thread, b: threading.Thread, a_in: threading.Event) -> None:
+    """Start ``b`` once ``a`` is inside its analysis (``a_in``), then wait for both."""
     a.start()
     assert a_in.wait(timeout=60)
     b.start()
     a.join(timeout=120)
     b.join(timeout=120)
-    assert not errors, errors
-    assert nn.Module.__call__ is original_call
+
 
 def test_a_global_hook_registered_during_an_analysis_is_kept_after_the_older_ones():
     order = []
