@@ -23,7 +23,7 @@ def _layers(kind: str) -> nn.Sequential:
                             nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
                             nn.Conv2d(6, 8, 1, bias=False), nn.BatchNorm2d(8))
     else:  # convolution settings the direct call must pass through, and a norm without affine
-        seq = nn.Sequential(nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=2, bias=True),
+        seq = nn.Sequential(nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=2, bias=True), nn.Identity(),
                             nn.BatchNorm2d(8, affine=False, momentum=0.3, eps=1e-3), nn.ReLU(),
                             nn.Conv2d(8, 8, 3, stride=2, padding=(1, 2)))
     for m in seq.modules():
@@ -54,7 +54,7 @@ def no_module_forward(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     def refuse(self, *args):  # noqa: ANN001, ANN002, ANN202
         raise AssertionError(f"{type(self).__name__}.forward called")
     def patch() -> None:
-        for cls in (nn.Conv2d, nn.BatchNorm2d, nn.ReLU):
+        for cls in (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Identity):
             monkeypatch.setattr(cls, "forward", refuse)
     return patch
 

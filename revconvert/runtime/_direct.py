@@ -1,7 +1,8 @@
 """Direct calls of standard layers: F and G without ``nn.Module``'s per-call work.
 
 A reversible segment calls each F and G twice per training step (forward, then recomputation in the
-backward), and most are an ``nn.Sequential`` of ``Conv2d``, ``BatchNorm2d`` and ``ReLU``. Through
+backward), and most are an ``nn.Sequential`` of ``Conv2d``, ``BatchNorm2d`` and ``ReLU`` (timm's
+ResNets add ``Identity`` placeholders). Through
 ``nn.Module.__call__`` each layer costs Python work beside its kernel (hook checks, the norm's
 bookkeeping, ``F.batch_norm``'s argument checks): where kernels are short, as on a GPU at moderate
 batch sizes, that decides the step time. :class:`DirectSequential` runs the same layers by calling
@@ -28,13 +29,13 @@ from torch import nn
 
 __all__ = ["DirectSequential", "direct_call"]
 
-_CONV, _NORM, _RELU = 0, 1, 2
-_KINDS = {nn.Conv2d: _CONV, nn.BatchNorm2d: _NORM, nn.ReLU: _RELU}
+_CONV, _NORM, _RELU, _IDENTITY = 0, 1, 2, 3
+_KINDS = {nn.Conv2d: _CONV, nn.BatchNorm2d: _NORM, nn.ReLU: _RELU, nn.Identity: _IDENTITY}
 
 
 def direct_call(module: nn.Module) -> DirectSequential | None:
     """A :class:`DirectSequential` for ``module`` if it is exactly an ``nn.Sequential`` of
-    ``Conv2d`` / ``BatchNorm2d`` / ``ReLU`` (no subclasses), else None."""
+    ``Conv2d`` / ``BatchNorm2d`` / ``ReLU`` / ``Identity`` (no subclasses), else None."""
     if type(module) is not nn.Sequential:
         return None
     layers = tuple(module._modules.values())
@@ -80,7 +81,7 @@ class DirectSequential:
                 x = torch.relu_(x) if m.__dict__["inplace"] else torch.relu(x)
             elif kind == _CONV:
                 x = _conv(m, x)
-            else:
+            elif kind == _NORM:
                 x = _norm(m, x)
         return x
 
