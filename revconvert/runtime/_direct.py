@@ -46,7 +46,7 @@ def direct_call(module: nn.Module) -> DirectSequential | None:
 
 def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or "forward" in m.__dict__ or m._compiled_call_impl is not None)
+                or "forward" in m.__dict__ or m.__dict__.get("_compiled_call_impl") is not None)
 
 
 class DirectSequential:
