@@ -201,3 +201,20 @@ def test_keep_with_nothing_worth_keeping_runs_directly_from_the_second_step(no_m
     for g, r in zip(got[2], expected[2], strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
     _assert_identical(got[3], expected[3])
+
+
+def test_tensor_subclasses_with_torch_function_see_the_module_calls():
+    class Seen(torch.Tensor):
+        funcs: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+            cls.funcs.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    seq = _layers("bottleneck").train()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64).as_subclass(Seen)
+    out = direct_call(copy.deepcopy(seq))(x)
+    assert torch.nn.functional.batch_norm in Seen.funcs  # the module's own call, not torch.batch_norm
+    assert torch.equal(out.as_subclass(torch.Tensor), seq(x).as_subclass(torch.Tensor))
+    assert direct_call(nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU())) is not None

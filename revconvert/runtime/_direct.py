@@ -13,7 +13,8 @@ running statistics and gradients are those of the module call, bit for bit.
 It calls the modules instead whenever anything could observe or change the difference:
 
 - for the whole function: a module hook (global, or on the Sequential or any layer), JIT tracing, a
-  ``TorchFunctionMode``, a ``forward`` replaced on an instance, a module compiled with
+  ``TorchFunctionMode``, an input, parameter or buffer of a tensor subclass that overrides
+  ``__torch_function__``, a ``forward`` replaced on an instance, a module compiled with
   ``Module.compile()``;
 - per layer: a convolution whose ``padding_mode`` is not ``"zeros"``, a norm with ``momentum=None``,
   without running statistics, with ``eps <= 0`` or on an input that is not 4-D, a training norm
@@ -26,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.modules.module as module_state
 from torch import nn
+from torch.overrides import has_torch_function_unary
 
 __all__ = ["DirectSequential", "direct_call"]
 
@@ -41,6 +43,8 @@ def direct_call(module: nn.Module) -> DirectSequential | None:
     layers = tuple(module._modules.values())
     if not layers or any(type(m) not in _KINDS for m in layers):
         return None
+    if any(has_torch_function_unary(t) for t in (*module.parameters(), *module.buffers())):
+        return None  # tensor subclasses that override torch functions see the module's calls
     return DirectSequential(module, layers)
 
 
@@ -74,7 +78,7 @@ class DirectSequential:
                     or any(_hooked(m) for m in self._all))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observed():
+        if self.observed() or has_torch_function_unary(x):
             return self.module(x)
         for m, kind in zip(self.layers, self._kinds):
             if kind == _RELU:
