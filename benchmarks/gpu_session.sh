@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check, sized for a 15-minute device lease: two calls of under 10 minutes each
-# on the same warm machine (part 1: the speed suite, at most 6.5 min; part 2: the rest, at most 7 min).
+# on the same warm machine (part 1: the speed suite, at most 6 min; part 2: the rest, at most 6 min; with a machine start of
+# 1-2 min that leaves a minute or two of the 15 for a rerun).
 #
 # Runs, each under its own time limit so one slow step cannot eat the others, and writes every
 # log and JSON under $OUT (or ./gpu_out):
@@ -35,14 +36,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 part="${1:-all}"
 if [[ $part == 1 || $part == all ]]; then
-    step speed 390 "$py" benchmarks/speed.py --device cuda --suites gpu ops --compile-fg --repeats 7 \
+    step speed 360 "$py" benchmarks/speed.py --device cuda --suites gpu ops --compile-fg --repeats 7 \
         --json "$out/speed_cuda.json"
 fi
 if [[ $part == 2 || $part == all ]]; then
-    step cuda_tests 100 "$py" -m pytest -q -x -k cuda tests -p no:cacheprovider
+    step cuda_tests 80 "$py" -m pytest -q -x -k cuda tests -p no:cacheprovider
     step speed_b96 80 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --dtypes bfloat16 \
         --compile-backend none --repeats 5 --json "$out/speed_cuda_b96.json"
-    step plan 200 "$py" benchmarks/plan.py --device cuda --models resnet50 --batch 64 --size 224 \
+    step plan 150 "$py" benchmarks/plan.py --device cuda --models resnet50 --batch 64 --size 224 \
         --budgets 0.65 0.4 --compile-budgets 0.2 --reps 3 --json "$out/plan_cuda.json"
     step exactness 45 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128
 fi
