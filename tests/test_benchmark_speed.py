@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import re
+import subprocess
 import sys
 
 import torch
@@ -61,3 +63,17 @@ class _Block(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
+
+
+def test_the_prepared_gpu_session_uses_only_options_its_scripts_have() -> None:
+    # GPU time is scarce: a misspelt option in benchmarks/gpu_session.sh would waste a lease.
+    root = pathlib.Path(__file__).resolve().parents[1]
+    script = (root / "benchmarks" / "gpu_session.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(root / "benchmarks" / "gpu_session.sh")]).returncode == 0
+    commands = re.findall(r'"\$py" (benchmarks/\w+\.py)((?:[^\n]|\\\n)*)', script)
+    assert {c[0] for c in commands} >= {"benchmarks/speed.py", "benchmarks/plan.py", "benchmarks/cuda_check.py"}
+    for path, args in commands:
+        helptext = subprocess.run([sys.executable, str(root / path), "--help"], capture_output=True, text=True,
+                                  cwd=root, check=True).stdout
+        for option in re.findall(r"(--[a-z][a-z0-9-]*)", args):
+            assert option in helptext, f"{path} has no {option}"
