@@ -208,6 +208,12 @@ def _vjp(
 _run_backward = getattr(getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None)
 
 
+def _plain_call(plan: Plan, arg: torch.Tensor, k: int, name: str) -> torch.Tensor:
+    """Coupling k's F or G on ``arg`` as the plan runs it without kept outputs (directly, compiled,
+    or the module)."""
+    return _call_checked((plan.f_calls if name == "F" else plan.g_calls)[k], arg, k, name)
+
+
 def _keep_key(plan: Plan, k: int, name: str, arg: torch.Tensor) -> tuple:
     coupling = plan.couplings[k]
     return (name, k, id(coupling.keep), coupling.keep_small, arg.shape, arg.dtype, arg.device)
@@ -221,7 +227,7 @@ def _forward_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str
     # a call without keep (the plan, and this with it, is remade when modules change).
     if policy is None or _keep_key(plan, k, name, arg) in plan._keeps_nothing:
         kept.append(None)
-        return _call_checked((plan.f_calls if name == "F" else plan.g_calls)[k], arg, k, name)
+        return _plain_call(plan, arg, k, name)
     with recording(policy, fn, plan.kept_modules(fn, policy), keep_small=plan.couplings[k].keep_small) as record:
         out = _call_checked(fn, arg, k, name)
     kept.append(record)
@@ -231,7 +237,7 @@ def _forward_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str
 def _recompute_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str,
                    kept: Kept | None, policy: KeepPolicy | None) -> torch.Tensor:
     if kept is None:
-        return _call_checked((plan.f_calls if name == "F" else plan.g_calls)[k], arg, k, name)
+        return _plain_call(plan, arg, k, name)
     modules = plan.kept_modules(fn, policy)
     with replaying(policy, fn, kept, f"couplings[{k}].{name}", modules):
         out = _call_checked(fn, arg, k, name)
@@ -261,8 +267,7 @@ def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tenso
 def _accumulate(param_grads: list[torch.Tensor | None], indices: Sequence[int],
                 grads: Sequence[torch.Tensor | None]) -> None:
     for i, grad in zip(indices, grads):
-        current = param_grads[i]
-        param_grads[i] = grad if current is None else _add(current, grad)  # shared parameters add up
+        param_grads[i] = _add(param_grads[i], grad)  # a parameter shared by F and G adds up
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -312,12 +317,11 @@ class ReversibleFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         needs_param = needs[2:]
         # chain[k]: does anything upstream of coupling k (its input or earlier parameters) need a grad?
-        every_param = all(needs_param)  # the usual case: the index lists serve as they are
         chain, upstream = [], needs[1]
         for k in range(len(plan.couplings)):
             chain.append(upstream)
-            upstream = upstream or (every_param and bool(plan.f_index[k] or plan.g_index[k])) or \
-                any(needs_param[i] for i in plan.f_index[k] + plan.g_index[k])
+            upstream = upstream or any(needs_param[i] for i in plan.f_index[k] + plan.g_index[k])
+        every_param = all(needs_param)  # the usual case: the index lists serve as they are
 
         y, *tensors = ctx.saved_tensors
         kept: list[Kept | None] = ctx.kept
