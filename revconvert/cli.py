@@ -89,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"inner width of F and G: match-params (about the replaced block's parameters), "
                         f"keep (the original inner widths), or a factor > 0 and <= {MAX_WIDTH:g} of the "
                         f"original inner widths (default: %(default)s)")
-    c.add_argument("--width-multiple", type=_multiple, default=8, metavar="N",
-                   help="round inner widths of F and G to multiples of N, which GPUs and vectorised CPU "
+    c.add_argument("--width-multiple", type=_multiple, default=32, metavar="N",
+                   help="round inner widths of F and G to multiples of N (or N/2, N/4... where N would move a "
+                        "block more than 10%% from its parameters), which GPUs and vectorised CPU "
                         "kernels run fastest; 1 turns rounding off (default: %(default)s)")
     c.add_argument("--compile", action="store_true",
                    help="run F and G through torch.compile inside the reversible segments (forward and "

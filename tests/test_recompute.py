@@ -111,9 +111,11 @@ def test_ordinary_autograd_also_stores_the_checkpointed_parts(resnet50):
 
 def test_budget_with_checkpointed_parts_still_predicts_the_measured_flops(resnet50):
     x = torch.randn(*SHAPE)
-    model = revconvert.convert(resnet50, SHAPE, config=ConvertConfig(checkpoint_stored=True, recompute_budget=0.2))
+    # 0.25: with every coupling keeping, the stored parts' and 1x1 convolutions' recomputation alone
+    # add 20.2% (resnet50 at the default widths), so a budget must be above that to be met
+    model = revconvert.convert(resnet50, SHAPE, config=ConvertConfig(checkpoint_stored=True, recompute_budget=0.25))
     overhead = step_flops(model, x) / step_flops(model, x, ordinary=True) - 1
-    assert overhead <= 0.2
+    assert overhead <= 0.25
     assert model.revconvert_summary.recompute_overhead == pytest.approx(overhead, abs=1e-12)
 
 

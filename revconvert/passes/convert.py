@@ -21,6 +21,7 @@ from torch import nn
 from ..analysis.audit import Analysis, analyze
 from ..analysis.hooks import copy_sharing_hooks, module_hooks, no_global_hooks
 from ..analysis.ops import mutated_inputs
+from ..analysis.channels import ChannelPlan
 from ..analysis.propagation import plan_channels
 from ..analysis.tracing import example_from, unwrap_compiled
 from .._format import format_bytes
@@ -32,7 +33,7 @@ from .checkpoint_stored import _checkpoint_stored_parts
 from .hooks import carry_root_hooks, check_hooks
 from .recompute import plan_recompute
 from .summary import ConversionSummary, combine_summaries, keep_summary
-from .surgery import build_residual_function, choose_widths, out_of_place_copy
+from .surgery import Widths, alignments, build_residual_function, choose_widths, out_of_place_copy
 
 __all__ = ["ConvertConfig", "ConversionSummary", "convert"]
 
@@ -53,9 +54,10 @@ class ConvertConfig:
         width: inner width of F and G: ``"match-params"`` (scaled so the coupling has about the
             parameters of the block it replaces), ``"keep"`` (original inner widths, on half the
             outer channels), or a float factor applied to the inner widths.
-        width_multiple: inner widths of F and G are rounded to multiples of this (default 8, which
-            tensor cores and vectorised CPU kernels run fastest; 1 turns rounding off). A block whose
-            parameter match would then miss by more than 10% keeps unrounded widths.
+        width_multiple: inner widths of F and G are rounded to multiples of this (default 32: the
+            channel counts convolution kernels run fastest on, on GPUs and on vectorised CPU
+            kernels; 1 turns rounding off). A block whose parameter match would then miss by more
+            than 10% is rounded to half of it instead (16, then 8, ...), down to unrounded widths.
         post_activation: ``"move"`` puts the activation that followed the residual addition at the
             front of F and G and applies it once at the segment exit; ``"drop"`` removes it.
         zero_init: start the last norm of F and G at zero so every coupling starts as the identity.
@@ -97,7 +99,7 @@ class ConvertConfig:
     only: tuple[str, ...] | None = None
     select: Callable[[str], bool] | None = None
     width: str | float = "match-params"
-    width_multiple: int = 8
+    width_multiple: int = 32
     post_activation: str = "move"
     zero_init: bool = True
     memory_saving: bool = True
@@ -230,17 +232,32 @@ def _eliminate_dead_code(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def _rewrite(analysis: Analysis, config: ConvertConfig) -> tuple[list[str], dict[str, float]]:
+def _choose_widths(plans: dict[str, ChannelPlan], config: ConvertConfig, params_before: int) -> dict[str, Widths]:
+    """Every block's widths (:func:`choose_widths`). Each coupling is within 10% of its block's
+    parameters where it can be; if the rounding to ``width_multiple`` moves the whole model more than
+    5% from its parameter count, the finer multiples (half, a quarter...) are tried, as for one block."""
+    multiple = config.width_multiple
+    while True:
+        chosen = {name: choose_widths(plan, config.width, multiple) for name, plan in plans.items()}
+        drift = sum(w.params - w.target for name, w in chosen.items() if plans[name].inner_groups)
+        if config.width != "match-params" or multiple == 1 or abs(drift) <= 0.05 * max(params_before, 1):
+            return chosen
+        multiple = alignments(multiple)[1]
+
+
+def _rewrite(analysis: Analysis, config: ConvertConfig,
+             params_before: int) -> tuple[list[str], dict[str, float]]:
     """Replace each planned run by a ReversibleSegment; returns the converted block names and the
     parameter ratio (coupling / block) of every coupling off by more than 10%."""
     gm = analysis.graph_module
     nodes = {n.name: n for n in gm.graph.nodes}
     mismatched: dict[str, float] = {}
+    plans = {b.name: plan_channels(gm, b, nodes) for blocks in analysis.runs.values() for b in blocks}
+    chosen = _choose_widths(plans, config, params_before)
     for seg_name, blocks in analysis.runs.items():
         couplings = []
         for block in blocks:
-            plan = plan_channels(gm, block, nodes)
-            widths = choose_widths(plan, config.width, config.width_multiple)
+            plan, widths = plans[block.name], chosen[block.name]
             if config.width == "match-params" and abs(widths.ratio - 1) > 0.1:
                 mismatched[block.name] = widths.ratio
             pre = None
@@ -380,7 +397,7 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     analysis.graph_module.meta.pop("revconvert", None)  # the trace's notes, not the converted model's
     report = analysis.report
     params_before = sum(p.numel() for p in model.parameters())
-    converted_blocks, mismatched = _rewrite(analysis, config)
+    converted_blocks, mismatched = _rewrite(analysis, config, params_before)
     if mismatched:
         worst = min(mismatched.items(), key=lambda kv: -abs(kv[1] - 1))
         warnings.warn(f"revconvert.convert: {len(mismatched)} coupling(s) of {report.model} are more than 10% off the "
