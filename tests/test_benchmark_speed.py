@@ -77,3 +77,20 @@ def test_the_prepared_gpu_session_uses_only_options_its_scripts_have() -> None:
                                   cwd=root, check=True).stdout
         for option in re.findall(r"(--[a-z][a-z0-9-]*)", args):
             assert option in helptext, f"{path} has no {option}"
+
+
+def test_widths_benchmark_measures_the_widths_each_multiple_gives_resnet50() -> None:
+    """benchmarks/widths.py times convolutions at the widths resnet50's couplings have with
+    width_multiple=8 and 32; if the width choice changes, its table must follow."""
+    import torchvision
+    from torch import nn
+    from widths import CONVS
+
+    model = torchvision.models.resnet50(weights=None)
+    for multiple, column in ((8, 0), (32, 1)):
+        converted = revconvert.convert(model, (1, 3, 64, 64),
+                                       config=revconvert.ConvertConfig(width_multiple=multiple))
+        inner = {m.out_channels for seg in converted.modules() if isinstance(seg, revconvert.ReversibleSegment)
+                 for m in seg.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)}
+        benched = {widths[column] for _, k, _, widths in CONVS if k == 3}
+        assert inner == {48, 96} | benched, (multiple, inner, benched)  # layer1, layer2 the same either way

@@ -177,6 +177,34 @@ def test_nothing_fits_returns_least_verified_peak(tiny, monkeypatch):
     assert plan.peak_bytes == least
 
 
+def test_an_overshoot_by_a_keeping_plan_raises_the_plans_sharing_its_keep(tiny, monkeypatch):
+    """The composed model errs where outputs are kept. When every keeping plan is modelled to fit but
+    none does, the planner must learn that from its verifications and return the cheapest plan that
+    truly fits, not one found by lowering its target below the cheaper true fits."""
+    model, planner, cal, combos = tiny
+    space = _Space(cal, "spatial-convs")
+    keeps = {pick for pick, _, _ in combos
+             if any(c.cls == "V" and c.keep for c in space.choices_of(pick))}
+    cheap = min(flops for pick, _, flops in combos if pick in keeps)  # keeping saves recomputation
+    floor = min(peak for pick, peak, flops in combos if pick in keeps or flops <= cheap)
+    # the budget: the peak of the cheapest plan that keeps nothing, costs more than the keeping plans,
+    # and fits where no keeping plan and nothing as cheap as them does
+    budget = min((flops, peak) for pick, peak, flops in combos
+                 if pick not in keeps and flops > cheap and peak < floor)[1]
+    fits = [flops for pick, peak, flops in combos if peak <= budget]
+    assert keeps and fits and min(fits) > cheap
+    compose = _Space._compose
+
+    def misjudged(self):
+        compose(self)
+        for pick in keeps:
+            self.peak[self._row(pick)] = budget - 1  # modelled to fit, cheaper than the true fits
+    monkeypatch.setattr(_Space, "_compose", misjudged)
+    plan = planner.plan(budget, 4, None, cal)
+    assert plan.fits
+    assert plan.flops == min(fits)
+
+
 def test_checkpoint_split_runs_each_part_as_two_regions_with_exact_gradients():
     torch.manual_seed(0)
     model = torchvision.models.resnet18().double()

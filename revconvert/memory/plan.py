@@ -23,8 +23,10 @@ How (the heuristic parts are marked):
 3. **Search** the whole product of choices (vectorised); where it exceeds
    :data:`MAX_CANDIDATES`, the keep counts of the longest runs are thinned to a grid (*heuristic*).
 4. **Verify** the cheapest candidate whose modelled peak fits with one fake-tensor estimate of its
-   very ``ConvertConfig``; the model's error moves the target, and the search runs again (a few
-   rounds). If nothing fits, the cheapest candidate at each of the few least modelled peak levels is
+   very ``ConvertConfig``; the search runs again (a few rounds) after what the verification
+   taught: a plan that keeps outputs and overshoots raises the modelled peak of every plan sharing
+   one of its keep choices by its error (*heuristic*: kept outputs are where the model errs), any
+   other overshoot lowers the target by as much. If nothing fits, the cheapest candidate at each of the few least modelled peak levels is
    verified, and the least verified peak is returned. ``plan.peak_bytes`` is the verified estimate, ``plan.flops`` the FLOPs counted on the
    planned model, never the composed numbers.
 """
@@ -58,7 +60,7 @@ __all__ = ["plan_memory", "MAX_CANDIDATES"]
 MAX_CANDIDATES = 500_000
 """Above this many combinations the keep counts of the longest runs are thinned to a grid."""
 
-_VERIFY_ROUNDS = 4   # rounds to find a first verified fit
+_VERIFY_ROUNDS = 6   # rounds to find a first verified fit
 _CHEAPER_TRIES = 3   # cheaper candidates verified after it
 _LEAST_TRIES = 3     # least modelled peak levels verified when nothing fits
 _FIELDS = 7          # saved, grad, base, rise, opened, forward_base, forward_rise
@@ -211,7 +213,8 @@ class _Planner:
             verified[pick] = self.verify(cal, space, pick, budget, batch)
             return verified[pick]
 
-        # 1. the cheapest modelled fit, verified; an overshoot lowers the target by as much
+        # 1. the cheapest modelled fit, verified. An overshoot by a plan that keeps outputs raises the
+        # modelled peak of the plans sharing its keep choices; any other lowers the target by as much.
         best, target, margin = None, float(budget), _MARGIN
         for _ in range(_VERIFY_ROUNDS):
             pick = space.cheapest(target, max_flops_ratio, exclude=set(verified))
@@ -222,7 +225,8 @@ class _Planner:
             if ok(plan):
                 best = plan
                 break
-            target -= plan.peak_bytes - budget
+            if not space.learn(pick, plan.peak_bytes - plan.model_peak_bytes):
+                target -= plan.peak_bytes - budget
         if best is not None:
             # 2. cheaper candidates the model put just above the budget may fit: verify a few
             for _ in range(_CHEAPER_TRIES):
@@ -336,6 +340,7 @@ class _Space:
         self.index = torch.stack(torch.meshgrid(*[torch.arange(s) for s in sizes], indexing="ij"),
                                  dim=-1).reshape(-1, len(sizes))
         self._compose()
+        self.correction = torch.zeros_like(self.peak)  # what verifications taught (see learn)
 
     def _thin(self) -> None:
         """Keep counts of the longest run on a coarser grid until the space is small enough (heuristic)."""
@@ -440,16 +445,35 @@ class _Space:
 
     def cheapest(self, target: float, max_flops_ratio: float | None,
                  exclude: set[tuple[int, ...]]) -> tuple[int, ...] | None:
-        ok = self._allowed(max_flops_ratio, exclude) & (self.peak <= target)
-        return self._first(ok, self.flops, self.peak)
+        peak = self.peak + self.correction
+        ok = self._allowed(max_flops_ratio, exclude) & (peak <= target)
+        return self._first(ok, self.flops, peak)
 
     def least_peak(self, max_flops_ratio: float | None, exclude: set[tuple[int, ...]],
                    above: float | None = None) -> tuple[int, ...] | None:
         """The allowed row with the least modelled peak (above ``above`` when given), then the least FLOPs."""
+        peak = self.peak + self.correction
         ok = self._allowed(max_flops_ratio, exclude)
         if above is not None:
-            ok &= self.peak > above
-        return self._first(ok, self.peak, self.flops)
+            ok &= peak > above
+        return self._first(ok, peak, self.flops)
+
+    def learn(self, pick: tuple[int, ...], error: float) -> bool:
+        """Raise the modelled peak of every candidate sharing a keep choice with ``pick`` by ``error``
+        (the verified peak less the modelled one), the least it may be underestimated by (heuristic).
+
+        Kept outputs are where the composed model errs: keeping ``m`` of ``n`` is interpolated, and
+        kept tensors live across the parts the calibrations measured apart; plans without them come
+        out exact. Returns False (nothing learned) when ``pick`` keeps nothing or was not underestimated.
+        """
+        kept = [(i, k) for i, k in enumerate(pick) if self.options[i][k].cls == "V" and self.options[i][k].keep]
+        if error <= 0 or not kept:
+            return False
+        shares = torch.zeros(len(self.index), dtype=torch.bool)
+        for i, k in kept:
+            shares |= self.index[:, i] == k
+        self.correction = torch.where(shares, torch.clamp(self.correction, min=error), self.correction)
+        return True
 
     def _first(self, ok: torch.Tensor, key: torch.Tensor, tie: torch.Tensor) -> tuple[int, ...] | None:
         """The allowed row with the least ``key``, then the least ``tie``."""
