@@ -26,9 +26,10 @@ How (the heuristic parts are marked):
    very ``ConvertConfig``; the search runs again (a few rounds) after what the verification
    taught: a plan that keeps outputs and overshoots raises the modelled peak of every plan sharing
    one of its keep choices by its error (*heuristic*: kept outputs are where the model errs), any
-   other overshoot lowers the target by as much. If nothing fits, the cheapest candidate at each of the few least modelled peak levels is
-   verified, and the least verified peak is returned. ``plan.peak_bytes`` is the verified estimate, ``plan.flops`` the FLOPs counted on the
-   planned model, never the composed numbers.
+   other overshoot lowers the target by as much. If nothing fits, the cheapest candidate at each of
+   the few least modelled peak levels is verified, and the least verified peak is returned.
+   ``plan.peak_bytes`` is the verified estimate, ``plan.flops`` the FLOPs counted on the planned
+   model, never the composed numbers.
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ class _Planner:
             if pick is None:
                 break
             check(pick)
-            level = space.peak_of(pick)
+            level = space.expected_peak_of(pick)
         return min(verified.values(), key=lambda p: (p.peak_bytes, p.flops))
 
     def verify(self, cal: Calibration, space: _Space, pick: tuple[int, ...], budget: int,
@@ -433,7 +434,15 @@ class _Space:
         return row
 
     def peak_of(self, pick: tuple[int, ...]) -> float:
+        """The composed model's peak of ``pick``, as composed (what a verification's error is of)."""
         return float(self.peak[self._row(pick)])
+
+    def expected_peak_of(self, pick: tuple[int, ...]) -> float:
+        """``peak_of(pick)`` with what verifications taught (:meth:`learn`): what the search compares."""
+        return float(self._expected()[self._row(pick)])
+
+    def _expected(self) -> torch.Tensor:
+        return self.peak + self.correction
 
     def _allowed(self, max_flops_ratio: float | None, exclude: set[tuple[int, ...]]) -> torch.Tensor:
         ok = torch.ones(len(self.index), dtype=torch.bool)
@@ -445,14 +454,14 @@ class _Space:
 
     def cheapest(self, target: float, max_flops_ratio: float | None,
                  exclude: set[tuple[int, ...]]) -> tuple[int, ...] | None:
-        peak = self.peak + self.correction
+        peak = self._expected()
         ok = self._allowed(max_flops_ratio, exclude) & (peak <= target)
         return self._first(ok, self.flops, peak)
 
     def least_peak(self, max_flops_ratio: float | None, exclude: set[tuple[int, ...]],
                    above: float | None = None) -> tuple[int, ...] | None:
-        """The allowed row with the least modelled peak (above ``above`` when given), then the least FLOPs."""
-        peak = self.peak + self.correction
+        """The allowed row with the least expected peak (above ``above`` when given), then the least FLOPs."""
+        peak = self._expected()
         ok = self._allowed(max_flops_ratio, exclude)
         if above is not None:
             ok &= peak > above

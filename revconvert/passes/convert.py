@@ -19,9 +19,9 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.audit import Analysis, analyze
+from ..analysis.channels import ChannelPlan
 from ..analysis.hooks import copy_sharing_hooks, module_hooks, no_global_hooks
 from ..analysis.ops import mutated_inputs
-from ..analysis.channels import ChannelPlan
 from ..analysis.propagation import plan_channels
 from ..analysis.tracing import example_from, unwrap_compiled
 from .._format import format_bytes

@@ -99,10 +99,9 @@ def choose_widths(plan: ChannelPlan, width: str | float, multiple: int = 1) -> W
     scales them by that factor. Inner widths are multiples of every group count acting on them and
     of the coarsest of ``multiple``, ``multiple // 2``, ... (down to 1) that keeps the coupling within
     10% of the parameters it aims at (the branch's, or the unrounded factor's): convolution kernels
-    run fastest on channel counts that are multiples of 32 (measured: a 3x3 convolution at 384 or
-    192 channels does 10-20% more FLOP/s than at 400 or 200 on a CPU, and GPU tiles are multiples of
-    32 too), and a narrow block that cannot be rounded that coarsely still gets multiples of 16 or 8.
-    A branch without inner widths (one convolution) cannot be matched: its coupling has about half
+    run fastest on channel counts that are multiples of 32 (``benchmarks/widths.py``: a 3x3
+    convolution at 192 channels does about 10% more FLOP/s than at 200 on this project's CPU), and
+    a narrow block that cannot be rounded that coarsely still gets multiples of 16 or 8. A branch without inner widths (one convolution) cannot be matched: its coupling has about half
     the parameters, which :func:`revconvert.convert` reports.
     """
     half = plan.widths[OUTER] // 2
@@ -116,13 +115,13 @@ def choose_widths(plan: ChannelPlan, width: str | float, multiple: int = 1) -> W
         return at(plan, 1.0)
     matching = isinstance(width, str)
     goal = target if matching else at(plan, float(width)).params
-    for m in alignments(multiple):
+    for m in alignments(multiple):  # the last, 1, is the group counts alone: taken whatever it misses by
         aligned = dataclasses.replace(plan, align={**plan.align, **{
             g: math.lcm(plan.align.get(g, 1), m) for g in plan.inner_groups}})
         widths = at(aligned, _best_scale(*_key(aligned)) if matching else float(width))
         if abs(widths.params / max(goal, 1) - 1) <= 0.10:
-            return widths
-    return at(plan, _best_scale(*_key(plan)) if matching else float(width))
+            break
+    return widths
 
 
 def alignments(multiple: int) -> list[int]:
