@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# One prepared GPU check, sized for a 15-minute device lease: a single call of at most ~9.5 minutes
+# One prepared GPU check, sized for a 15-minute device lease: a single call of at most ~9 minutes
 # (a machine start of 1-2 min, then the steps below, in order of what the open issues need most).
 # Each step runs under its own time limit so one slow step cannot eat the others, and writes its
-# log and JSON under $OUT (or ./gpu_out), 8 files in all:
-#   1. speed_eager: issue 11's GPU suite, resnet152 32x3x224x224, float32 and bf16 autocast, eager rows
-#      (original, checkpoint_sequential, memory-saving, ordinary autograd, keep), time and peak memory;
-#   2. cuda_tests: pytest -k cuda (autocast exactness, no device synchronisation, estimate vs the
-#      CUDA allocator);
-#   3. plan: issue 15's plan table on the GPU (estimated vs max_memory_allocated peaks), resnet50 64x224;
-#   4. speed_compile: the suite in bf16 with torch.compile'd original, memory-saving, and memory-saving
-#      with F/G compiled;
-#   5. exactness: whole-model exactness per precision (cuda_check.py).
+# log and JSON under $OUT (or ./gpu_out), at most 8 files:
+#   speed_eager: issue 11's GPU suite, resnet152 32x3x224x224, float32 and bf16 autocast: eager rows
+#      (original, checkpoint_sequential, memory-saving, ordinary autograd, keep), time and peak memory,
+#      and the first four again with the whole step captured in a CUDA graph (launch overhead gone);
+#   cuda_tests: pytest -k cuda (autocast exactness, no device synchronisation, CUDA-graph capture,
+#      estimate vs the CUDA allocator);
+#   plan: issue 15's plan table on the GPU (estimated vs max_memory_allocated peaks), resnet50 64x224;
+#   speed_compile: bf16, torch.compile'd original against memory-saving with F and G compiled
+#      (inductor compiles the original for ~2 minutes on a 16-core host);
+#   speed_b96: the eager and graphed suite at batch 96, bf16: a step less bound by kernel launches;
+#   exactness: whole-model exactness per precision (cuda_check.py).
 #
-#   bash benchmarks/gpu_session.sh            # on the device machine, from the repository root
+#   bash benchmarks/gpu_session.sh                          # every step, on the device machine
+#   bash benchmarks/gpu_session.sh speed_eager cuda_tests   # only these steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"
@@ -26,17 +29,27 @@ step() {  # step NAME SECONDS COMMAND...
     echo "=== $name (limit ${limit}s, at $(( $(date +%s) - start ))s)"
     timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
     echo "=== $name: exit $? after $(( $(date +%s) - start ))s"
-    tail -n 40 "$out/$name.log"
+    grep -v pow_by_natural "$out/$name.log" | tail -n 40  # a warning inductor repeats by the hundred
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
-step speed_eager 130 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
-    --compile-backend none --repeats 7 --json "$out/speed_eager.json"
-step cuda_tests 70 "$py" -m pytest -q -x -k cuda tests -p no:cacheprovider
-step plan 110 "$py" benchmarks/plan.py --device cuda --models resnet50 --batch 64 --size 224 \
-    --budgets 0.65 0.4 --compile-budgets 0.2 --reps 3 --json "$out/plan.json"
-step speed_compile 200 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes bfloat16 \
-    --compile-dtypes bfloat16 --compile-fg --repeats 5 --json "$out/speed_compile.json"
-step exactness 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128
+steps=("$@")
+[[ ${#steps[@]} -gt 0 ]] || steps=(speed_eager cuda_tests plan speed_compile speed_b96 exactness)
+for name in "${steps[@]}"; do
+    case $name in
+    speed_eager) step speed_eager 90 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
+        --compile-backend none --cuda-graphs --repeats 7 --json "$out/speed_eager.json" ;;
+    cuda_tests) step cuda_tests 45 "$py" -m pytest -q -x -k cuda tests -p no:cacheprovider ;;
+    plan) step plan 110 "$py" benchmarks/plan.py --device cuda --models resnet50 --batch 64 --size 224 \
+        --budgets 0.65 0.4 --compile-budgets 0.2 --reps 3 --json "$out/plan.json" ;;
+    speed_compile) step speed_compile 270 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes bfloat16 \
+        --compile-dtypes bfloat16 --compile-fg --repeats 5 --json "$out/speed_compile.json" \
+        --variants original memory-saving "compiled original" "compiled memory-saving F/G" ;;
+    speed_b96) step speed_b96 60 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 \
+        --dtypes bfloat16 --compile-backend none --cuda-graphs --repeats 5 --json "$out/speed_b96.json" ;;
+    exactness) step exactness 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 ;;
+    *) echo "unknown step $name"; exit 2 ;;
+    esac
+done
 echo "total $(( $(date +%s) - start ))s"

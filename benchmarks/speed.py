@@ -67,6 +67,7 @@ from revconvert.memory.tracker import AllocationTracker
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from compare import Checkpointed  # noqa: E402 - the same checkpoint_sequential baseline
 from speedlib import (  # noqa: E402
+    GraphedStep,
     Method,
     NarrowResNet,
     Row,
@@ -200,6 +201,9 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
                Method("memory-saving", converted, null),
                Method("ordinary", converted, revconvert.ordinary_autograd),
                Method("keep", keep, null)]
+    if args.cuda_graphs:
+        # the whole step captured once and replayed (speedlib.GraphedStep): launch overhead gone
+        methods += [Method(f"graphed {m.name}", GraphedStep(m.model), m.context) for m in methods[:4]]
     if args.compile_backend != "none" and args.compile_dtypes:
         methods += [Method("compiled original", compiled(original, args.compile_backend), null),
                     Method("compiled memory-saving", compiled(converted, args.compile_backend), null)]
@@ -209,6 +213,8 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
             inner = revconvert.ConvertConfig(compile=fg_options(args.compile_backend, args))
             fg = revconvert.convert(original, shape, config=inner).to(device).train()
             methods.append(Method("compiled memory-saving F/G", compiled(fg, args.compile_backend), null))
+    if args.variants:
+        methods = [m for m in methods if m.name in args.variants]
     return methods
 
 
@@ -251,7 +257,10 @@ def gpu_suite(args: argparse.Namespace) -> list[Row]:
                     train_step(m, x, amp_dtype=amp)
                     if i == 0 and m.name.startswith("compiled"):
                         row.compile_s = time.perf_counter() - t0
-                row.peak_bytes = peak_bytes(m, x, amp)
+                if m.name.startswith("graphed"):  # a replay allocates nothing: its peak was the capture's
+                    train_step(m, x, amp_dtype=amp)
+                else:
+                    row.peak_bytes = peak_bytes(m, x, amp)
             except Exception as exc:  # noqa: BLE001 - a failed variant is a row, not a crash
                 kind = "compile failed" if m.name.startswith("compiled") else "failed"
                 row.error = f"{kind}: {error_line(exc)}"
@@ -309,6 +318,12 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence
                        ratio(gpu, "memory-saving", "original", "peak_bytes"), 0.55)]
         out.append(Target(f"gpu {dtype}: keep / memory-saving time", ratio(gpu, "keep", "memory-saving", "time_s"),
                           1.0, strict=True))
+        if any(r.name == "graphed memory-saving" for r in gpu):
+            out += [Target(f"gpu {dtype}: graphed memory-saving / graphed original time (CUDA graphs)",
+                           ratio(gpu, "graphed memory-saving", "graphed original", "time_s"), 1.6),
+                    Target(f"gpu {dtype}: graphed memory-saving / graphed ckpt-sequential time (CUDA graphs)",
+                           ratio(gpu, "graphed memory-saving", "graphed ckpt-sequential", "time_s"), 1.0,
+                           strict=True)]
         if dtype in compile_dtypes:
             out.append(Target(f"gpu {dtype}: compiled memory-saving / compiled original time",
                               ratio(gpu, "compiled memory-saving", "compiled original", "time_s"), 1.5))
@@ -349,6 +364,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.compile mode of the --compile-fg row (reduce-overhead: CUDA graphs per F/G)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend of the gpu suite (inductor on CUDA, aot_eager on CPU); none skips")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="gpu suite: also each eager variant's whole step captured in a CUDA graph and replayed")
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                   help="gpu suite: only these variants (e.g. original 'compiled original')")
     p.add_argument("--top", type=int, default=15, help="rows of the op breakdown")
     p.add_argument("--json", metavar="PATH", help="also write every number as JSON")
     args = p.parse_args(argv)
@@ -357,6 +376,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if cuda and not torch.cuda.is_available():
         p.error(f"--device {args.device}, but CUDA is not available here (torch {torch.__version__}, "
                 f"torch.version.cuda={torch.version.cuda}); use --device cpu, or --gpu-suite for a CPU smoke run")
+    if args.cuda_graphs and not cuda:
+        p.error("--cuda-graphs needs --device cuda")
     if args.gpu_suite:
         args.suites = sorted(set(args.suites or ()) | {"gpu"}, key=SUITES.index)
     args.suites = args.suites or (["gpu", "ops"] if cuda else ["launch", "ops", "compute"])

@@ -26,7 +26,7 @@ import revconvert
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from compare import Method  # noqa: E402 - (name, model, context), the same record compare.py uses
 
-__all__ = ["Method", "NarrowResNet", "OpCounter", "Row", "Target", "count_ops", "cpu_clock", "cuda_clock",
+__all__ = ["GraphedStep", "Method", "NarrowResNet", "OpCounter", "Row", "Target", "count_ops", "cpu_clock", "cuda_clock",
            "error_line", "flops_of", "gpu_table", "median", "ops_breakdown", "ops_table", "ratio", "targets_table",
            "time_interleaved", "timed_table", "train_step", "where_table"]
 
@@ -78,6 +78,64 @@ def train_step(method: Method, x: torch.Tensor, *, amp_dtype: torch.dtype | None
             loss = method.model(x).float().mean()
         loss.backward()
     method.model.zero_grad(set_to_none=True)
+
+
+class GraphedStep(nn.Module):
+    """A whole training step of ``model`` (forward, ``.float().mean()`` loss, backward) captured in
+    one CUDA graph at the first call and replayed at every later one.
+
+    Called by ``train_step`` like a model: ``forward(x)`` replays the captured step on ``x``
+    (copied into the captured input unless it is that tensor) and returns the loss as a fresh leaf, so
+    the caller's ``backward()`` and ``zero_grad()`` cost nothing and touch nothing. The gradients land
+    in ``model``'s ``.grad`` tensors, which the graph owns. ``model`` is deliberately not a
+    submodule: ``zero_grad(set_to_none=True)`` on this wrapper must not drop them. One graph per
+    autocast state; a new state captures anew and frees the old graph. The capture runs inside the
+    caller's context (``ordinary_autograd`` for the ordinary rows) and autocast, whose weight cache is
+    turned off for it (a cached cast would outlive the capture).
+
+    This is the standard whole-network capture recipe (three warm-up steps on a side stream, then
+    ``torch.cuda.graph``): what a step costs once per-kernel launch overhead is gone.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "inner", model)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None
+        self.static_x: torch.Tensor | None = None
+        self.static_loss: torch.Tensor | None = None
+
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
+        enabled = torch.is_autocast_enabled("cuda")
+        amp = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False) if enabled
+               else contextlib.nullcontext())
+        with amp:
+            loss = self.inner(x).float().mean()
+        loss.backward()
+        return loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"), tuple(x.shape), x.dtype)
+        if self.graph is None or key != self.key:
+            self.graph = self.static_loss = None
+            torch.cuda.empty_cache()
+            self.static_x = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.inner.zero_grad(set_to_none=True)
+                    self._step(self.static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            self.inner.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.static_loss = self._step(self.static_x)
+            self.graph, self.key = graph, key
+        if x is not self.static_x:
+            self.static_x.copy_(x)
+        self.graph.replay()
+        return self.static_loss.detach().requires_grad_()
 
 
 def flops_of(method: Method, x: torch.Tensor) -> int:
