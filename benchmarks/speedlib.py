@@ -130,7 +130,9 @@ class GraphedStep(nn.Module):
             self.inner.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.static_loss = self._step(self.static_x)
+                # detached: the captured loss must not keep the autograd graph (and its AccumulateGrad
+                # nodes, bound to the capture stream) alive into other variants' steps
+                self.static_loss = self._step(self.static_x).detach()
             self.graph, self.key = graph, key
         if x is not self.static_x:
             self.static_x.copy_(x)
