@@ -22,6 +22,10 @@ def _layers(kind: str) -> nn.Sequential:
         seq = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
                             nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
                             nn.Conv2d(6, 8, 1, bias=False), nn.BatchNorm2d(8))
+    elif kind == "strided":  # the settings below with numeric padding, which the direct backward takes
+        seq = nn.Sequential(nn.Identity(), nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, bias=True),
+                            nn.BatchNorm2d(8, affine=False, momentum=0.3, eps=1e-3), nn.ReLU(),
+                            nn.Conv2d(8, 8, 3, stride=2, padding=(1, 2)), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
     else:  # convolution settings the direct call must pass through, and a norm without affine
         seq = nn.Sequential(nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=2, bias=True), nn.Identity(),
                             nn.BatchNorm2d(8, affine=False, momentum=0.3, eps=1e-3), nn.ReLU(),
@@ -218,3 +222,62 @@ def test_tensor_subclasses_with_torch_function_see_the_module_calls():
     assert torch.nn.functional.batch_norm in Seen.funcs  # the module's own call, not torch.batch_norm
     assert torch.equal(out.as_subclass(torch.Tensor), seq(x).as_subclass(torch.Tensor))
     assert direct_call(nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU())) is not None
+
+
+def _norms(seq: nn.Module) -> list[nn.Module]:
+    return [m for m in seq.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "strided"])
+@pytest.mark.parametrize("need_input", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_direct_backward_is_autograd_bit_for_bit(kind, need_input, dtype, no_module_forward):  # noqa: ANN001
+    """DirectSequential.vjp, as the recomputation runs it (statistics frozen, grad mode on), against
+    torch.autograd.grad over the module call: the same output, gradients and buffers, bit for bit."""
+    seq = _layers(kind).to(dtype).train()
+    twin = copy.deepcopy(seq)
+    x = torch.randn(4, 8, 9, 9, dtype=dtype)
+    with frozen_running_stats(_norms(seq)):
+        z = x.clone().requires_grad_(need_input)
+        out = seq(z)
+        grad = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
+        expected = torch.autograd.grad(out, ([z] if need_input else []) + list(seq.parameters()), grad)
+    no_module_forward()
+    with frozen_running_stats(_norms(twin)), torch.enable_grad():
+        got = direct_call(twin).vjp(x, grad, need_input)
+    assert got is not None
+    got_out, got_input, got_params = got
+    assert torch.equal(got_out, out.detach()) and not got_out.requires_grad
+    if need_input:
+        assert torch.equal(got_input, expected[0])
+    else:
+        assert got_input is None
+    _assert_identical(got_params, list(expected[need_input:]))
+    _assert_identical(list(twin.buffers()), list(seq.buffers()))
+
+
+@pytest.mark.parametrize("case", ["eval", "string padding", "autocast", "hook", "reflect"])
+def test_the_direct_backward_declines_what_only_autograd_reproduces(case):  # noqa: ANN001
+    seq = _layers("settings" if case == "string padding" else "bottleneck").train(case != "eval")
+    if case == "hook":
+        seq[2].register_forward_hook(lambda *_: None)
+    if case == "reflect":
+        seq[1].padding_mode = "reflect"
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    grad = torch.ones_like(direct_call(copy.deepcopy(seq))(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        assert direct_call(seq).vjp(x, grad, True) is None
+
+
+def test_a_segment_backward_uses_the_direct_backward_and_gets_autograds_gradients(monkeypatch):  # noqa: ANN001
+    torch.manual_seed(0)
+    seg = ReversibleSegment([ReversibleCoupling(conv_bn(4), conv_bn(4)) for _ in range(3)]).double()
+    ref = copy.deepcopy(seg)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    vjp = DirectSequential.vjp
+    calls = []
+    monkeypatch.setattr(DirectSequential, "vjp", lambda self, *a: calls.append(1) or vjp(self, *a))
+    got = _run(seg, seg, x)
+    assert len(calls) == 6  # every F and G of the three couplings
+    monkeypatch.setattr(DirectSequential, "vjp", lambda self, *a: None)  # autograd's recomputation
+    _assert_identical(got, _run(ref, ref, x))

@@ -20,6 +20,15 @@ It calls the modules instead whenever anything could observe or change the diffe
   without running statistics, with ``eps <= 0`` or on an input that is not 4-D, a training norm
   whose batch has one value per channel (the module raises its own error), a layer whose
   parameters are missing from ``_parameters``.
+
+The backward's recomputation goes one step further (:meth:`DirectSequential.vjp`): it recomputes
+without recording an autograd graph and back-propagates by calling the backward ops autograd would
+call (``convolution_backward``, the batch norm's own backward, ``threshold_backward``) on the same
+saved tensors, in the same order, releasing each layer's tensors once its backward has run. Recording
+a graph and walking it through the autograd engine costs more host time than a short kernel; the
+values, the kernels and the memory are those of ``torch.autograd.grad`` over the module call. It
+declines (and the caller uses autograd) under autocast, for a norm in eval mode, a convolution whose
+padding is a string or whose input is not 4-D, and wherever the forward would call a module.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from torch import nn
 from torch.overrides import has_torch_function_unary
 
 __all__ = ["DirectSequential", "direct_call"]
+
+_aten = torch.ops.aten
 
 _CONV, _NORM, _RELU, _IDENTITY = 0, 1, 2, 3
 _KINDS = {nn.Conv2d: _CONV, nn.BatchNorm2d: _NORM, nn.ReLU: _RELU, nn.Identity: _IDENTITY}
@@ -48,9 +59,10 @@ def direct_call(module: nn.Module) -> DirectSequential | None:
     return DirectSequential(module, layers)
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or "forward" in m.__dict__ or m.__dict__.get("_compiled_call_impl") is not None)
+def _replaced(attrs: dict) -> bool:
+    """Whether a module (given its ``__dict__``) has its call replaced: an instance ``forward`` or
+    ``Module.compile()``."""
+    return "forward" in attrs or attrs.get("_compiled_call_impl") is not None
 
 
 class DirectSequential:
@@ -62,20 +74,31 @@ class DirectSequential:
             segment's plan, which holds it, is remade when a submodule is replaced).
     """
 
-    __slots__ = ("module", "layers", "_kinds", "_all")
+    __slots__ = ("module", "layers", "params", "_kinds", "_hook_dicts", "_attrs", "_slots")
 
     def __init__(self, module: nn.Sequential, layers: tuple[nn.Module, ...]) -> None:
         self.module = module
         self.layers = layers
+        #: ``module.parameters()``, the order of :meth:`vjp`'s parameter gradients
+        self.params = tuple(module.parameters())
         self._kinds = tuple(_KINDS[type(m)] for m in layers)
-        self._all = (module, *layers)
+        every = (module, *layers)
+        # The hook dicts themselves (registering a hook inserts into them), so that checking them
+        # per call is one pass over a tuple instead of four attribute reads per module.
+        self._hook_dicts = tuple(d for m in every for d in (m._forward_hooks, m._forward_pre_hooks,
+                                                             m._backward_hooks, m._backward_pre_hooks))
+        self._attrs = tuple(m.__dict__ for m in every)
+        position = {id(p): i for i, p in enumerate(self.params)}
+        # per layer: where its weight and bias go among the parameter gradients (-1: none)
+        self._slots = tuple((position.get(id(m._parameters.get("weight")), -1),
+                             position.get(id(m._parameters.get("bias")), -1)) for m in layers)
 
     def observed(self) -> bool:
         """Whether a hook, tracer or torch-function mode could see the module calls."""
         return bool(module_state._global_forward_hooks or module_state._global_forward_pre_hooks
                     or module_state._global_backward_hooks or module_state._global_backward_pre_hooks
                     or torch._C._get_tracing_state() or torch._C._len_torch_function_stack()
-                    or any(_hooked(m) for m in self._all))
+                    or any(self._hook_dicts) or any(map(_replaced, self._attrs)))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.observed() or has_torch_function_unary(x):
@@ -89,6 +112,83 @@ class DirectSequential:
                 x = _norm(m, x)
         return x
 
+    def vjp(self, x: torch.Tensor, grad: torch.Tensor, need_input: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]] | None:
+        """Recompute on ``x`` and back-propagate ``grad`` (the output's gradient) without autograd.
+
+        Returns the output, the gradient of ``x`` (None unless ``need_input``) and the gradients of
+        :attr:`params`, as ``torch.autograd.grad(module(x), [x, *params], grad)`` would, with the same
+        kernels; or None where this call cannot be made directly (see the module docstring).
+        Call it with grad mode on or off: nothing is recorded either way.
+        """
+        if self.observed() or has_torch_function_unary(x) or has_torch_function_unary(grad) \
+                or torch.is_autocast_enabled(x.device.type):
+            return None
+        saved: list = []
+        with torch.no_grad():
+            h = x
+            for m, kind in zip(self.layers, self._kinds):
+                if kind == _CONV:
+                    d, p = m.__dict__, m._parameters
+                    weight = p.get("weight")
+                    if d["padding_mode"] != "zeros" or weight is None or "bias" not in p \
+                            or isinstance(d["padding"], str) or h.dim() != 4:
+                        return None
+                    saved.append(h)
+                    h = torch.conv2d(h, weight, p.get("bias"), d["stride"], d["padding"], d["dilation"], d["groups"])
+                elif kind == _NORM:
+                    args = _norm_args(m, h)
+                    if args is None or not args[5]:  # eval-mode norms: autograd's formula differs by backend
+                        return None
+                    _count(m)
+                    out, save_mean, save_invstd, reserve, index = _aten._batch_norm_impl_index(*args)
+                    saved.append((h, save_mean, save_invstd, reserve, index))
+                    h = out
+                elif kind == _RELU:
+                    h = torch.relu_(h) if m.__dict__["inplace"] else torch.relu(h)
+                    saved.append(h)
+                else:
+                    saved.append(None)
+            out = h
+            g = grad if grad.dtype == out.dtype else grad.to(out.dtype)  # as autograd casts it
+            grads: list[torch.Tensor | None] = [None] * len(self.params)
+            first = next((i for i, kind in enumerate(self._kinds) if kind != _IDENTITY), len(self._kinds))
+            for i in reversed(range(first, len(self.layers))):
+                kind, m, item = self._kinds[i], self.layers[i], saved[i]
+                saved[i] = None  # released once its backward has run, as autograd's nodes release theirs
+                want_input = need_input or i > first
+                if kind == _RELU:
+                    if want_input:
+                        g = _aten.threshold_backward(g, item, 0)
+                    continue
+                if kind == _IDENTITY:
+                    continue
+                p = m._parameters
+                weight, bias = p.get("weight"), p.get("bias")
+                if kind == _CONV:
+                    d = m.__dict__
+                    gi, gw, gb = _aten.convolution_backward(
+                        g, item, weight, None if bias is None else [bias.shape[0]], d["stride"], d["padding"],
+                        d["dilation"], False, [0] * len(d["stride"]), d["groups"],
+                        [want_input, weight.requires_grad, bias is not None and bias.requires_grad])
+                else:
+                    h_in, save_mean, save_invstd, reserve, index = item
+                    d, b = m.__dict__, m._buffers
+                    if index == 1:  # cuDNN's backward, as autograd's formula calls it
+                        g = g.contiguous(memory_format=_suggested_format(h_in))
+                    gi, gw, gb = _aten._batch_norm_impl_index_backward(
+                        index, h_in, g, weight, b["running_mean"], b["running_var"], save_mean, save_invstd, True,
+                        d["eps"], [want_input, weight is not None and weight.requires_grad,
+                                   bias is not None and bias.requires_grad], reserve)
+                del item
+                w_slot, b_slot = self._slots[i]
+                if w_slot >= 0 and weight.requires_grad:
+                    grads[w_slot] = gw if grads[w_slot] is None else grads[w_slot] + gw
+                if b_slot >= 0 and bias.requires_grad:
+                    grads[b_slot] = gb if grads[b_slot] is None else grads[b_slot] + gb
+                g = gi
+        return out, (g if need_input else None), grads
+
 
 def _conv(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     d, p = m.__dict__, m._parameters
@@ -98,17 +198,36 @@ def _conv(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.conv2d(x, weight, p.get("bias"), d["stride"], d["padding"], d["dilation"], d["groups"])
 
 
-def _norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # _BatchNorm.forward and F.batch_norm for a norm with running statistics and a momentum.
+def _norm_args(m: nn.Module, x: torch.Tensor) -> tuple | None:
+    """``torch.batch_norm``'s arguments for ``m`` on ``x`` as ``_BatchNorm.forward`` and
+    ``F.batch_norm`` would pass them, for a norm with running statistics and a momentum; else None."""
     d, b, p = m.__dict__, m._buffers, m._parameters
     momentum, eps, training = d["momentum"], d["eps"], d["training"]
     mean, var = b.get("running_mean"), b.get("running_var")
     if momentum is None or eps <= 0 or not d["track_running_stats"] or mean is None or var is None \
             or "weight" not in p or "bias" not in p or x.dim() != 4 or (training and x.shape[0] * x.shape[2] * x.shape[3] == 1):
-        return m(x)
-    if training:
-        counter = b.get("num_batches_tracked")
+        return None
+    return (x, p.get("weight"), p.get("bias"), mean, var, training, momentum, eps, torch.backends.cudnn.enabled)
+
+
+def _count(m: nn.Module) -> None:
+    """A training norm's batch counter, incremented as ``_BatchNorm.forward`` does."""
+    if m.__dict__["training"]:
+        counter = m._buffers.get("num_batches_tracked")
         if counter is not None:
             counter.add_(1)
-    return torch.batch_norm(x, p.get("weight"), p.get("bias"), mean, var, training, momentum, eps,
-                            torch.backends.cudnn.enabled)
+
+
+def _norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    args = _norm_args(m, x)
+    if args is None:
+        return m(x)
+    _count(m)
+    return torch.batch_norm(*args)
+
+
+def _suggested_format(t: torch.Tensor) -> torch.memory_format:
+    """``Tensor.suggest_memory_format()``, which Python does not expose, for a 4-D tensor."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -257,6 +257,14 @@ def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tenso
     if rng is not None:
         set_rng(rng)
     other_buffers = (plan.f_needs if name == "F" else plan.g_needs)[k].other_buffers
+    call = (plan.f_calls if name == "F" else plan.g_calls)[k]
+    if kept is None and not other_buffers and type(call) is DirectSequential \
+            and params == (plan.f_index if name == "F" else plan.g_index)[k] and len(params) == len(call.params):
+        # Every parameter wanted, in module.parameters() order: no autograd graph needed (see _direct).
+        done = call.vjp(source, grad, need_input)
+        if done is not None:
+            out, grad_input, param_grads = done
+            return out, ((grad_input,) if need_input else ()) + tuple(param_grads)
     z = source.detach().requires_grad_(need_input)
     with restored_buffers(other_buffers) if other_buffers else contextlib.nullcontext():
         out = _recompute_one(plan, fn, _non_leaf(z), k, name, kept, policy)
