@@ -281,3 +281,27 @@ def test_a_segment_backward_uses_the_direct_backward_and_gets_autograds_gradient
     assert len(calls) == 6  # every F and G of the three couplings
     monkeypatch.setattr(DirectSequential, "vjp", lambda self, *a: None)  # autograd's recomputation
     _assert_identical(got, _run(ref, ref, x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["bottleneck", "strided"])
+def test_the_direct_backward_matches_autograd_on_cuda(kind):  # noqa: ANN001
+    """On CUDA the norms run cuDNN's kernels, whose backward the direct path calls through
+    _batch_norm_impl_index_backward. float64, with a tolerance: cuDNN's weight gradients may sum in
+    any order."""
+    seq = _layers(kind).cuda().train()
+    twin = copy.deepcopy(seq)
+    x = torch.randn(4, 8, 9, 9, dtype=torch.float64, device="cuda")
+    with frozen_running_stats(_norms(seq)):
+        z = x.clone().requires_grad_()
+        out = seq(z)
+        grad = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device="cuda").view_as(out)
+        expected = torch.autograd.grad(out, [z, *seq.parameters()], grad)
+    with frozen_running_stats(_norms(twin)), torch.enable_grad():
+        got = direct_call(twin).vjp(x, grad, True)
+    assert got is not None
+    torch.testing.assert_close(got[0], out.detach(), rtol=1e-12, atol=1e-12)
+    for g, e in zip([got[1], *got[2]], expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    for b, e in zip(twin.buffers(), seq.buffers(), strict=True):
+        torch.testing.assert_close(b, e, rtol=1e-12, atol=1e-12)
