@@ -55,7 +55,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -63,6 +63,7 @@ import torchvision
 
 import revconvert
 from revconvert.memory.tracker import AllocationTracker
+from revconvert.runtime._direct import DirectSequential
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from compare import Checkpointed  # noqa: E402 - the same checkpoint_sequential baseline
@@ -125,6 +126,9 @@ def couplings_of(model: torch.nn.Module) -> int:
 def timed_suite(suite: str, original: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -> list[Row]:
     """FLOPs and interleaved median step times of the four variants."""
     methods = variants(original, x, fg_options(args.fg_backend, args) if args.compile_fg else None)
+    if args.autograd_backward:
+        memory_saving = next(m for m in methods if m.name == "memory-saving")
+        methods.append(Method("memory-saving, autograd backward", memory_saving.model, autograd_backward))
     rows = [Row(suite, m.name) for m in methods]
     for m, row in zip(methods, rows):
         for _ in range(args.warmup):
@@ -136,6 +140,18 @@ def timed_suite(suite: str, original: torch.nn.Module, x: torch.Tensor, args: ar
         row.time_s = median(row.times_s)
         row.wall_s = median([w for _, w in times[row.name]])
     return rows
+
+
+@contextlib.contextmanager
+def autograd_backward() -> Iterator[None]:
+    """The memory-saving backward with F and G back-propagated through autograd, as before the direct
+    backward (``DirectSequential.vjp`` declining every call): the A/B of that change."""
+    direct = DirectSequential.vjp
+    DirectSequential.vjp = lambda self, *args: None
+    try:
+        yield
+    finally:
+        DirectSequential.vjp = direct
 
 
 def launch_suite(args: argparse.Namespace) -> list[Row]:
@@ -364,6 +380,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.compile mode of the --compile-fg row (reduce-overhead: CUDA graphs per F/G)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend of the gpu suite (inductor on CUDA, aot_eager on CPU); none skips")
+    p.add_argument("--autograd-backward", action="store_true",
+                   help="launch/compute suites: also memory-saving with F/G back-propagated through autograd "
+                        "instead of directly (the direct backward's A/B)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="gpu suite: also each eager variant's whole step captured in a CUDA graph and replayed")
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME",

@@ -162,6 +162,15 @@ def test_bad_arguments_name_the_value_and_the_choices(kwargs, match):
         memory_profile(tv_model("resnet18"), **kwargs)
 
 
+def test_a_cuda_estimate_without_a_cuda_device_says_so():
+    # the cuda:N beyond the device count when one is there; plain "cuda" where none is
+    device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(ValueError, match=rf"device '{device}': this machine has .*device='cpu'"):
+        memory_profile(tv_model("resnet18"), (3, 32, 32), 2, device=device)
+    with pytest.raises(ValueError, match=r"this machine has .*device='cpu'"):
+        revconvert.plan_memory(tv_model("resnet18"), "1GiB", input_size=32, batch_size=2, device=device)
+
+
 def test_report_renders_and_serialises():
     _, _, profile = _case("resnet18", 2, 64)
     text = str(profile)

@@ -164,9 +164,20 @@ def _check_device(model: nn.Module, device: torch.device | str | None) -> torch.
         first = next(iter(model.parameters()), None)
         return first.device if first is not None else torch.device("cpu")
     try:
-        return torch.device(device)
+        device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"unknown device {device!r}; use e.g. 'cpu' or 'cuda'") from e
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        # Fake tensors allocate nothing, but autograd's engine still sets up the device for a
+        # backward on CUDA tensors, and fails deep inside with "hasPrimaryContext expects a valid
+        # device index".
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ValueError(f"device {str(device)!r}: this machine has {have}, and estimating a CUDA step needs "
+                         f"one (PyTorch's autograd sets the device up even for fake tensors). Estimate with "
+                         f"device='cpu' here: the same tensors, without cuDNN's workspaces (about 1% of a "
+                         f"CUDA peak, see the README), or run the estimate on the GPU machine")
+    return device
 
 
 def _estimate(model: nn.Module, shape: tuple[int, ...], batch_size: int, dtype: torch.dtype,
