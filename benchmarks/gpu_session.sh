@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# One prepared GPU check, sized for a 15-minute device lease: a single call of at most ~9 minutes
-# (a machine start of 1-2 min, then the steps below, in order of what the open issues need most).
-# Each step runs under its own time limit so one slow step cannot eat the others, and writes its
-# log and JSON under $OUT (or ./gpu_out), at most 8 files:
-#   speed_eager: issue 11's GPU suite, resnet152 32x3x224x224, float32 and bf16 autocast: eager rows
-#      (original, checkpoint_sequential, memory-saving, ordinary autograd, keep), time and peak memory,
-#      and the first four again with the whole step captured in a CUDA graph (launch overhead gone);
+# One prepared GPU check, sized for a 15-minute device lease: a single call of about 7 minutes
+# (a machine start of under a minute to 2, then the steps below, in order of what the open issues
+# need most). Each step runs under its own time limit so one slow step cannot eat the others, and
+# writes its log and JSON under $OUT (or ./gpu_out), at most 8 files:
 #   cuda_tests: pytest -k cuda (autocast exactness, no device synchronisation, CUDA-graph capture,
-#      estimate vs the CUDA allocator);
-#   plan: issue 15's plan table on the GPU (estimated vs max_memory_allocated peaks), resnet50 64x224;
-#   speed_compile: bf16, torch.compile'd original against memory-saving with F and G compiled
-#      (inductor compiles the original for ~2 minutes on a 16-core host);
+#      the direct backward against cuDNN's norms, estimate vs the CUDA allocator);
+#   speed_eager: issue 11's GPU suite, resnet152 32x3x224x224, float32 and bf16 autocast: eager rows
+#      (original, checkpoint_sequential, memory-saving, ordinary autograd, keep, and memory-saving
+#      with the backward through autograd: the direct backward's A/B), time and peak memory, and the
+#      first four again with the whole step captured in a CUDA graph (launch overhead gone);
+#   plan: issue 15's plan table on the GPU (estimated vs max_memory_allocated peaks), resnet50 and
+#      resnet152 at 64x224;
 #   speed_b96: the eager and graphed suite at batch 96, bf16: a step less bound by kernel launches;
-#   exactness: whole-model exactness per precision (cuda_check.py).
+#   exactness: whole-model exactness per precision (cuda_check.py);
+#   speed_compile (only when named, ~5 minutes): bf16, torch.compile'd original against memory-saving
+#      with F and G compiled (inductor compiles each for ~2 minutes on a 16-core host).
 #
-#   bash benchmarks/gpu_session.sh                          # every step, on the device machine
-#   bash benchmarks/gpu_session.sh speed_eager cuda_tests   # only these steps
+#   bash benchmarks/gpu_session.sh                          # the default steps, on the device machine
+#   bash benchmarks/gpu_session.sh speed_compile            # only these steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"
@@ -35,13 +37,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(speed_eager cuda_tests plan speed_compile speed_b96 exactness)
+[[ ${#steps[@]} -gt 0 ]] || steps=(cuda_tests speed_eager plan speed_b96 exactness)  # speed_compile: by name
 for name in "${steps[@]}"; do
     case $name in
-    speed_eager) step speed_eager 90 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
-        --compile-backend none --cuda-graphs --repeats 7 --json "$out/speed_eager.json" ;;
+    speed_eager) step speed_eager 100 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
+        --compile-backend none --cuda-graphs --autograd-backward --repeats 7 --json "$out/speed_eager.json" ;;
     cuda_tests) step cuda_tests 45 "$py" -m pytest -q -x -k cuda tests -p no:cacheprovider ;;
-    plan) step plan 110 "$py" benchmarks/plan.py --device cuda --models resnet50 --batch 64 --size 224 \
+    plan) step plan 200 "$py" benchmarks/plan.py --device cuda --models resnet50 resnet152 --batch 64 --size 224 \
         --budgets 0.65 0.4 --compile-budgets 0.2 --reps 3 --json "$out/plan.json" ;;
     speed_compile) step speed_compile 270 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes bfloat16 \
         --compile-dtypes bfloat16 --compile-fg --repeats 5 --json "$out/speed_compile.json" \

@@ -217,6 +217,8 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
                Method("memory-saving", converted, null),
                Method("ordinary", converted, revconvert.ordinary_autograd),
                Method("keep", keep, null)]
+    if args.autograd_backward:
+        methods.append(Method("memory-saving, autograd backward", converted, autograd_backward))
     if args.cuda_graphs:
         # the whole step captured once and replayed (speedlib.GraphedStep): launch overhead gone
         methods += [Method(f"graphed {m.name}", GraphedStep(m.model), m.context) for m in methods[:4]]
@@ -381,7 +383,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend of the gpu suite (inductor on CUDA, aot_eager on CPU); none skips")
     p.add_argument("--autograd-backward", action="store_true",
-                   help="launch/compute suites: also memory-saving with F/G back-propagated through autograd "
+                   help="also memory-saving with F/G back-propagated through autograd "
                         "instead of directly (the direct backward's A/B)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="gpu suite: also each eager variant's whole step captured in a CUDA graph and replayed")
