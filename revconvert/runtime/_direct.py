@@ -26,9 +26,13 @@ without recording an autograd graph and back-propagates by calling the backward 
 call (``convolution_backward``, the batch norm's own backward, ``threshold_backward``) on the same
 saved tensors, in the same order, releasing each layer's tensors once its backward has run. Recording
 a graph and walking it through the autograd engine costs more host time than a short kernel; the
-values, the kernels and the memory are those of ``torch.autograd.grad`` over the module call. It
-declines (and the caller uses autograd) under autocast, for a norm in eval mode, a convolution whose
-padding is a string or whose input is not 4-D, and wherever the forward would call a module.
+values, the kernels and the memory are those of ``torch.autograd.grad`` over the module call. Under
+autocast it makes autocast's casts itself: a convolution's input, weight and bias cast to the
+autocast dtype (every floating tensor but float64, as autocast's ``cached_cast`` does; norms and
+ReLUs run in their input's dtype, as autocast leaves them), and the gradients cast back to each
+tensor's dtype, as autograd's ``ToCopyBackward`` does. It declines (and the caller uses autograd)
+for a norm in eval mode, a convolution whose padding is a string or whose input is not 4-D, and
+wherever the forward would call a module.
 """
 
 from __future__ import annotations
@@ -121,9 +125,10 @@ class DirectSequential:
         kernels; or None where this call cannot be made directly (see the module docstring).
         Call it with grad mode on or off: nothing is recorded either way.
         """
-        if self.observed() or has_torch_function_unary(x) or has_torch_function_unary(grad) \
-                or torch.is_autocast_enabled(x.device.type):
+        if self.observed() or has_torch_function_unary(x) or has_torch_function_unary(grad):
             return None
+        device_type = x.device.type
+        amp = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         saved: list = []
         with torch.no_grad():
             h = x
@@ -134,8 +139,15 @@ class DirectSequential:
                     if d["padding_mode"] != "zeros" or weight is None or "bias" not in p \
                             or isinstance(d["padding"], str) or h.dim() != 4:
                         return None
-                    saved.append(h)
-                    h = torch.conv2d(h, weight, p.get("bias"), d["stride"], d["padding"], d["dilation"], d["groups"])
+                    bias = p.get("bias")
+                    if amp is None:
+                        saved.append((h, h, weight))
+                    else:  # autocast's casts, made here so that the backward has the cast tensors
+                        cast = _cast(h, amp)
+                        weight, bias = _cast(weight, amp), None if bias is None else _cast(bias, amp)
+                        saved.append((h, cast, weight))
+                        h = cast
+                    h = torch.conv2d(h, weight, bias, d["stride"], d["padding"], d["dilation"], d["groups"])
                 elif kind == _NORM:
                     args = _norm_args(m, h)
                     if args is None or not args[5]:  # eval-mode norms: autograd's formula differs by backend
@@ -167,10 +179,16 @@ class DirectSequential:
                 weight, bias = p.get("weight"), p.get("bias")
                 if kind == _CONV:
                     d = m.__dict__
+                    h_in, cast, cast_weight = item
                     gi, gw, gb = _aten.convolution_backward(
-                        g, item, weight, None if bias is None else [bias.shape[0]], d["stride"], d["padding"],
+                        g, cast, cast_weight, None if bias is None else [bias.shape[0]], d["stride"], d["padding"],
                         d["dilation"], False, [0] * len(d["stride"]), d["groups"],
                         [want_input, weight.requires_grad, bias is not None and bias.requires_grad])
+                    if amp is not None:  # ToCopyBackward: each gradient back in its tensor's dtype
+                        gi = None if gi is None else gi.to(h_in.dtype)
+                        gw = None if gw is None else gw.to(weight.dtype)
+                        gb = None if gb is None else gb.to(bias.dtype)
+                    del h_in, cast, cast_weight
                 else:
                     h_in, save_mean, save_invstd, reserve, index = item
                     d, b = m.__dict__, m._buffers
@@ -224,6 +242,11 @@ def _norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m(x)
     _count(m)
     return torch.batch_norm(*args)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Autocast's cast of an argument of a lower-precision op: floating tensors other than float64."""
+    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
 
 
 def _suggested_format(t: torch.Tensor) -> torch.memory_format:
