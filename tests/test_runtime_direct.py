@@ -7,6 +7,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -261,9 +263,83 @@ def test_the_direct_backward_is_autograd_bit_for_bit(kind, need_input, dtype, no
     _assert_identical(list(twin.buffers()), list(seq.buffers()))
 
 
-@pytest.mark.parametrize("case", ["eval", "string padding", "hook", "reflect"])
+_LAYER = st.one_of(
+    st.tuples(st.just("conv"), st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.sampled_from([1, 2]),
+              st.booleans(), st.sampled_from([1, 2])),  # kernel, stride, groups, bias, dilation
+    st.tuples(st.just("norm"), st.booleans(), st.sampled_from([0.1, 0.5])),  # affine, momentum
+    st.tuples(st.just("relu"), st.booleans()),  # in place (never first: F may not modify its input)
+    st.tuples(st.just("identity")),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(layers=st.lists(_LAYER, min_size=1, max_size=7), need_input=st.booleans(),
+       amp=st.booleans(), seed=st.integers(0, 2**16))
+def test_the_direct_backward_is_autograd_bit_for_bit_for_any_layer_sequence(layers, need_input, amp, seed):  # noqa: ANN001
+    """Any plain Sequential of the four layer kinds the direct path runs, with float32 tensors
+    (optionally under CPU bfloat16 autocast): the direct backward's output, gradients and statistics
+    equal autograd's bit for bit; where autograd refuses (an in-place ReLU overwriting a tensor its
+    backward needs), the direct backward declines, so that the caller's autograd raises the same."""
+    torch.manual_seed(seed)
+    modules, channels = [], 4
+    for spec in layers:
+        if spec[0] == "conv":
+            _, k, stride, groups, bias, dilation = spec
+            modules.append(nn.Conv2d(channels, 4, k, stride=stride, padding=dilation * (k // 2), dilation=dilation,
+                                     groups=groups, bias=bias))
+            channels = 4
+        elif spec[0] == "norm":
+            modules.append(nn.BatchNorm2d(channels, affine=spec[1], momentum=spec[2]))
+        elif spec[0] == "relu":
+            # in place only after a layer that computes: F may not modify its input (the segment's
+            # forward refuses that; see the decline test)
+            modules.append(nn.ReLU(inplace=spec[1] and any(not isinstance(m, nn.Identity) for m in modules)))
+        else:
+            modules.append(nn.Identity())
+    seq = nn.Sequential(*modules).train()
+    for m in seq.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    twin = copy.deepcopy(seq)
+    x = torch.randn(3, 4, 7, 7)
+    params = list(seq.parameters())
+    with frozen_running_stats(_norms(seq)), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        z = x.clone().requires_grad_(need_input)
+        out = seq(z)
+        grad = torch.linspace(-1, 1, out.numel()).view_as(out)
+        inputs = ([z] if need_input else []) + params
+        try:
+            expected = torch.autograd.grad(out, inputs, grad, allow_unused=True) if out.requires_grad else None
+        except RuntimeError as e:
+            assert "modified by an inplace operation" in str(e)  # a ReLU in place after a ReLU
+            expected = "refused"
+    with frozen_running_stats(_norms(twin)), torch.enable_grad(), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        got = direct_call(twin).vjp(x, grad, need_input)
+    if expected == "refused":
+        assert got is None
+        return
+    if expected is None:  # nothing requires grad (no parameters, input not needed): nothing to compare
+        return
+    assert got is not None  # every layer here is one the direct backward takes
+    got_out, got_input, got_params = got
+    assert torch.equal(got_out, out.detach())
+    if need_input:
+        assert torch.equal(got_input, expected[0])
+    for g, e in zip(got_params, expected[need_input:], strict=True):
+        assert (g is None and e is None) or torch.equal(g, e)
+    _assert_identical(list(twin.buffers()), list(seq.buffers()))
+
+
+@pytest.mark.parametrize("case", ["eval", "string padding", "hook", "reflect", "input in place",
+                                  "relu result in place"])
 def test_the_direct_backward_declines_what_only_autograd_reproduces(case):  # noqa: ANN001
     seq = _layers("settings" if case == "string padding" else "bottleneck").train(case != "eval")
+    if case == "input in place":
+        seq[0].inplace = True  # the first layer, a ReLU
+    if case == "relu result in place":
+        seq.insert(4, nn.ReLU(inplace=True))  # after the in-place ReLU at 3: overwrites what it saved
     if case == "hook":
         seq[2].register_forward_hook(lambda *_: None)
     if case == "reflect":

@@ -31,8 +31,9 @@ autocast it makes autocast's casts itself: a convolution's input, weight and bia
 autocast dtype (every floating tensor but float64, as autocast's ``cached_cast`` does; norms and
 ReLUs run in their input's dtype, as autocast leaves them), and the gradients cast back to each
 tensor's dtype, as autograd's ``ToCopyBackward`` does. It declines (and the caller uses autograd)
-for a norm in eval mode, a convolution whose padding is a string or whose input is not 4-D, and
-wherever the forward would call a module.
+for a norm in eval mode, a convolution whose padding is a string or whose input is not 4-D, an
+in-place ReLU that would overwrite a tensor the backward needs (autograd raises there), and wherever
+the forward would call a module.
 """
 
 from __future__ import annotations
@@ -116,6 +117,19 @@ class DirectSequential:
                 x = _norm(m, x)
         return x
 
+    def _overwrites_saved(self) -> bool:
+        """Whether an in-place ReLU would overwrite a tensor the backward needs: the input (the
+        first layer that computes anything) or a ReLU's result (a ReLU right before it). Autograd
+        refuses such a backward; the direct one declines, so that autograd raises its own error."""
+        previous = None
+        for m, kind in zip(self.layers, self._kinds):
+            if kind == _IDENTITY:
+                continue
+            if kind == _RELU and m.__dict__["inplace"] and previous in (None, _RELU):
+                return True
+            previous = kind
+        return False
+
     def vjp(self, x: torch.Tensor, grad: torch.Tensor, need_input: bool
             ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]] | None:
         """Recompute on ``x`` and back-propagate ``grad`` (the output's gradient) without autograd.
@@ -125,7 +139,8 @@ class DirectSequential:
         kernels; or None where this call cannot be made directly (see the module docstring).
         Call it with grad mode on or off: nothing is recorded either way.
         """
-        if self.observed() or has_torch_function_unary(x) or has_torch_function_unary(grad):
+        if self.observed() or has_torch_function_unary(x) or has_torch_function_unary(grad) \
+                or self._overwrites_saved():
             return None
         device_type = x.device.type
         amp = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
