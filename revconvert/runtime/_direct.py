@@ -156,11 +156,12 @@ class DirectSequential:
                         return None
                     bias = p.get("bias")
                     if amp is None:
-                        saved.append((h, h, weight))
+                        saved.append((h.dtype, h, weight))
                     else:  # autocast's casts, made here so that the backward has the cast tensors
+                        # (the uncast input's dtype only: autograd's ToCopyBackward keeps no tensor)
                         cast = _cast(h, amp)
                         weight, bias = _cast(weight, amp), None if bias is None else _cast(bias, amp)
-                        saved.append((h, cast, weight))
+                        saved.append((h.dtype, cast, weight))
                         h = cast
                     h = torch.conv2d(h, weight, bias, d["stride"], d["padding"], d["dilation"], d["groups"])
                 elif kind == _NORM:
@@ -194,16 +195,16 @@ class DirectSequential:
                 weight, bias = p.get("weight"), p.get("bias")
                 if kind == _CONV:
                     d = m.__dict__
-                    h_in, cast, cast_weight = item
+                    input_dtype, cast, cast_weight = item
                     gi, gw, gb = _aten.convolution_backward(
                         g, cast, cast_weight, None if bias is None else [bias.shape[0]], d["stride"], d["padding"],
                         d["dilation"], False, [0] * len(d["stride"]), d["groups"],
                         [want_input, weight.requires_grad, bias is not None and bias.requires_grad])
                     if amp is not None:  # ToCopyBackward: each gradient back in its tensor's dtype
-                        gi = None if gi is None else gi.to(h_in.dtype)
+                        gi = None if gi is None else gi.to(input_dtype)
                         gw = None if gw is None else gw.to(weight.dtype)
                         gb = None if gb is None else gb.to(bias.dtype)
-                    del h_in, cast, cast_weight
+                    del cast, cast_weight
                 else:
                     h_in, save_mean, save_invstd, reserve, index = item
                     d, b = m.__dict__, m._buffers
