@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                         "kernels run fastest; 1 turns rounding off (default: %(default)s)")
     c.add_argument("--compile", action="store_true",
                    help="run F and G through torch.compile inside the reversible segments (forward and "
-                        "recomputation); compiles on the first training step")
+                        "recomputation); compiles on the first training step. Measured slower than eager so "
+                        "far (README, Speed)")
     c.add_argument("--plan", metavar="JSON",
                    help="convert as a plan written by revconvert plan -o says (sets the conversion options)")
     c.add_argument("--always-save", action="store_true",
