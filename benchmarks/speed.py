@@ -127,8 +127,7 @@ def timed_suite(suite: str, original: torch.nn.Module, x: torch.Tensor, args: ar
     """FLOPs and interleaved median step times of the four variants."""
     methods = variants(original, x, fg_options(args.fg_backend, args) if args.compile_fg else None)
     if args.autograd_backward:
-        memory_saving = next(m for m in methods if m.name == "memory-saving")
-        methods.append(Method("memory-saving, autograd backward", memory_saving.model, autograd_backward))
+        methods.append(autograd_backward_variant(methods))
     rows = [Row(suite, m.name) for m in methods]
     for m, row in zip(methods, rows):
         for _ in range(args.warmup):
@@ -152,6 +151,12 @@ def autograd_backward() -> Iterator[None]:
         yield
     finally:
         DirectSequential.vjp = direct
+
+
+def autograd_backward_variant(methods: Sequence[Method]) -> Method:
+    """The memory-saving variant's model run under :func:`autograd_backward`."""
+    memory_saving = next(m for m in methods if m.name == "memory-saving")
+    return Method("memory-saving, autograd backward", memory_saving.model, autograd_backward)
 
 
 def launch_suite(args: argparse.Namespace) -> list[Row]:
@@ -218,10 +223,11 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
                Method("ordinary", converted, revconvert.ordinary_autograd),
                Method("keep", keep, null)]
     if args.autograd_backward:
-        methods.append(Method("memory-saving, autograd backward", converted, autograd_backward))
+        methods.append(autograd_backward_variant(methods))
     if args.cuda_graphs:
         # the whole step captured once and replayed (speedlib.GraphedStep): launch overhead gone
-        methods += [Method(f"graphed {m.name}", GraphedStep(m.model), m.context) for m in methods[:4]]
+        methods += [Method(f"graphed {m.name}", GraphedStep(m.model), m.context) for m in methods
+                    if m.name in ("original", "ckpt-sequential", "memory-saving", "ordinary")]
     if args.compile_backend != "none" and args.compile_dtypes:
         methods += [Method("compiled original", compiled(original, args.compile_backend), null),
                     Method("compiled memory-saving", compiled(converted, args.compile_backend), null)]

@@ -73,8 +73,7 @@ def test_a_direct_call_is_the_module_call_bit_for_bit(kind, mode, no_module_forw
     x = torch.randn(4, 8, 9, 9, dtype=torch.float64)
     direct = direct_call(twin)
     assert isinstance(direct, DirectSequential)
-    norms = [m for m in seq.modules() if isinstance(m, nn.BatchNorm2d)]
-    twin_norms = [m for m in twin.modules() if isinstance(m, nn.BatchNorm2d)]
+    norms, twin_norms = _norms(seq), _norms(twin)
     with frozen_running_stats(norms if mode == "frozen" else []):
         expected = _run(seq, seq, x)[:3]
     no_module_forward()

@@ -101,8 +101,9 @@ def choose_widths(plan: ChannelPlan, width: str | float, multiple: int = 1) -> W
     10% of the parameters it aims at (the branch's, or the unrounded factor's): convolution kernels
     run fastest on channel counts that are multiples of 32 (``benchmarks/widths.py``: a 3x3
     convolution at 192 channels does about 10% more FLOP/s than at 200 on this project's CPU), and
-    a narrow block that cannot be rounded that coarsely still gets multiples of 16 or 8. A branch without inner widths (one convolution) cannot be matched: its coupling has about half
-    the parameters, which :func:`revconvert.convert` reports.
+    a narrow block that cannot be rounded that coarsely still gets multiples of 16 or 8. A branch
+    without inner widths (one convolution) cannot be matched: its coupling has about half the
+    parameters, which :func:`revconvert.convert` reports.
     """
     half = plan.widths[OUTER] // 2
     target = plan.param_count(plan.widths)

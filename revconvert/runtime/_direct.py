@@ -117,19 +117,6 @@ class DirectSequential:
                 x = _norm(m, x)
         return x
 
-    def _overwrites_saved(self) -> bool:
-        """Whether an in-place ReLU would overwrite a tensor the backward needs: the input (the
-        first layer that computes anything) or a ReLU's result (a ReLU right before it). Autograd
-        refuses such a backward; the direct one declines, so that autograd raises its own error."""
-        previous = None
-        for m, kind in zip(self.layers, self._kinds):
-            if kind == _IDENTITY:
-                continue
-            if kind == _RELU and m.__dict__["inplace"] and previous in (None, _RELU):
-                return True
-            previous = kind
-        return False
-
     def vjp(self, x: torch.Tensor, grad: torch.Tensor, need_input: bool
             ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]] | None:
         """Recompute on ``x`` and back-propagate ``grad`` (the output's gradient) without autograd.
@@ -139,15 +126,21 @@ class DirectSequential:
         kernels; or None where this call cannot be made directly (see the module docstring).
         Call it with grad mode on or off: nothing is recorded either way.
         """
-        if self.observed() or has_torch_function_unary(x) or has_torch_function_unary(grad) \
-                or self._overwrites_saved():
+        if self.observed() or has_torch_function_unary(x) or has_torch_function_unary(grad):
             return None
         device_type = x.device.type
         amp = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         saved: list = []
         with torch.no_grad():
             h = x
+            previous = None  # the last layer that computes anything
             for m, kind in zip(self.layers, self._kinds):
+                if kind != _IDENTITY:
+                    if kind == _RELU and m.__dict__["inplace"] and previous in (None, _RELU):
+                        # it would overwrite what the backward needs (the input, or a ReLU's result):
+                        # autograd refuses that backward, so it must be the one to raise
+                        return None
+                    previous = kind
                 if kind == _CONV:
                     d, p = m.__dict__, m._parameters
                     weight = p.get("weight")
