@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import sys
@@ -64,6 +65,7 @@ import torchvision
 import revconvert
 from revconvert.memory.tracker import AllocationTracker
 from revconvert.runtime._direct import DirectSequential
+from revconvert.runtime._fused import FusedCoupling
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from compare import Checkpointed  # noqa: E402 - the same checkpoint_sequential baseline
@@ -98,7 +100,8 @@ def fg_options(backend: str, args: argparse.Namespace) -> dict:
 
 def variants(original: torch.nn.Module, x: torch.Tensor, compile_fg: dict | None = None) -> list[Method]:
     """original, converted under ordinary autograd, converted memory-saving, converted keep; with
-    ``compile_fg`` (torch.compile options) also memory-saving with F and G compiled."""
+    ``compile_fg`` (torch.compile options) also the original compiled with them and memory-saving
+    with F and G compiled."""
     null = contextlib.nullcontext
     original = original.to(x.device).train()
     torch.manual_seed(0)
@@ -112,7 +115,8 @@ def variants(original: torch.nn.Module, x: torch.Tensor, compile_fg: dict | None
     if compile_fg:
         torch.manual_seed(0)
         fg = revconvert.convert(original, x.shape, config=revconvert.ConvertConfig(compile=compile_fg))
-        methods.append(Method("memory-saving F/G compiled", fg.to(x.device).train(), null))
+        methods += [Method("compiled original", torch.compile(copy.deepcopy(original), **compile_fg), null),
+                    Method("memory-saving F/G compiled", fg.to(x.device).train(), null)]
     return methods
 
 
@@ -128,6 +132,8 @@ def timed_suite(suite: str, original: torch.nn.Module, x: torch.Tensor, args: ar
     methods = variants(original, x, fg_options(args.fg_backend, args) if args.compile_fg else None)
     if args.autograd_backward:
         methods.append(autograd_backward_variant(methods))
+    if args.per_call_compile:
+        methods += per_call_variants(methods)
     rows = [Row(suite, m.name) for m in methods]
     for m, row in zip(methods, rows):
         for _ in range(args.warmup):
@@ -151,6 +157,24 @@ def autograd_backward() -> Iterator[None]:
         yield
     finally:
         DirectSequential.vjp = direct
+
+
+@contextlib.contextmanager
+def per_call_compiled() -> Iterator[None]:
+    """F and G compiled call by call (``CompiledCall``), as before couplings compiled as a whole
+    (``FusedCoupling.usable`` declining every call): the A/B of that change."""
+    usable = FusedCoupling.usable
+    FusedCoupling.usable = lambda self, x: False
+    try:
+        yield
+    finally:
+        FusedCoupling.usable = usable
+
+
+def per_call_variants(methods: Sequence[Method]) -> list[Method]:
+    """Each F/G-compiled variant's model again under :func:`per_call_compiled`."""
+    return [Method(f"{m.name}, per call", m.model, per_call_compiled) for m in methods
+            if m.name in ("memory-saving F/G compiled", "compiled memory-saving F/G")]
 
 
 def autograd_backward_variant(methods: Sequence[Method]) -> Method:
@@ -237,6 +261,8 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
             inner = revconvert.ConvertConfig(compile=fg_options(args.compile_backend, args))
             fg = revconvert.convert(original, shape, config=inner).to(device).train()
             methods.append(Method("compiled memory-saving F/G", compiled(fg, args.compile_backend), null))
+    if args.per_call_compile:
+        methods += per_call_variants(methods)
     if args.variants:
         methods = [m for m in methods if m.name in args.variants]
     return methods
@@ -323,6 +349,9 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence
                 Target("launch: memory-saving / original time", ratio(launch, "memory-saving", "original", "time_s"), 2.6),
                 Target("launch: keep / memory-saving time", ratio(launch, "keep", "memory-saving", "time_s"), 1.0,
                        strict=True)]
+        if any(r.name == "memory-saving F/G compiled" for r in launch):  # the compiled target's CPU proxy
+            out.append(Target("launch: memory-saving F/G compiled / compiled original time",
+                              ratio(launch, "memory-saving F/G compiled", "compiled original", "time_s"), 1.5))
     if (ops := by_suite.get("ops")) is not None:
         out.append(Target("ops: memory-saving / ordinary aten ops", ratio(ops, "memory-saving", "ordinary", "ops"), 1.5))
     if (comp := by_suite.get("compute")) is not None:
@@ -391,6 +420,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--autograd-backward", action="store_true",
                    help="also memory-saving with F/G back-propagated through autograd "
                         "instead of directly (the direct backward's A/B)")
+    p.add_argument("--per-call-compile", action="store_true",
+                   help="with --compile-fg: also the F/G-compiled rows with F and G compiled call by call "
+                        "instead of whole couplings (the A/B of compiled couplings)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="gpu suite: also each eager variant's whole step captured in a CUDA graph and replayed")
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME",

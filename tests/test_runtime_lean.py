@@ -324,8 +324,18 @@ def test_a_cuda_graph_captures_the_converted_training_step():
             torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9, msg=lambda m: f"{name}: {m}")
 
 
+def _per_call_segment(depth: int = 3, c: int = 8) -> ReversibleSegment:
+    """A segment whose F and G compile call by call: a SiLU keeps them from running as compiled
+    couplings (test_runtime_fused.py covers those)."""
+    seg = _segment(depth, c)
+    for coupling in seg.couplings:
+        for fn in (coupling.F, coupling.G):
+            fn[2] = nn.SiLU()
+    return seg
+
+
 def test_compiled_functions_give_the_eager_gradients_and_statistics():
-    seg = _segment().double()
+    seg = _per_call_segment().double()
     ref = copy.deepcopy(seg)
     seg.compile_options = {"backend": "aot_eager"}
     x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
@@ -341,6 +351,7 @@ def test_compiled_functions_give_the_eager_gradients_and_statistics():
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
     plan = seg.plan(1)
     assert all(isinstance(call, function.CompiledCall) for call in plan.f_calls)  # really compiled
+    assert not any(plan.fused)  # call by call, not as compiled couplings
     seg.compile_options = None
     assert not any(isinstance(call, function.CompiledCall) for call in seg.plan(1).f_calls)
 
@@ -352,7 +363,7 @@ def test_couplings_of_one_structure_share_their_compiled_graphs():
         graphs.append(gm)
         return gm.forward
 
-    seg = _segment(depth=4)  # 8 functions of one structure (F and G alike)
+    seg = _per_call_segment(depth=4)  # 8 functions of one structure (F and G alike)
     seg.compile_options = {"backend": counting_backend}
     ref = copy.deepcopy(seg)
     ref.compile_options = None

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._direct import DirectSequential, direct_call
+from ._fused import FusedCoupling, fused_coupling
 from ._keep import Kept, KeepPolicy, kept_modules, recording, replaying
 from ._state import (
     AutocastState,
@@ -49,7 +50,8 @@ class Plan:
     ``g_index[k]`` are the positions of coupling k's F and G parameters in it. ``f_needs``/``g_needs``
     say what recomputing each F and G must take care of; ``norms`` are all their tracked norms.
     ``generation`` is :func:`module_generation` when the plan was made: the plan is stale once it moves.
-    ``f_calls``/``g_calls`` are what runs F and G: the modules, their direct calls, or compiled versions.
+    ``f_calls``/``g_calls`` are what runs F and G: the modules, their direct calls, or compiled versions;
+    ``fused[k]``, where compiled couplings are possible, runs coupling k as a whole (see ``_fused``).
     """
 
     couplings: tuple[ReversibleCoupling, ...]
@@ -65,6 +67,7 @@ class Plan:
     f_calls: tuple = ()
     g_calls: tuple = ()
     compile_options: dict | None = None
+    fused: tuple[FusedCoupling | None, ...] = ()
     _kept_modules: dict = field(default_factory=dict, compare=False, repr=False)
     _keeps_nothing: set = field(default_factory=set, compare=False, repr=False)
 
@@ -102,8 +105,18 @@ def make_plan(couplings: Sequence[ReversibleCoupling], dim: int, compile_options
     random = any(n.random for n in f_needs + g_needs)
     f_calls = tuple(compiled_call(c.F, n, compile_options) for c, n in zip(couplings, f_needs))
     g_calls = tuple(compiled_call(c.G, n, compile_options) for c, n in zip(couplings, g_needs))
+    fused = tuple(_fused(c, fn, gn, compile_options) for c, fn, gn in zip(couplings, f_needs, g_needs))
     return Plan(tuple(couplings), dim, tuple(params), tuple(f_index), tuple(g_index), f_needs, g_needs,
-                norms, random, module_generation(), f_calls, g_calls, compile_options)
+                norms, random, module_generation(), f_calls, g_calls, compile_options, fused)
+
+
+def _fused(coupling: ReversibleCoupling, f_needs: RecomputeNeeds, g_needs: RecomputeNeeds,
+           options: dict | None) -> FusedCoupling | None:
+    """Coupling ``coupling`` compiled as a whole, where ``options`` ask for compiling and it can be."""
+    if options is None or f_needs.random or g_needs.random or f_needs.other_buffers or g_needs.other_buffers:
+        return None
+    key = ("coupling", structure_key(coupling.F), structure_key(coupling.G), repr(sorted(options.items())))
+    return fused_coupling(direct_call(coupling.F), direct_call(coupling.G), key, options)
 
 
 _RUNNERS: dict[tuple, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {}
@@ -299,6 +312,12 @@ class ReversibleFunction(torch.autograd.Function):
         kept: list[Kept | None] = []  # coupling k: kept[2k] for F, kept[2k + 1] for G
         x1, x2 = x.chunk(2, plan.dim)
         for k, coupling in enumerate(plan.couplings):
+            fused = plan.fused[k] if plan.fused else None
+            if fused is not None and coupling.keep is None and fused.usable(x2):
+                x1, x2 = fused.forward(x1, x2)
+                kept += [None, None]
+                rng.append((None, None))
+                continue
             rng_f = capture_rng(devices) if plan.f_needs[k].random else None
             y1 = x1 + _forward_one(plan, coupling.F, x2, k, "F", kept)
             rng_g = capture_rng(devices) if plan.g_needs[k].random else None
@@ -353,6 +372,16 @@ class ReversibleFunction(torch.autograd.Function):
                 f_params = plan.f_index[k] if every_param else [i for i in plan.f_index[k] if needs_param[i]]
                 g_params = plan.g_index[k] if every_param else [i for i in plan.g_index[k] if needs_param[i]]
                 need_f = chain[k] or bool(f_params)
+                fused = plan.fused[k] if plan.fused else None
+                if fused is not None and every_param and chain[k] and kept[2 * k] is None \
+                        and kept[2 * k + 1] is None and fused.usable(y1):
+                    # G's step reconstructs x2 and adds G's input gradient to dy1; F's, x1 and dy2.
+                    x2, gy1, grads = fused.step("G", y1, y2, gy2, gy1)
+                    _accumulate(param_grads, g_params, grads)
+                    y1, gy2, grads = fused.step("F", x2, y1, gy1, gy2)
+                    _accumulate(param_grads, f_params, grads)
+                    y2 = x2
+                    continue
 
                 # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
                 g, grads = _step_back(plan, k, "G", coupling.G, y1, need_f, g_params, gy2, kept[2 * k + 1],

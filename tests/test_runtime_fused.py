@@ -1,0 +1,162 @@
+"""Compiled couplings (``runtime/_fused.py``): with ``compile=...``, a coupling whose F and G are
+Sequentials of standard layers runs as three compiled calls per training step (its forward, and one
+backward step per function that recomputes, reconstructs and back-propagates without autograd),
+with the eager path's values, and falls back wherever the eager path would behave differently."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import revconvert
+from revconvert import ConvertConfig, ReversibleCoupling, ReversibleSegment
+
+
+def _function(c: int, bias: bool = False) -> nn.Sequential:
+    """Pre-activation F or G as the conversion builds them (a ReLU first), with a biased conv if asked."""
+    return nn.Sequential(nn.ReLU(), nn.Conv2d(c, 2 * c, 1, bias=bias), nn.BatchNorm2d(2 * c), nn.ReLU(inplace=True),
+                         nn.Conv2d(2 * c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+
+def _segment(depth: int = 3, c: int = 4, bias: bool = True) -> ReversibleSegment:
+    """``depth`` couplings; the first F has a biased convolution unless ``bias`` is False."""
+    torch.manual_seed(0)
+    seg = ReversibleSegment([ReversibleCoupling(_function(c, bias=bias and k == 0), _function(c))
+                             for k in range(depth)],
+                            exit_activation=nn.ReLU())
+    for m in seg.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return seg
+
+
+class CountingBackend:
+    """A torch.compile backend that runs the captured graph as it is and counts graphs and calls."""
+
+    def __init__(self) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+        self.calls = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.graphs.append(gm)
+
+        def run(*args: object) -> object:
+            self.calls += 1
+            return gm.forward(*args)
+        return run
+
+    def targets(self) -> set[str]:
+        return {getattr(n.target, "__name__", str(n.target)) for gm in self.graphs for n in gm.graph.nodes
+                if n.op == "call_function"}
+
+
+def _steps(model: nn.Module, x: torch.Tensor, n: int = 2, autocast: bool = False) -> list[torch.Tensor]:
+    """``n`` training steps; the input's and parameters' gradients of the last one."""
+    for _ in range(n):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y = model(xi)
+        y.float().square().sum().backward()
+    return [xi.grad] + [p.grad for p in model.parameters()]
+
+
+def _assert_same(model: nn.Module, ref: nn.Module, got: list, want: list, tol: float = 0.0) -> None:
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=lambda m: f"gradient {i}: {m}")
+    for (name, b), r in zip(model.named_buffers(), ref.buffers(), strict=True):
+        torch.testing.assert_close(b, r, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_a_compiled_coupling_is_three_calls_with_the_eager_values(autocast):
+    backend = CountingBackend()
+    seg, ref = _segment(), _segment()
+    seg.compile_options = {"backend": backend}
+    x = torch.randn(2, 8, 5, 5)
+    want = _steps(ref, x, autocast=autocast)
+    got = _steps(seg, x, autocast=autocast)
+    # aot_eager-like execution runs the same aten ops: the values are the eager path's, bit for bit
+    _assert_same(seg, ref, got, want)
+    assert all(f is not None for f in seg.plan(1).fused)
+    # the backward steps are inference graphs of backward ops, not autograd graphs
+    assert {"convolution_backward", "native_batch_norm_backward", "threshold_backward"} <= backend.targets()
+    backend.calls = 0
+    _steps(seg, x, n=1, autocast=autocast)
+    assert backend.calls == 3 * len(seg.couplings)  # per call of F and G it would be 12 (4 per function)
+
+
+def test_compiled_couplings_share_graphs_whatever_the_depth():
+    counts = []
+    for depth in (3, 8):
+        backend = CountingBackend()
+        seg = _segment(depth, bias=False)
+        seg.compile_options = {"backend": backend}
+        _steps(seg, torch.randn(2, 8, 5, 5))
+        counts.append(len(backend.graphs))
+    assert counts[0] == counts[1] <= 6, counts
+
+
+def test_compiled_couplings_match_ordinary_autograd_in_float64():
+    seg = _segment().double()
+    seg.compile_options = {"backend": "aot_eager"}
+    ref = copy.deepcopy(seg)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    got = _steps(seg, x)
+    with revconvert.ordinary_autograd():
+        want = _steps(ref, x)
+    _assert_same(seg, ref, got, want, tol=1e-10)
+    assert seg.plan(1).fused[0] is not None
+
+
+def _fallback(seg: ReversibleSegment, change, x: torch.Tensor) -> None:
+    """With ``change`` made to every coupling of both copies, the compiled segment's step equals the
+    eager one's and runs no compiled coupling."""
+    ref = copy.deepcopy(seg)
+    for coupling in (*seg.couplings, *ref.couplings):
+        change(coupling)
+    backend = CountingBackend()
+    seg.compile_options = {"backend": backend}
+    want = _steps(ref, x, n=1)
+    got = _steps(seg, x, n=1)
+    _assert_same(seg, ref, got, want)
+    assert "convolution_backward" not in backend.targets()
+
+
+def test_an_eval_mode_norm_falls_back_to_calls_of_f_and_g():
+    _fallback(_segment(), lambda c: c.G[2].eval(), torch.randn(2, 8, 5, 5))
+
+
+def test_a_hook_falls_back_to_calls_of_f_and_g():
+    seen = []
+    _fallback(_segment(), lambda c: c.F[1].register_forward_hook(lambda *a: seen.append(1)),
+              torch.randn(2, 8, 5, 5))
+    assert seen
+
+
+def test_an_in_place_first_relu_is_not_compiled_and_still_refused():
+    seg = _segment(depth=1)
+    seg.couplings[0].F[0].inplace = True
+    seg.compile_options = {"backend": "aot_eager"}
+    x = torch.randn(2, 8, 5, 5)
+    assert seg.plan(1).fused == (None,)
+    with pytest.raises(RuntimeError, match=r"couplings\[0\].F modified its input in place"):
+        _steps(seg, x, n=1)
+
+
+def test_a_converted_resnet_compiles_its_couplings():
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    compiled = revconvert.convert(model, x.shape, config=ConvertConfig(compile={"backend": "aot_eager"}))
+    eager = revconvert.convert(model, x.shape)
+    eager.load_state_dict(compiled.state_dict())
+    segments = [m for m in compiled.modules() if isinstance(m, ReversibleSegment)]
+    _assert_same(compiled, eager, _steps(compiled, x), _steps(eager, x))
+    assert segments and all(f is not None for s in segments for f in s._plan.fused)
