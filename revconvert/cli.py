@@ -94,9 +94,10 @@ def _parser() -> argparse.ArgumentParser:
                         "block more than 10%% from its parameters), which GPUs and vectorised CPU "
                         "kernels run fastest; 1 turns rounding off (default: %(default)s)")
     c.add_argument("--compile", action="store_true",
-                   help="run F and G through torch.compile inside the reversible segments (forward and "
-                        "recomputation); compiles on the first training step. Measured slower than eager so "
-                        "far (README, Speed)")
+                   help="run the couplings through torch.compile inside the reversible segments (a "
+                        "coupling of conv/norm/ReLU layers as three compiled calls per step, other F and G "
+                        "call by call); compiles on the first training step. Not yet faster than eager "
+                        "where measured (README, Speed)")
     c.add_argument("--plan", metavar="JSON",
                    help="convert as a plan written by revconvert plan -o says (sets the conversion options)")
     c.add_argument("--always-save", action="store_true",

@@ -81,7 +81,9 @@ def test_a_compiled_coupling_is_three_calls_with_the_eager_values(autocast):
     want = _steps(ref, x, autocast=autocast)
     got = _steps(seg, x, autocast=autocast)
     # aot_eager-like execution runs the same aten ops: the values are the eager path's, bit for bit
-    _assert_same(seg, ref, got, want)
+    # in float32; under autocast the recomputed norms run on a float32 copy of their bfloat16 input
+    # (see step_back), which rounds differently from the mixed-precision kernel in the last bits
+    _assert_same(seg, ref, got, want, tol=1e-5 if autocast else 0.0)
     assert all(f is not None for f in seg.plan(1).fused)
     # the backward steps are inference graphs of backward ops, not autograd graphs
     assert {"convolution_backward", "native_batch_norm_backward", "threshold_backward"} <= backend.targets()
@@ -160,3 +162,18 @@ def test_a_converted_resnet_compiles_its_couplings():
     segments = [m for m in compiled.modules() if isinstance(m, ReversibleSegment)]
     _assert_same(compiled, eager, _steps(compiled, x), _steps(eager, x))
     assert segments and all(f is not None for s in segments for f in s._plan.fused)
+
+
+def test_inductor_on_cpu_under_autocast_runs_call_by_call():
+    # torch 2.14's inductor CPU code for the backward step under bfloat16 autocast was found wrong
+    # (see FusedCoupling.usable); the plan still holds the coupling for float32 and for CUDA
+    seg = _segment(depth=1)
+    seg.compile_options = {"backend": "inductor"}
+    fused = seg.plan(1).fused[0]
+    x = torch.randn(2, 4, 5, 5)
+    assert fused is not None and fused.usable(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert not fused.usable(x)
+    seg.compile_options = {"backend": "aot_eager"}
+    with torch.autocast("cpu", torch.bfloat16):
+        assert seg.plan(1).fused[0].usable(x)

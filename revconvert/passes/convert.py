@@ -85,12 +85,14 @@ class ConvertConfig:
             recomputation plus what crosses the cut is least: the backward recomputes one half at a
             time, so the part's recomputation transient is about halved, for keeping the values that
             cross the cut. Each name must be checkpointed. ``revconvert.plan_memory`` sets it.
-        compile: run the couplings' F and G through ``torch.compile`` (True, or a dict of its
-            options) in the forward and in the recomputation (``ReversibleSegment(compile=...)``).
-            ``torch.compile(converted)`` alone compiles the stored parts and leaves each reversible
-            segment as an eager graph break; this compiles inside them too. Measured slower than
-            eager so far (resnet152 on an H100 and on CPUs: the compiled calls' host overhead
-            outweighs the fused kernels); see the README's Speed section.
+        compile: run the couplings through ``torch.compile`` (True, or a dict of its options) in the
+            forward and in the backward (``ReversibleSegment(compile=...)``): a coupling whose F and G
+            are Sequentials of convolutions, batch norms and ReLUs as three compiled calls per step,
+            other F and G call by call. ``torch.compile(converted)`` alone compiles the stored parts
+            and leaves each reversible segment as an eager graph break; this compiles inside them
+            too. Not yet faster than eager where measured (call by call 4.2x the compiled original
+            on an H100; as couplings about eager's time on CPUs, not yet measured on a GPU); see the
+            README's Speed section.
         leaf_modules, autowrap_functions, concrete_args: tracing options (see ``revconvert.audit``).
 
     Example:

@@ -73,17 +73,27 @@ class FusedCoupling:
     """What runs a coupling compiled (see the module docstring): ``forward(x1, x2)`` and
     ``step(fn, source, other, grad, acc, amp)``; ``usable()`` says whether this step may use it."""
 
-    __slots__ = ("f_call", "g_call", "norms", "forward_runner", "step_runner")
+    __slots__ = ("f_call", "g_call", "norms", "forward_runner", "step_runner", "inductor")
 
     def __init__(self, f_call: DirectSequential, g_call: DirectSequential,
-                 forward_runner: Callable, step_runner: Callable) -> None:
+                 forward_runner: Callable, step_runner: Callable, inductor: bool = False) -> None:
         self.f_call, self.g_call = f_call, g_call
         self.norms = tuple(m for call in (f_call, g_call) for m in call.layers if isinstance(m, nn.BatchNorm2d))
         self.forward_runner, self.step_runner = forward_runner, step_runner
+        self.inductor = inductor  # compiled by inductor (torch.compile's default backend)
 
     def usable(self, x: torch.Tensor) -> bool:
         """Whether a call now would behave like the eager one: no observer, training norms, a plain
-        floating 4-D tensor."""
+        floating 4-D tensor; and not inductor's CPU code under autocast.
+
+        Inductor's CPU code for :func:`step_back` under bfloat16 autocast (torch 2.14) gave wrong
+        gradients, different from call to call (uninitialised memory; with
+        ``layout_optimization=False`` or without vectorisation they are right): there the per-call
+        path runs, which was checked. CUDA code comes from another code generator (Triton) and has not
+        been checked on a GPU yet.
+        """
+        if self.inductor and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            return False
         return x.dim() == 4 and x.is_floating_point() and type(x) is torch.Tensor \
             and all(m.training for m in self.norms) and not self.f_call.observed() and not self.g_call.observed()
 
@@ -114,6 +124,10 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.dtype != torch.float64 and t.dtype != dtype else t
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def step_back(fn: nn.Sequential, source: torch.Tensor, other: torch.Tensor, grad: torch.Tensor,
               acc: torch.Tensor, amp: torch.dtype | None
               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -136,9 +150,11 @@ def step_back(fn: nn.Sequential, source: torch.Tensor, other: torch.Tensor, grad
             saved.append((h.dtype, cast, weight))
             h = torch.conv2d(cast, weight, bias, m.stride, m.padding, m.dilation, m.groups)
         elif isinstance(m, nn.BatchNorm2d):
-            out, mean, invstd = _aten.native_batch_norm(h, m.weight, m.bias, None, None, True, 0.0, m.eps)
+            # in float32 for a lower-precision input, as eager kernels accumulate (a compiled norm on
+            # bfloat16 would return its statistics in bfloat16, and its backward would be far off)
+            out, mean, invstd = _aten.native_batch_norm(_wide(h), m.weight, m.bias, None, None, True, 0.0, m.eps)
             saved.append((h, mean, invstd))
-            h = out
+            h = out.to(h.dtype)
         elif isinstance(m, nn.ReLU):
             h = torch.relu(h)
             saved.append(h)
@@ -164,8 +180,9 @@ def step_back(fn: nn.Sequential, source: torch.Tensor, other: torch.Tensor, grad
         elif isinstance(m, nn.BatchNorm2d):
             h_in, mean, invstd = item
             gi, gw, gb = _aten.native_batch_norm_backward(
-                g, h_in, m.weight, None, None, mean, invstd, True, m.eps,
+                _wide(g), _wide(h_in), m.weight, None, None, mean, invstd, True, m.eps,
                 [True, m.weight is not None, m.bias is not None])
+            gi = gi.to(h_in.dtype)
             if m.bias is not None:
                 grads.append(gb)
             if m.weight is not None:
@@ -196,4 +213,4 @@ def fused_coupling(f_call: object, g_call: object, key: tuple, options: dict) ->
         runners = _RUNNERS[key] = (
             torch.compile(_copy(_coupling_forward, f"revconvert_coupling_{index}"), **options),
             torch.compile(_copy(step_back, f"revconvert_step_back_{index}"), **options))
-    return FusedCoupling(f_call, g_call, *runners)
+    return FusedCoupling(f_call, g_call, *runners, inductor=options.get("backend", "inductor") == "inductor")

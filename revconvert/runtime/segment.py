@@ -73,8 +73,8 @@ class ReversibleSegment(nn.Module):
     gradients equal those of ordinary autograd up to reconstruction rounding.
 
     Under ``torch.no_grad()``, ``torch.inference_mode()`` or when nothing requires grad it is a plain
-    forward. Under ``torch.compile`` the Function is a graph break: it runs eagerly, calling F and G
-    compiled if ``compile`` is set.
+    forward. Under ``torch.compile`` the Function is a graph break: it runs eagerly, running its
+    couplings compiled if ``compile`` is set.
 
     Args:
         couplings: the couplings, applied first to last.
@@ -82,10 +82,14 @@ class ReversibleSegment(nn.Module):
         exit_activation: module applied to the result, e.g. the ReLU that followed the original
             residual add. It is applied out of place (an in-place module gets a copy of the output)
             because the Function's output is saved for the backward pass.
-        compile: run F and G through ``torch.compile`` (True, or a dict of its options such as
-            ``{"mode": "max-autotune-no-cudagraphs"}``), in the forward and in the recomputation:
-            fused norm-activation kernels, fewer launches. F or G that draw random numbers (dropout)
-            and couplings that keep outputs stay eager. Each F and G compiles on first use.
+        compile: run the couplings through ``torch.compile`` (True, or a dict of its options such
+            as ``{"mode": "max-autotune-no-cudagraphs"}``): fused norm-activation kernels, fewer
+            launches. A coupling whose F and G are Sequentials of convolutions, batch norms and ReLUs
+            runs as three compiled calls per training step (its forward, and one backward step per
+            function: recomputation, reconstruction and gradients in one graph); other F and G run
+            compiled call by call, in the forward and the recomputation. F or G that draw random
+            numbers (dropout) and couplings that keep outputs stay eager. Each structure compiles on
+            first use.
 
     Attributes:
         use_reversible_backward: ``False`` makes this segment use ordinary autograd.
