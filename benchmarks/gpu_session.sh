@@ -49,8 +49,8 @@ for name in "${steps[@]}"; do
         --budgets 0.65 0.4 --compile-budgets 0.2 --reps 3 --json "$out/plan.json" ;;
     speed_compile) step speed_compile 360 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes bfloat16 \
         --compile-dtypes bfloat16 --compile-fg --per-call-compile --repeats 5 --json "$out/speed_compile.json" \
-        --variants original memory-saving "compiled original" "compiled memory-saving F/G" \
-        "compiled memory-saving F/G, per call" ;;
+        --variants original memory-saving "compiled original" "memory-saving F/G compiled" \
+        "memory-saving F/G compiled, per call" "compiled memory-saving F/G" ;;
     speed_b96) step speed_b96 60 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 \
         --dtypes bfloat16 --compile-backend none --cuda-graphs --repeats 5 --json "$out/speed_b96.json" ;;
     exactness) step exactness 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 ;;

@@ -208,3 +208,18 @@ def test_cuda_inductor_couplings_match_the_eager_path(autocast):
         scale = w.abs().max().item() or 1.0
         assert (g - w).abs().max().item() <= tol * scale, i
         assert (a - g).abs().max().item() <= tol * scale, i
+
+
+def test_compiled_couplings_run_compiled_inside_torch_compile_of_the_model():
+    # the segment asks for its plan in its forward; traced by the outer compile, the plan's
+    # compiled calls were made inside dynamo's trace and the forward ran them eagerly ever after
+    backend = CountingBackend()
+    seg = _segment()
+    seg.compile_options = {"backend": backend}
+    model = torch.compile(nn.Sequential(nn.Conv2d(8, 8, 1), seg), backend="eager")
+    x = torch.randn(2, 8, 5, 5)
+    for _ in range(2):
+        model(x).sum().backward()
+    backend.calls = 0
+    model(x).sum().backward()
+    assert backend.calls == 3 * len(seg.couplings)

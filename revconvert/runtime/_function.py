@@ -79,6 +79,9 @@ class Plan:
         return self._kept_modules[key]
 
 
+# Under torch.compile(model) dynamo would trace this (the segment's forward asks for its plan) and
+# compile fragments of it, with the compiled calls made inside its trace running eagerly forever.
+@torch.compiler.disable
 def make_plan(couplings: Sequence[ReversibleCoupling], dim: int, compile_options: dict | None = None) -> Plan:
     """Collect the couplings' parameters once each (a parameter shared by two modules appears once)
     and what recomputing their F and G needs. With ``compile_options``, F and G run compiled (see
