@@ -20,8 +20,10 @@ rounding, as it is in eager mode, and gradients match ordinary autograd to round
 is not bitwise eager code). A coupling runs this way only when nothing could tell the difference:
 F and G are :class:`~._direct.DirectSequential` calls (no hooks, modes or subclasses), draw no random
 numbers, keep no outputs, every norm is in training mode, neither function starts with an in-place
-ReLU (which must raise as it does eagerly), and each function's parameters are its layers' weights
-and biases, once each. Elsewhere the per-call compiled path runs.
+ReLU (which must raise as it does eagerly), each function's parameters are its layers' weights
+and biases, once each, and the code is not inductor's for a CPU under autocast (see
+:meth:`FusedCoupling.usable`). Elsewhere the per-call compiled path runs. Under autocast the
+recomputed norms run on a float32 copy of their lower-precision input, as eager kernels accumulate.
 """
 
 from __future__ import annotations
