@@ -416,8 +416,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="also a row with F and G compiled inside the segments (ConvertConfig(compile=...); in the "
                         "launch and compute suites with inductor unless --compile-backend says otherwise); "
                         "each structure of F/G compiles on its first call")
-    p.add_argument("--fg-mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
-                   help="torch.compile mode of the --compile-fg row (reduce-overhead: CUDA graphs per F/G)")
+    p.add_argument("--fg-mode", default=None, choices=("default", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode of the --compile-fg row (modes with CUDA graphs are refused inside segments)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend of the gpu suite (inductor on CUDA, aot_eager on CPU); none skips")
     p.add_argument("--autograd-backward", action="store_true",

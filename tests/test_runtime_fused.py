@@ -223,3 +223,19 @@ def test_compiled_couplings_run_compiled_inside_torch_compile_of_the_model():
     backend.calls = 0
     model(x).sum().backward()
     assert backend.calls == 3 * len(seg.couplings)
+
+
+@pytest.mark.parametrize("options", [{"mode": "reduce-overhead"}, {"mode": "max-autotune"},
+                                     {"options": {"triton.cudagraphs": True}}])
+def test_compile_options_that_capture_cuda_graphs_are_refused(options):
+    # a CUDA graph's outputs are overwritten by its next replay, and a segment hands its compiled
+    # calls' outputs on as activations and parameter gradients: refused, not silently risked
+    with pytest.raises(ValueError, match=r"captures CUDA graphs.*max-autotune-no-cudagraphs"):
+        ReversibleSegment([ReversibleCoupling(_function(4), _function(4))], compile=options)
+    with pytest.raises(ValueError, match="captures CUDA graphs"):
+        ConvertConfig(compile=options)
+    seg = _segment(depth=1)
+    seg.compile_options = options  # set directly: refused when the plan is made
+    with pytest.raises(ValueError, match="captures CUDA graphs"):
+        seg(torch.randn(2, 8, 5, 5, requires_grad=True))
+    ConvertConfig(compile={"mode": "max-autotune-no-cudagraphs"})  # accepted

@@ -27,6 +27,7 @@ from ..analysis.tracing import example_from, unwrap_compiled
 from .._format import format_bytes
 from ..errors import ConversionError
 from ..runtime import ReversibleCoupling, ReversibleSegment
+from ..runtime._function import check_compile_options
 from ..runtime._keep import KEEP_POLICIES
 from ..runtime.checkpoint import attach_checkpointed_modules
 from .checkpoint_stored import _checkpoint_stored_parts
@@ -128,6 +129,8 @@ class ConvertConfig:
         if not isinstance(self.compile, (bool, dict)):
             raise ValueError(f"ConvertConfig.compile must be a bool or a dict of torch.compile options, "
                              f"got {self.compile!r}")
+        if isinstance(self.compile, dict):
+            check_compile_options(self.compile)
         multiple = self.width_multiple
         if isinstance(multiple, bool) or not isinstance(multiple, int) or not 1 <= multiple <= 128:
             raise ValueError(f"ConvertConfig.width_multiple must be an integer from 1 to 128, got {multiple!r}")

@@ -79,6 +79,22 @@ class Plan:
         return self._kept_modules[key]
 
 
+def check_compile_options(options: dict | None) -> None:
+    """Refuse ``torch.compile`` options that capture CUDA graphs (``mode="reduce-overhead"`` or
+    ``"max-autotune"``, ``options={"triton.cudagraphs": True}``) for F and G: a CUDA graph's outputs
+    are overwritten by its next replay, and the segment hands the outputs of its compiled calls on
+    (to the next coupling, and as parameter gradients to autograd), so a later step could change
+    gradients still in use without any error."""
+    if not options:
+        return
+    inductor = options.get("options") or {}
+    if options.get("mode") in ("reduce-overhead", "max-autotune") or inductor.get("triton.cudagraphs"):
+        raise ValueError(
+            f"ReversibleSegment: compile={options!r} captures CUDA graphs, whose outputs the next replay "
+            "overwrites; the segment passes its compiled calls' outputs on as activations and gradients. "
+            "Use mode='max-autotune-no-cudagraphs' or the default mode.")
+
+
 # Under torch.compile(model) dynamo would trace this (the segment's forward asks for its plan) and
 # compile fragments of it, with the compiled calls made inside its trace running eagerly forever.
 @torch.compiler.disable
@@ -86,6 +102,7 @@ def make_plan(couplings: Sequence[ReversibleCoupling], dim: int, compile_options
     """Collect the couplings' parameters once each (a parameter shared by two modules appears once)
     and what recomputing their F and G needs. With ``compile_options``, F and G run compiled (see
     :func:`compiled_call`)."""
+    check_compile_options(compile_options)
     params: list[nn.Parameter] = []
     position: dict[int, int] = {}
 

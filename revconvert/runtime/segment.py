@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._function import Plan, ReversibleFunction, make_plan
+from ._function import Plan, ReversibleFunction, check_compile_options, make_plan
 from ._state import capture_rng, cuda_devices_of, frozen_running_stats, module_generation, recompute_needs, \
     replay_rng
 from .coupling import ReversibleCoupling
@@ -254,6 +254,7 @@ def _compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None
     if compile is True:
         return {}
     if isinstance(compile, Mapping):
+        check_compile_options(dict(compile))
         return dict(compile)
     raise TypeError(f"ReversibleSegment: compile must be a bool or a dict of torch.compile options, got {compile!r}")
 
