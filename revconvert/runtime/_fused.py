@@ -73,7 +73,7 @@ def _fusable(call: object) -> bool:
 
 class FusedCoupling:
     """What runs a coupling compiled (see the module docstring): ``forward(x1, x2)`` and
-    ``step(fn, source, other, grad, acc, amp)``; ``usable()`` says whether this step may use it."""
+    ``step("F" or "G", source, other, grad, acc)``; ``usable(x)`` says whether a call may use it now."""
 
     __slots__ = ("f_call", "g_call", "norms", "forward_runner", "step_runner", "inductor")
 
@@ -89,8 +89,8 @@ class FusedCoupling:
         floating 4-D tensor; and not inductor's CPU code under autocast.
 
         Inductor's CPU code for :func:`step_back` under bfloat16 autocast (torch 2.14) gave wrong
-        gradients, different from call to call (uninitialised memory; with
-        ``layout_optimization=False`` or without vectorisation they are right): there the per-call
+        gradients, different from call to call (with ``layout_optimization=False`` or without
+        vectorisation they are right, and so is the same graph run by ``aot_eager``): there the per-call
         path runs, which was checked. CUDA code comes from another code generator (Triton) and has not
         been checked on a GPU yet.
         """
