@@ -9,10 +9,15 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import revconvert
 from revconvert import ConvertConfig, ReversibleCoupling, ReversibleSegment
+from revconvert.runtime._direct import direct_call
+from revconvert.runtime._fused import _fusable, step_back
+from revconvert.runtime._state import frozen_running_stats
 
 
 def _function(c: int, bias: bool = False) -> nn.Sequential:
@@ -239,3 +244,63 @@ def test_compile_options_that_capture_cuda_graphs_are_refused(options):
     with pytest.raises(ValueError, match="captures CUDA graphs"):
         seg(torch.randn(2, 8, 5, 5, requires_grad=True))
     ConvertConfig(compile={"mode": "max-autotune-no-cudagraphs"})  # accepted
+
+
+_LAYER = st.one_of(
+    st.tuples(st.just("conv"), st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.sampled_from([1, 2]),
+              st.booleans(), st.sampled_from([1, 2])),  # kernel, stride, groups, bias, dilation
+    st.tuples(st.just("norm"), st.booleans()),  # affine
+    st.tuples(st.just("relu"), st.booleans()),  # in place (never first)
+    st.tuples(st.just("identity")),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(layers=st.lists(_LAYER, min_size=1, max_size=7), seed=st.integers(0, 2**16))
+def test_the_backward_step_is_autograd_for_any_layer_sequence(layers, seed):
+    """step_back, run as plain code in float64, against autograd over the module call: the
+    reconstruction, the accumulated input gradient and every parameter gradient, in
+    ``parameters()`` order, for any Sequential the compiled couplings accept."""
+    torch.manual_seed(seed)
+    modules, channels = [], 4
+    for spec in layers:
+        if spec[0] == "conv":
+            _, k, stride, groups, bias, dilation = spec
+            modules.append(nn.Conv2d(channels, 4, k, stride=stride, padding=dilation * (k // 2), dilation=dilation,
+                                     groups=groups, bias=bias))
+            channels = 4
+        elif spec[0] == "norm":
+            modules.append(nn.BatchNorm2d(channels, affine=spec[1]))
+        elif spec[0] == "relu":
+            modules.append(nn.ReLU(inplace=spec[1] and any(not isinstance(m, nn.Identity) for m in modules)))
+        else:
+            modules.append(nn.Identity())
+    seq = nn.Sequential(*modules).double().train()
+    for m in seq.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    relus = [m for m in seq if not isinstance(m, nn.Identity)]
+    refused = any(isinstance(m, nn.ReLU) and m.inplace and isinstance(p, nn.ReLU) for p, m in zip(relus, relus[1:]))
+    assert _fusable(direct_call(seq)) is not refused  # autograd refuses an in-place ReLU after a ReLU
+    if refused:
+        return
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        shape = seq(x).shape
+    other, grad = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    acc = torch.randn_like(x)
+    buffers = [b.clone() for b in seq.buffers()]
+    with torch.no_grad():
+        rebuilt, grad_x, grads = step_back(seq, x, other, grad, acc, None)
+    for b, before in zip(seq.buffers(), buffers, strict=True):
+        assert torch.equal(b, before)  # running statistics untouched
+    with frozen_running_stats([m for m in seq.modules() if isinstance(m, nn.BatchNorm2d)]):
+        z = x.clone().requires_grad_()
+        out = seq(z)
+        expected = torch.autograd.grad(out, [z, *seq.parameters()], grad, allow_unused=True)
+    torch.testing.assert_close(rebuilt, other - out.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_x, acc + expected[0], rtol=1e-10, atol=1e-10)
+    assert len(grads) == len(expected) - 1
+    for g, e in zip(grads, expected[1:]):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)

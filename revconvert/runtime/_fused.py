@@ -19,8 +19,8 @@ The recomputation runs the compiler's kernels, not the forward's, so the reconst
 rounding, as it is in eager mode, and gradients match ordinary autograd to rounding (compiled code
 is not bitwise eager code). A coupling runs this way only when nothing could tell the difference:
 F and G are :class:`~._direct.DirectSequential` calls (no hooks, modes or subclasses), draw no random
-numbers, keep no outputs, every norm is in training mode, neither function starts with an in-place
-ReLU (which must raise as it does eagerly), each function's parameters are its layers' weights
+numbers, keep no outputs, every norm is in training mode, no in-place ReLU overwrites the function's
+input or another ReLU's output (the eager path raises there, and so must this), each function's parameters are its layers' weights
 and biases, once each, and the code is not inductor's for a CPU under autocast (see
 :meth:`FusedCoupling.usable`). Elsewhere the per-call compiled path runs. Under autocast the
 recomputed norms run on a float32 copy of their lower-precision input, as eager kernels accumulate.
@@ -52,13 +52,15 @@ def _fusable(call: object) -> bool:
         return False
     layers = call.layers
     listed: list[nn.Parameter] = []
-    first = True
+    previous = None  # the last layer that computes anything
     for m in layers:
         if isinstance(m, nn.Identity):
             continue
-        if first and isinstance(m, nn.ReLU) and m.inplace:
-            return False  # the eager path raises for it; a compiled graph would write to the input
-        first = False
+        if isinstance(m, nn.ReLU) and m.inplace and (previous is None or isinstance(previous, nn.ReLU)):
+            # it overwrites the function's input (the segment refuses that) or a ReLU's output that
+            # the backward needs (autograd refuses that): the eager path raises, so must this
+            return False
+        previous = m
         if isinstance(m, nn.Conv2d) and not _conv_parts(m):
             return False
         if isinstance(m, nn.BatchNorm2d) and (m.momentum is None or not m.track_running_stats
