@@ -92,8 +92,8 @@ class FusedCoupling:
 
         Inductor's CPU code for :func:`step_back` under bfloat16 autocast (torch 2.14) gave wrong
         gradients, different from call to call (with ``layout_optimization=False`` or without
-        vectorisation they are right, and so is the same graph run by ``aot_eager``): there the per-call
-        path runs, which was checked. CUDA code comes from another code generator (Triton) and has not
+        vectorisation they are right, and so is the same graph run by ``aot_eager``; reproduced by
+        ``benchmarks/inductor_cpu_check.py``): there the per-call path runs, which was checked. CUDA code comes from another code generator (Triton) and has not
         been checked on a GPU yet.
         """
         if self.inductor and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
