@@ -192,11 +192,12 @@ def bench(name: str, args: argparse.Namespace) -> list[Row]:
     _, flops = _eager_peak_flops(model, x)
     rows.append(Row(name, "original", None, measured.peak_bytes - measured.param_bytes, flops,
                     _time(lambda: _step(model, x), args.reps), cuda_peak=_beyond_params(measured)))
+    _log(rows)
     seq = Sequential(model)
     peak, flops = _eager_peak_flops(seq, x)
     rows.append(Row(name, "ckpt-sequential", None, peak, flops, _time(lambda: _step(seq, x), args.reps),
                     cuda_peak=_cuda_peak(lambda: _step(seq, x), seq, x)))
-    rows += _compile_rows(name, model, x, args.compile_budgets, args.reps, args.inductor)
+    _log(rows)
 
     t0 = time.perf_counter()
     planner = _Planner(model, (3, args.size, args.size), torch.float32, None, device, "spatial-convs", {})
@@ -218,11 +219,25 @@ def bench(name: str, args: argparse.Namespace) -> list[Row]:
                         cuda_peak=_beyond_params(m)))
         del converted
         gc.collect()
+        _log(rows)
+    # after the plans: the compiler's rows compile the whole model, the slowest part on a GPU host
+    for row in _compile_rows(name, model, x, args.compile_budgets, args.reps, args.inductor):
+        rows.append(row)
+        _log(rows)
     base = rows[0]
     for r in rows:
         r.peak_ratio = r.peak / base.peak
         r.flops_ratio = r.flops / base.flops
     return rows
+
+
+def _log(rows: list[Row]) -> None:
+    """Each row as soon as it is measured (stderr), so that a run cut short keeps what it measured."""
+    base, r = rows[0], rows[-1]
+    print(f"# row: {r.model} {r.method}: est {_mib(r.est_peak)} MiB, peak {_mib(r.peak)} MiB "
+          f"({r.peak / base.peak:.3f}x), cuda peak {_mib(r.cuda_peak)} MiB "
+          f"({'' if r.cuda_peak is None or base.cuda_peak is None else f'{r.cuda_peak / base.cuda_peak:.3f}x'}), "
+          f"FLOPs {r.flops / base.flops:.4f}x, {r.note}", file=sys.stderr, flush=True)
 
 
 def _beyond_params(m: revconvert.MemoryBreakdown) -> int | None:
