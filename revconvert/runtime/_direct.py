@@ -117,6 +117,19 @@ class DirectSequential:
                 x = _norm(m, x)
         return x
 
+    def vjp_supported(self) -> bool:
+        """Whether the layers allow :meth:`vjp` whatever the input: what it checks per call that
+        does not depend on the input, the hooks and the modes (no in-place ReLU overwriting what the
+        backward needs, convolutions with zero padding given as numbers)."""
+        previous = None
+        for m, kind in zip(self.layers, self._kinds):
+            if kind == _IDENTITY:
+                continue
+            if _overwrites_needed(m, kind, previous) or (kind == _CONV and not _conv_backward_ok(m)):
+                return False
+            previous = kind
+        return True
+
     def vjp(self, x: torch.Tensor, grad: torch.Tensor, need_input: bool
             ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]] | None:
         """Recompute on ``x`` and back-propagate ``grad`` (the output's gradient) without autograd.
@@ -128,32 +141,27 @@ class DirectSequential:
         """
         if self.observed() or has_torch_function_unary(x) or has_torch_function_unary(grad):
             return None
-        device_type = x.device.type
-        amp = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        amp = autocast_dtype(x.device.type)
         saved: list = []
         with torch.no_grad():
             h = x
             previous = None  # the last layer that computes anything
             for m, kind in zip(self.layers, self._kinds):
                 if kind != _IDENTITY:
-                    if kind == _RELU and m.__dict__["inplace"] and previous in (None, _RELU):
-                        # it would overwrite what the backward needs (the input, or a ReLU's result):
-                        # autograd refuses that backward, so it must be the one to raise
-                        return None
+                    if _overwrites_needed(m, kind, previous):
+                        return None  # autograd refuses that backward, so it must be the one to raise
                     previous = kind
                 if kind == _CONV:
-                    d, p = m.__dict__, m._parameters
-                    weight = p.get("weight")
-                    if d["padding_mode"] != "zeros" or weight is None or "bias" not in p \
-                            or isinstance(d["padding"], str) or h.dim() != 4:
+                    if not _conv_backward_ok(m) or h.dim() != 4:
                         return None
-                    bias = p.get("bias")
+                    d, p = m.__dict__, m._parameters
+                    weight, bias = p["weight"], p["bias"]
                     if amp is None:
                         saved.append((h.dtype, h, weight))
                     else:  # autocast's casts, made here so that the backward has the cast tensors
                         # (the uncast input's dtype only: autograd's ToCopyBackward keeps no tensor)
-                        cast = _cast(h, amp)
-                        weight, bias = _cast(weight, amp), None if bias is None else _cast(bias, amp)
+                        cast = amp_cast(h, amp)
+                        weight, bias = amp_cast(weight, amp), None if bias is None else amp_cast(bias, amp)
                         saved.append((h.dtype, cast, weight))
                         h = cast
                     h = torch.conv2d(h, weight, bias, d["stride"], d["padding"], d["dilation"], d["groups"])
@@ -225,6 +233,20 @@ def _conv(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.conv2d(x, weight, p.get("bias"), d["stride"], d["padding"], d["dilation"], d["groups"])
 
 
+def _overwrites_needed(m: nn.Module, kind: int, previous: int | None) -> bool:
+    """Whether layer ``m`` (of ``kind``, after a computing layer of kind ``previous``, None for the
+    input) is an in-place ReLU overwriting what the backward needs: the input, or a ReLU's result."""
+    return kind == _RELU and m.__dict__["inplace"] and previous in (None, _RELU)
+
+
+def _conv_backward_ok(m: nn.Module) -> bool:
+    """Whether convolution ``m`` can be back-propagated by ``convolution_backward`` as it is called
+    here: zero padding given as numbers, a weight, and a bias entry (None or a parameter)."""
+    d, p = m.__dict__, m._parameters
+    return d["padding_mode"] == "zeros" and p.get("weight") is not None and "bias" in p \
+        and not isinstance(d["padding"], str)
+
+
 def _norm_args(m: nn.Module, x: torch.Tensor) -> tuple | None:
     """``torch.batch_norm``'s arguments for ``m`` on ``x`` as ``_BatchNorm.forward`` and
     ``F.batch_norm`` would pass them, for a norm with running statistics and a momentum; else None."""
@@ -253,9 +275,15 @@ def _norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.batch_norm(*args)
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Autocast's cast of an argument of a lower-precision op: floating tensors other than float64."""
-    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts lower-precision ops to on ``device_type``, or None when it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def amp_cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Autocast's cast of an argument of a lower-precision op to ``dtype``: floating tensors other
+    than float64; ``t`` itself when ``dtype`` is None (autocast off)."""
+    return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != torch.float64 else t
 
 
 def _suggested_format(t: torch.Tensor) -> torch.memory_format:

@@ -332,7 +332,7 @@ class ReversibleFunction(torch.autograd.Function):
         kept: list[Kept | None] = []  # coupling k: kept[2k] for F, kept[2k + 1] for G
         x1, x2 = x.chunk(2, plan.dim)
         for k, coupling in enumerate(plan.couplings):
-            fused = plan.fused[k] if plan.fused else None
+            fused = plan.fused[k]
             if fused is not None and coupling.keep is None and fused.usable(x2):
                 x1, x2 = fused.forward(x1, x2)
                 kept += [None, None]
@@ -392,7 +392,7 @@ class ReversibleFunction(torch.autograd.Function):
                 f_params = plan.f_index[k] if every_param else [i for i in plan.f_index[k] if needs_param[i]]
                 g_params = plan.g_index[k] if every_param else [i for i in plan.g_index[k] if needs_param[i]]
                 need_f = chain[k] or bool(f_params)
-                fused = plan.fused[k] if plan.fused else None
+                fused = plan.fused[k]
                 if fused is not None and every_param and chain[k] and kept[2 * k] is None \
                         and kept[2 * k + 1] is None and fused.usable(y1):
                     # G's step reconstructs x2 and adds G's input gradient to dy1; F's, x1 and dy2.

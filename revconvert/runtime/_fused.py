@@ -34,35 +34,22 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._direct import DirectSequential
+from ._direct import DirectSequential, amp_cast, autocast_dtype
 
 __all__ = ["FusedCoupling", "fused_coupling", "step_back"]
 
 _aten = torch.ops.aten
 
 
-def _conv_parts(m: nn.Module) -> bool:
-    d = m.__dict__
-    return d["padding_mode"] == "zeros" and not isinstance(d["padding"], str) and m.weight is not None
-
-
 def _fusable(call: object) -> bool:
-    """Whether ``call`` (what a plan runs for F or G) can run inside a compiled coupling."""
-    if type(call) is not DirectSequential:
+    """Whether ``call`` (what a plan runs for F or G) can run inside a compiled coupling: a direct call
+    whose backward could be made directly (no in-place ReLU overwriting what the backward needs,
+    as eagerly, where autograd raises), norms with running statistics and a momentum, and each
+    parameter a layer's weight or bias, once."""
+    if type(call) is not DirectSequential or not call.vjp_supported():
         return False
-    layers = call.layers
     listed: list[nn.Parameter] = []
-    previous = None  # the last layer that computes anything
-    for m in layers:
-        if isinstance(m, nn.Identity):
-            continue
-        if isinstance(m, nn.ReLU) and m.inplace and (previous is None or isinstance(previous, nn.ReLU)):
-            # it overwrites the function's input (the segment refuses that) or a ReLU's output that
-            # the backward needs (autograd refuses that): the eager path raises, so must this
-            return False
-        previous = m
-        if isinstance(m, nn.Conv2d) and not _conv_parts(m):
-            return False
+    for m in call.layers:
         if isinstance(m, nn.BatchNorm2d) and (m.momentum is None or not m.track_running_stats
                                              or m.running_mean is None):
             return False
@@ -108,8 +95,7 @@ class FusedCoupling:
              acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """:func:`step_back` for F or G under the current autocast state, without recording."""
         module = (self.f_call if name == "F" else self.g_call).module
-        device_type = source.device.type
-        amp = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        amp = autocast_dtype(source.device.type)
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
@@ -122,10 +108,6 @@ def _coupling_forward(F: nn.Module, G: nn.Module, x1: torch.Tensor,  # noqa: N80
                       x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y1 = x1 + F(x2)
     return y1, x2 + G(y1)
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t.to(dtype) if dtype is not None and t.dtype != torch.float64 and t.dtype != dtype else t
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -149,8 +131,8 @@ def step_back(fn: nn.Sequential, source: torch.Tensor, other: torch.Tensor, grad
     h = source
     for m in layers:
         if isinstance(m, nn.Conv2d):
-            weight, bias = _cast(m.weight, amp), None if m.bias is None else _cast(m.bias, amp)
-            cast = _cast(h, amp)
+            weight, bias = amp_cast(m.weight, amp), None if m.bias is None else amp_cast(m.bias, amp)
+            cast = amp_cast(h, amp)
             saved.append((h.dtype, cast, weight))
             h = torch.conv2d(cast, weight, bias, m.stride, m.padding, m.dilation, m.groups)
         elif isinstance(m, nn.BatchNorm2d):
