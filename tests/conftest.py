@@ -22,6 +22,48 @@ RESNET_FAMILY = {
 }
 
 
+def layer_specs():  # noqa: ANN201 - a hypothesis strategy
+    """A hypothesis strategy for one layer of a plain Sequential the direct and compiled backwards
+    take (see :func:`sequential_of`)."""
+    from hypothesis import strategies as st
+
+    return st.one_of(
+        st.tuples(st.just("conv"), st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.sampled_from([1, 2]),
+                  st.booleans(), st.sampled_from([1, 2])),  # kernel, stride, groups, bias, dilation
+        st.tuples(st.just("norm"), st.booleans(), st.sampled_from([0.1, 0.5])),  # affine, momentum
+        st.tuples(st.just("relu"), st.booleans()),  # in place (never first: F may not modify its input)
+        st.tuples(st.just("identity")),
+    )
+
+
+def sequential_of(specs: list[tuple]) -> torch.nn.Sequential:
+    """The train-mode Sequential ``layer_specs()`` draws describe, on 4 input channels, norms with
+    weights in [0.5, 1.5] and biases in [-0.5, 0.5]."""
+    from torch import nn
+
+    modules, channels = [], 4
+    for spec in specs:
+        if spec[0] == "conv":
+            _, k, stride, groups, bias, dilation = spec
+            modules.append(nn.Conv2d(channels, 4, k, stride=stride, padding=dilation * (k // 2), dilation=dilation,
+                                     groups=groups, bias=bias))
+            channels = 4
+        elif spec[0] == "norm":
+            modules.append(nn.BatchNorm2d(channels, affine=spec[1], momentum=spec[2]))
+        elif spec[0] == "relu":
+            # in place only after a layer that computes: F may not modify its input (the segment's
+            # forward refuses that)
+            modules.append(nn.ReLU(inplace=spec[1] and any(not isinstance(m, nn.Identity) for m in modules)))
+        else:
+            modules.append(nn.Identity())
+    seq = nn.Sequential(*modules).train()
+    for m in seq.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return seq
+
+
 def conv_bn(c: int, *, dropout: float = 0.0) -> torch.nn.Module:
     """conv-BN-ReLU[-dropout]-conv-BN on ``c`` channels: a residual function for the couplings."""
     from torch import nn

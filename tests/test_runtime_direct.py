@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from conftest import conv_bn
+from conftest import conv_bn, layer_specs, sequential_of
 from revconvert import ReversibleCoupling, ReversibleSegment, ordinary_autograd
 from revconvert.runtime._direct import DirectSequential, direct_call
 from revconvert.runtime._state import frozen_running_stats
@@ -262,17 +262,8 @@ def test_the_direct_backward_is_autograd_bit_for_bit(kind, need_input, dtype, no
     _assert_identical(list(twin.buffers()), list(seq.buffers()))
 
 
-_LAYER = st.one_of(
-    st.tuples(st.just("conv"), st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.sampled_from([1, 2]),
-              st.booleans(), st.sampled_from([1, 2])),  # kernel, stride, groups, bias, dilation
-    st.tuples(st.just("norm"), st.booleans(), st.sampled_from([0.1, 0.5])),  # affine, momentum
-    st.tuples(st.just("relu"), st.booleans()),  # in place (never first: F may not modify its input)
-    st.tuples(st.just("identity")),
-)
-
-
 @settings(max_examples=25, deadline=None)
-@given(layers=st.lists(_LAYER, min_size=1, max_size=7), need_input=st.booleans(),
+@given(layers=st.lists(layer_specs(), min_size=1, max_size=7), need_input=st.booleans(),
        amp=st.booleans(), seed=st.integers(0, 2**16))
 def test_the_direct_backward_is_autograd_bit_for_bit_for_any_layer_sequence(layers, need_input, amp, seed):  # noqa: ANN001
     """Any plain Sequential of the four layer kinds the direct path runs, with float32 tensors
@@ -280,26 +271,7 @@ def test_the_direct_backward_is_autograd_bit_for_bit_for_any_layer_sequence(laye
     equal autograd's bit for bit; where autograd refuses (an in-place ReLU overwriting a tensor its
     backward needs), the direct backward declines, so that the caller's autograd raises the same."""
     torch.manual_seed(seed)
-    modules, channels = [], 4
-    for spec in layers:
-        if spec[0] == "conv":
-            _, k, stride, groups, bias, dilation = spec
-            modules.append(nn.Conv2d(channels, 4, k, stride=stride, padding=dilation * (k // 2), dilation=dilation,
-                                     groups=groups, bias=bias))
-            channels = 4
-        elif spec[0] == "norm":
-            modules.append(nn.BatchNorm2d(channels, affine=spec[1], momentum=spec[2]))
-        elif spec[0] == "relu":
-            # in place only after a layer that computes: F may not modify its input (the segment's
-            # forward refuses that; see the decline test)
-            modules.append(nn.ReLU(inplace=spec[1] and any(not isinstance(m, nn.Identity) for m in modules)))
-        else:
-            modules.append(nn.Identity())
-    seq = nn.Sequential(*modules).train()
-    for m in seq.modules():
-        if isinstance(m, nn.BatchNorm2d) and m.affine:
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.5, 0.5)
+    seq = sequential_of(layers)
     twin = copy.deepcopy(seq)
     x = torch.randn(3, 4, 7, 7)
     params = list(seq.parameters())

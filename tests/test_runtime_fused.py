@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import revconvert
+from conftest import layer_specs, sequential_of
 from revconvert import ConvertConfig, ReversibleCoupling, ReversibleSegment
 from revconvert.runtime._direct import direct_call
 from revconvert.runtime._fused import _fusable, step_back
@@ -60,11 +61,11 @@ class CountingBackend:
 
 
 def _steps(model: nn.Module, x: torch.Tensor, n: int = 2, autocast: bool = False) -> list[torch.Tensor]:
-    """``n`` training steps; the input's and parameters' gradients of the last one."""
+    """``n`` training steps on ``x``'s device; the input's and parameters' gradients of the last one."""
     for _ in range(n):
         model.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
             y = model(xi)
         y.float().square().sum().backward()
     return [xi.grad] + [p.grad for p in model.parameters()]
@@ -197,16 +198,7 @@ def test_cuda_inductor_couplings_match_the_eager_path(autocast):
     ref = copy.deepcopy(seg)
     seg.compile_options = {"backend": "inductor"}
     x = torch.randn(4, 8, 6, 6, device="cuda", dtype=dtype)
-
-    def steps(model: nn.Module) -> list[torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-            y = model(xi)
-        y.float().square().sum().backward()
-        return [xi.grad] + [p.grad for p in model.parameters()]
-
-    want, got, again = steps(ref), steps(seg), steps(seg)
+    want, got, again = (_steps(m, x, n=1, autocast=autocast) for m in (ref, seg, seg))
     tol = 2e-2 if autocast else 1e-9
     assert all(f is not None and f.usable(x) for f in seg.plan(1).fused)
     for i, (g, w, a) in enumerate(zip(got, want, again, strict=True)):
@@ -246,40 +238,14 @@ def test_compile_options_that_capture_cuda_graphs_are_refused(options):
     ConvertConfig(compile={"mode": "max-autotune-no-cudagraphs"})  # accepted
 
 
-_LAYER = st.one_of(
-    st.tuples(st.just("conv"), st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.sampled_from([1, 2]),
-              st.booleans(), st.sampled_from([1, 2])),  # kernel, stride, groups, bias, dilation
-    st.tuples(st.just("norm"), st.booleans()),  # affine
-    st.tuples(st.just("relu"), st.booleans()),  # in place (never first)
-    st.tuples(st.just("identity")),
-)
-
-
 @settings(max_examples=25, deadline=None)
-@given(layers=st.lists(_LAYER, min_size=1, max_size=7), seed=st.integers(0, 2**16))
+@given(layers=st.lists(layer_specs(), min_size=1, max_size=7), seed=st.integers(0, 2**16))
 def test_the_backward_step_is_autograd_for_any_layer_sequence(layers, seed):
     """step_back, run as plain code in float64, against autograd over the module call: the
     reconstruction, the accumulated input gradient and every parameter gradient, in
     ``parameters()`` order, for any Sequential the compiled couplings accept."""
     torch.manual_seed(seed)
-    modules, channels = [], 4
-    for spec in layers:
-        if spec[0] == "conv":
-            _, k, stride, groups, bias, dilation = spec
-            modules.append(nn.Conv2d(channels, 4, k, stride=stride, padding=dilation * (k // 2), dilation=dilation,
-                                     groups=groups, bias=bias))
-            channels = 4
-        elif spec[0] == "norm":
-            modules.append(nn.BatchNorm2d(channels, affine=spec[1]))
-        elif spec[0] == "relu":
-            modules.append(nn.ReLU(inplace=spec[1] and any(not isinstance(m, nn.Identity) for m in modules)))
-        else:
-            modules.append(nn.Identity())
-    seq = nn.Sequential(*modules).double().train()
-    for m in seq.modules():
-        if isinstance(m, nn.BatchNorm2d) and m.affine:
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.5, 0.5)
+    seq = sequential_of(layers).double()
     relus = [m for m in seq if not isinstance(m, nn.Identity)]
     refused = any(isinstance(m, nn.ReLU) and m.inplace and isinstance(p, nn.ReLU) for p, m in zip(relus, relus[1:]))
     assert _fusable(direct_call(seq)) is not refused  # autograd refuses an in-place ReLU after a ReLU
