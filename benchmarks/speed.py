@@ -51,13 +51,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import platform
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from unittest import mock
 
 import torch
 import torchvision
@@ -147,28 +149,12 @@ def timed_suite(suite: str, original: torch.nn.Module, x: torch.Tensor, args: ar
     return rows
 
 
-@contextlib.contextmanager
-def autograd_backward() -> Iterator[None]:
-    """The memory-saving backward with F and G back-propagated through autograd, as before the direct
-    backward (``DirectSequential.vjp`` declining every call): the A/B of that change."""
-    direct = DirectSequential.vjp
-    DirectSequential.vjp = lambda self, *args: None
-    try:
-        yield
-    finally:
-        DirectSequential.vjp = direct
-
-
-@contextlib.contextmanager
-def per_call_compiled() -> Iterator[None]:
-    """F and G compiled call by call (``CompiledCall``), as before couplings compiled as a whole
-    (``FusedCoupling.usable`` declining every call): the A/B of that change."""
-    usable = FusedCoupling.usable
-    FusedCoupling.usable = lambda self, x: False
-    try:
-        yield
-    finally:
-        FusedCoupling.usable = usable
+# The A/B of the direct backward: memory-saving with F and G back-propagated through autograd, as
+# before it (``DirectSequential.vjp`` declining every call).
+autograd_backward = functools.partial(mock.patch.object, DirectSequential, "vjp", lambda self, *args: None)
+# The A/B of compiled couplings: F and G compiled call by call (``CompiledCall``), as before them
+# (``FusedCoupling.usable`` declining every call).
+per_call_compiled = functools.partial(mock.patch.object, FusedCoupling, "usable", lambda self, x: False)
 
 
 def per_call_variants(methods: Sequence[Method]) -> list[Method]:
