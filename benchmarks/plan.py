@@ -224,20 +224,18 @@ def bench(name: str, args: argparse.Namespace) -> list[Row]:
     for row in _compile_rows(name, model, x, args.compile_budgets, args.reps, args.inductor):
         rows.append(row)
         _log(rows)
-    base = rows[0]
-    for r in rows:
-        r.peak_ratio = r.peak / base.peak
-        r.flops_ratio = r.flops / base.flops
     return rows
 
 
 def _log(rows: list[Row]) -> None:
-    """Each row as soon as it is measured (stderr), so that a run cut short keeps what it measured."""
+    """The last row's ratios to the first (the original), and the row itself on stderr as soon as it
+    is measured, so that a run cut short keeps what it measured."""
     base, r = rows[0], rows[-1]
+    r.peak_ratio, r.flops_ratio = r.peak / base.peak, r.flops / base.flops
     print(f"# row: {r.model} {r.method}: est {_mib(r.est_peak)} MiB, peak {_mib(r.peak)} MiB "
-          f"({r.peak / base.peak:.3f}x), cuda peak {_mib(r.cuda_peak)} MiB "
+          f"({r.peak_ratio:.3f}x), cuda peak {_mib(r.cuda_peak)} MiB "
           f"({'' if r.cuda_peak is None or base.cuda_peak is None else f'{r.cuda_peak / base.cuda_peak:.3f}x'}), "
-          f"FLOPs {r.flops / base.flops:.4f}x, {r.note}", file=sys.stderr, flush=True)
+          f"FLOPs {r.flops_ratio:.4f}x, {r.note}", file=sys.stderr, flush=True)
 
 
 def _beyond_params(m: revconvert.MemoryBreakdown) -> int | None:
