@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import conv_bn, layer_specs, sequential_of
 from revconvert import ReversibleCoupling, ReversibleSegment, ordinary_autograd
@@ -362,3 +363,51 @@ def test_the_direct_backward_matches_autograd_on_cuda(kind, amp):  # noqa: ANN00
         torch.testing.assert_close(g, e, **tol)  # dtypes too: each gradient in its tensor's dtype
     for b, e in zip(twin.buffers(), seq.buffers(), strict=True):
         torch.testing.assert_close(b, e, **tol)
+
+
+class _ConvolutionCount(TorchDispatchMode):
+    """Counts the convolutions run below autograd (a dispatch mode: the direct calls still run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.n += func is torch.ops.aten.convolution.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float64", "bf16-autocast"])
+def test_kept_outputs_run_directly_and_skip_their_convolutions(autocast, no_module_forward):  # noqa: ANN001
+    # keep="spatial-convs" through the direct calls: the forward keeps each 3x3 convolution's output,
+    # the backward hands it back instead of recomputing it. F's first convolution feeds an in-place
+    # ReLU, which changes its output after it was kept: that one is recomputed, as the replay does.
+    torch.manual_seed(0)
+    dtype = torch.float32 if autocast else torch.float64
+
+    def function(inplace: bool) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.ReLU(inplace=inplace),
+                             nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+
+    seg = ReversibleSegment([ReversibleCoupling(function(True), function(False), keep="spatial-convs")
+                             for _ in range(2)]).to(dtype)
+    for coupling in seg.couplings:
+        coupling.keep_small = True  # tiny convolutions: keep them anyway
+    via_modules, ordinary = copy.deepcopy(seg), copy.deepcopy(seg)
+    ordinary.use_reversible_backward = False
+    x = torch.randn(2, 8, 6, 6, dtype=dtype)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        expected = _run(ordinary, ordinary, x)
+        hook = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+        try:  # a global hook: the functions are called as modules, the kept outputs replayed through them
+            modules_path = _run(via_modules, via_modules, x)
+        finally:
+            hook.remove()
+        no_module_forward()
+        with _ConvolutionCount() as count:
+            got = _run(seg, seg, x)
+    assert count.n == 8 + 2  # 8 in the forward; recomputed: only the 2 convolutions changed in place
+    _assert_identical(got, modules_path)
+    tol = 2e-2 if autocast else 1e-10
+    for g, r in zip([got[1], *got[2]], [expected[1], *expected[2]], strict=True):
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol * float(r.abs().max()))

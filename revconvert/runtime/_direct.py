@@ -34,14 +34,24 @@ tensor's dtype, as autograd's ``ToCopyBackward`` does. It declines (and the call
 for a norm in eval mode, a convolution whose padding is a string or whose input is not 4-D, an
 in-place ReLU that would overwrite a tensor the backward needs (autograd raises there), and wherever
 the forward would call a module.
+
+Kept outputs (``keep="spatial-convs"``, see ``_keep``) take the same path: :meth:`DirectSequential.keeping`
+keeps the chosen convolutions' outputs as the forward computes them, making the record that
+``_keep``'s module-level replay reads, and :meth:`DirectSequential.vjp` hands them back instead of
+recomputing those convolutions. Without that, a kept call would need the module calls and an
+autograd graph, and on a GPU their host time costs more than the convolutions it saves.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.modules.module as module_state
 from torch import nn
 from torch.overrides import has_torch_function_unary
+
+from ._keep import Kept, keep_mismatch, worth_keeping
 
 __all__ = ["DirectSequential", "direct_call"]
 
@@ -117,6 +127,32 @@ class DirectSequential:
                 x = _norm(m, x)
         return x
 
+    def keeping(self, x: torch.Tensor, modules: Sequence[nn.Module], thresholds: dict[str, float] | None
+                ) -> tuple[torch.Tensor, Kept] | None:
+        """:meth:`__call__`, keeping the outputs of the convolutions among ``modules`` that are worth
+        keeping under ``thresholds`` (``_keep.MIN_KEPT_FLOPS``; None: every one).
+
+        Returns the output and the record ``_keep``'s module-level recording would have made (per
+        call of one of ``modules``, in call order: its output or None, and its version counter), or
+        None where the modules must be called.
+        """
+        if self.observed() or has_torch_function_unary(x):
+            return None
+        tensors: list[torch.Tensor | None] = []
+        versions: list[int | None] = []
+        for m, kind in zip(self.layers, self._kinds):
+            if kind == _RELU:
+                x = torch.relu_(x) if m.__dict__["inplace"] else torch.relu(x)
+            elif kind == _CONV:
+                x = _conv(m, x)
+                if any(m is chosen for chosen in modules):
+                    keep = worth_keeping(thresholds, m, x)
+                    tensors.append(x if keep else None)
+                    versions.append(x._version if keep else None)
+            elif kind == _NORM:
+                x = _norm(m, x)
+        return x, Kept(tensors, versions)
+
     def vjp_supported(self) -> bool:
         """Whether the layers allow :meth:`vjp` whatever the input: what it checks per call that
         does not depend on the input, the hooks and the modes (no in-place ReLU overwriting what the
@@ -130,7 +166,8 @@ class DirectSequential:
             previous = kind
         return True
 
-    def vjp(self, x: torch.Tensor, grad: torch.Tensor, need_input: bool
+    def vjp(self, x: torch.Tensor, grad: torch.Tensor, need_input: bool, kept: Kept | None = None,
+            modules: Sequence[nn.Module] = ()
             ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]] | None:
         """Recompute on ``x`` and back-propagate ``grad`` (the output's gradient) without autograd.
 
@@ -138,11 +175,16 @@ class DirectSequential:
         :attr:`params`, as ``torch.autograd.grad(module(x), [x, *params], grad)`` would, with the same
         kernels; or None where this call cannot be made directly (see the module docstring).
         Call it with grad mode on or off: nothing is recorded either way.
+
+        ``kept``: the forward's record of the outputs of the convolutions among ``modules`` (module-level
+        keeping, :meth:`keeping` or ``_keep.recording``); each one kept and unchanged since is used
+        instead of recomputing that convolution, as ``_keep``'s replay does.
         """
         if self.observed() or has_torch_function_unary(x) or has_torch_function_unary(grad):
             return None
         amp = autocast_dtype(x.device.type)
         saved: list = []
+        used = 0  # kept records read
         with torch.no_grad():
             h = x
             previous = None  # the last layer that computes anything
@@ -164,7 +206,18 @@ class DirectSequential:
                         weight, bias = amp_cast(weight, amp), None if bias is None else amp_cast(bias, amp)
                         saved.append((h.dtype, cast, weight))
                         h = cast
-                    h = torch.conv2d(h, weight, bias, d["stride"], d["padding"], d["dilation"], d["groups"])
+                    out = None
+                    if kept is not None and any(m is chosen for chosen in modules):
+                        if used >= len(kept.tensors):
+                            raise keep_mismatch("a directly called F or G", used + 1, len(kept.tensors))
+                        out, version = kept.tensors[used], kept.check[used]
+                        used += 1
+                        if out is not None and out._version != version:
+                            out = None  # changed in place after it was kept: recomputed, as the replay does
+                    if out is None:
+                        out = torch.conv2d(h, weight, bias, d["stride"], d["padding"], d["dilation"], d["groups"])
+                    h = out
+                    del out
                 elif kind == _NORM:
                     args = _norm_args(m, h)
                     if args is None or not args[5]:  # eval-mode norms: autograd's formula differs by backend
@@ -178,6 +231,8 @@ class DirectSequential:
                     saved.append(h)
                 else:
                     saved.append(None)
+            if kept is not None and used != len(kept.tensors):
+                raise keep_mismatch("a directly called F or G", used, len(kept.tensors))
             out = h
             g = grad if grad.dtype == out.dtype else grad.to(out.dtype)  # as autograd casts it
             grads: list[torch.Tensor | None] = [None] * len(self.params)

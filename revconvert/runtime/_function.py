@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ._direct import DirectSequential, direct_call
 from ._fused import FusedCoupling, fused_coupling
-from ._keep import Kept, KeepPolicy, kept_modules, recording, replaying
+from ._keep import Kept, KeepPolicy, kept_modules, kept_thresholds, recording, replaying
 from ._state import (
     AutocastState,
     RecomputeNeeds,
@@ -200,7 +201,7 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _call_checked(fn: nn.Module, arg: torch.Tensor, k: int, name: str) -> torch.Tensor:
+def _call_checked(fn: Callable, arg: torch.Tensor, k: int, name: str) -> Any:
     """Call ``fn(arg)`` and refuse in-place changes to ``arg``, which would corrupt the reconstruction."""
     before = _version(arg)
     out = fn(arg)
@@ -261,7 +262,16 @@ def _forward_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str
     if policy is None or _keep_key(plan, k, name, arg) in plan._keeps_nothing:
         kept.append(None)
         return _plain_call(plan, arg, k, name)
-    with recording(policy, fn, plan.kept_modules(fn, policy), keep_small=plan.couplings[k].keep_small) as record:
+    modules = plan.kept_modules(fn, policy)
+    thresholds = kept_thresholds(policy, plan.couplings[k].keep_small)
+    call = (plan.f_calls if name == "F" else plan.g_calls)[k]
+    if modules is not None and type(call) is DirectSequential:
+        # module-level keeping without the module calls (see DirectSequential.keeping)
+        done = _call_checked(lambda a: call.keeping(a, modules, thresholds), arg, k, name)
+        if done is not None:
+            kept.append(done[1])
+            return done[0]
+    with recording(policy, fn, modules, keep_small=plan.couplings[k].keep_small) as record:
         out = _call_checked(fn, arg, k, name)
     kept.append(record)
     return out
@@ -291,11 +301,15 @@ def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tenso
         set_rng(rng)
     other_buffers = (plan.f_needs if name == "F" else plan.g_needs)[k].other_buffers
     call = (plan.f_calls if name == "F" else plan.g_calls)[k]
-    if kept is None and not other_buffers and type(call) is DirectSequential \
+    if not other_buffers and type(call) is DirectSequential \
             and params == (plan.f_index if name == "F" else plan.g_index)[k] and len(params) == len(call.params):
-        # Every parameter wanted, in module.parameters() order: no autograd graph needed (see _direct).
-        done = call.vjp(source, grad, need_input)
+        # Every parameter wanted, in module.parameters() order: no autograd graph needed (see _direct),
+        # with the kept outputs handed back where the forward kept them at module level.
+        modules = None if kept is None else plan.kept_modules(fn, policy)
+        done = None if kept is not None and modules is None else call.vjp(source, grad, need_input, kept, modules or ())
         if done is not None:
+            if kept is not None and not kept.saved():
+                plan._keeps_nothing.add(_keep_key(plan, k, name, source))
             out, grad_input, param_grads = done
             return out, ((grad_input,) if need_input else ()) + tuple(param_grads)
     z = source.detach().requires_grad_(need_input)

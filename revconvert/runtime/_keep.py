@@ -185,12 +185,19 @@ MIN_KEPT_FLOPS: dict[str, float] = {"cpu": 4e6, "cuda": 1e10}
 keep_spatial_convolutions.min_flops = MIN_KEPT_FLOPS  # type: ignore[attr-defined]
 
 
-def _worth_keeping(thresholds: dict[str, float] | None, conv: nn.Module, out: torch.Tensor) -> bool:
+def worth_keeping(thresholds: dict[str, float] | None, conv: nn.Module, out: torch.Tensor) -> bool:
+    """Whether ``conv``'s output ``out`` is large enough to keep under ``thresholds`` (None: any)."""
     if thresholds is None:
         return True
     device = out.device.type
     flops = 2 * out.numel() * conv.in_channels // conv.groups * math.prod(conv.kernel_size)
     return flops >= thresholds.get(device, 0.0)
+
+
+def kept_thresholds(policy: KeepPolicy, keep_small: bool) -> dict[str, float] | None:
+    """The smallest call worth keeping per device (:data:`MIN_KEPT_FLOPS`) under ``policy``; None
+    (keep every call) with ``keep_small`` or for a policy without ``min_flops``."""
+    return None if keep_small else getattr(policy, "min_flops", None)
 
 
 class _ModuleRecord:
@@ -211,7 +218,7 @@ class _ModuleRecord:
 
             def record(x, *args, _m=m, _forward=forward, **kwargs):  # noqa: ANN001, ANN202
                 out = _forward(_m, x, *args, **kwargs)
-                if _worth_keeping(self.thresholds, _m, out):
+                if worth_keeping(self.thresholds, _m, out):
                     self.kept.append(out)
                     self.versions.append(out._version)
                 else:
@@ -238,7 +245,7 @@ class _ModuleReplay:
         for m in self.modules:
             def replay(x, *args, _m=m, _forward=type(m).forward, **kwargs):  # noqa: ANN001, ANN202
                 if self.used >= len(self.kept):
-                    raise _mismatch(self.where, self.used, len(self.kept))
+                    raise keep_mismatch(self.where, self.used, len(self.kept))
                 kept, version = self.kept[self.used], self.versions[self.used]
                 self.used += 1
                 # Too small to keep, or changed in place after it was kept (an in-place op right
@@ -256,10 +263,10 @@ class _ModuleReplay:
 
     def check_done(self) -> None:
         if self.used != len(self.kept):
-            raise _mismatch(self.where, self.used, len(self.kept))
+            raise keep_mismatch(self.where, self.used, len(self.kept))
 
 
-def _mismatch(where: str, used: int, recorded: int) -> RuntimeError:
+def keep_mismatch(where: str, used: int, recorded: int) -> RuntimeError:
     return RuntimeError(
         f"ReversibleSegment: {where} ran {used} kept op(s) in the backward recomputation but {recorded} in "
         "the forward (or more); F and G must compute the same ops on every call, or use keep=None")
@@ -306,7 +313,7 @@ def recording(policy: KeepPolicy, module: nn.Module, modules: Sequence[nn.Module
             kept = Kept(rec.kept, rec.signatures)
             yield kept
         return
-    rec = _ModuleRecord(modules, None if keep_small else getattr(policy, "min_flops", None))
+    rec = _ModuleRecord(modules, kept_thresholds(policy, keep_small))
     rec.install()
     try:
         yield Kept(rec.kept, rec.versions)
