@@ -118,13 +118,15 @@ class DirectSequential:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.observed() or has_torch_function_unary(x):
             return self.module(x)
+        counters: list[torch.Tensor] = []
         for m, kind in zip(self.layers, self._kinds):
             if kind == _RELU:
                 x = torch.relu_(x) if m.__dict__["inplace"] else torch.relu(x)
             elif kind == _CONV:
                 x = _conv(m, x)
             elif kind == _NORM:
-                x = _norm(m, x)
+                x = _norm(m, x, counters)
+        _count_all(counters)
         return x
 
     def keeping(self, x: torch.Tensor, modules: Sequence[nn.Module], thresholds: dict[str, float] | None
@@ -140,6 +142,7 @@ class DirectSequential:
             return None
         tensors: list[torch.Tensor | None] = []
         versions: list[int | None] = []
+        counters: list[torch.Tensor] = []
         for m, kind in zip(self.layers, self._kinds):
             if kind == _RELU:
                 x = torch.relu_(x) if m.__dict__["inplace"] else torch.relu(x)
@@ -150,7 +153,8 @@ class DirectSequential:
                     tensors.append(x if keep else None)
                     versions.append(x._version if keep else None)
             elif kind == _NORM:
-                x = _norm(m, x)
+                x = _norm(m, x, counters)
+        _count_all(counters)
         return x, Kept(tensors, versions)
 
     def vjp_supported(self) -> bool:
@@ -322,12 +326,27 @@ def _count(m: nn.Module) -> None:
             counter.add_(1)
 
 
-def _norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _norm(m: nn.Module, x: torch.Tensor, counters: list[torch.Tensor]) -> torch.Tensor:
+    """``m(x)``; a training norm's batch counter goes to ``counters`` for :func:`_count_all`."""
     args = _norm_args(m, x)
     if args is None:
         return m(x)
-    _count(m)
+    if m.__dict__["training"]:
+        counter = m._buffers.get("num_batches_tracked")
+        if counter is not None:
+            counters.append(counter)
     return torch.batch_norm(*args)
+
+
+def _count_all(counters: list[torch.Tensor]) -> None:
+    """The batch counters of one call's training norms, incremented as ``_BatchNorm.forward`` does,
+    in one op (one kernel on a GPU, instead of one per norm). The norms whose counter the forward
+    reads (``momentum=None``) are called as modules and count themselves; for the others the
+    counter is bookkeeping that nothing in the call reads, so incrementing it at the end is exact."""
+    if len(counters) == 1:
+        counters[0].add_(1)
+    elif counters:
+        torch._foreach_add_(counters, 1)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
