@@ -12,7 +12,8 @@
 #      first four again with the whole step captured in a CUDA graph (launch overhead gone);
 #   plan: issue 15's plan table on the GPU (estimated vs max_memory_allocated peaks), resnet152 at
 #      64x224 (resnet50's was measured on an H100 already; add it to --models to measure it again);
-#   speed_b96: the eager and graphed suite at batch 96, bf16: a step less bound by kernel launches;
+#   speed_b96: the eager and graphed suite at batch 96, bf16: a step less bound by kernel launches,
+#      where keep keeps every 3x3 convolution (with its A/B: kept outputs through the module calls);
 #   exactness: whole-model exactness per precision (cuda_check.py);
 #   speed_compile (only when named, ~5 minutes): bf16, torch.compile'd original against memory-saving
 #      with compiled couplings, with and without an outer torch.compile (inductor compiles each model
@@ -52,7 +53,7 @@ for name in "${steps[@]}"; do
         --compile-dtypes bfloat16 --compile-fg --repeats 5 --json "$out/speed_compile.json" \
         --variants original memory-saving "compiled original" "memory-saving F/G compiled" \
         "compiled memory-saving F/G" ;;
-    speed_b96) step speed_b96 60 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 \
+    speed_b96) step speed_b96 60 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --keep-through-modules \
         --dtypes bfloat16 --compile-backend none --cuda-graphs --repeats 5 --json "$out/speed_b96.json" ;;
     exactness) step exactness 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 ;;
     *) echo "unknown step $name"; exit 2 ;;

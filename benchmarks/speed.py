@@ -57,7 +57,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from unittest import mock
 
@@ -100,16 +100,18 @@ def fg_options(backend: str, args: argparse.Namespace) -> dict:
     return {"backend": backend} if args.fg_mode is None else {"backend": backend, "mode": args.fg_mode}
 
 
-def variants(original: torch.nn.Module, x: torch.Tensor, compile_fg: dict | None = None) -> list[Method]:
-    """original, converted under ordinary autograd, converted memory-saving, converted keep; with
-    ``compile_fg`` (torch.compile options) also the original compiled with them and memory-saving
-    with F and G compiled."""
+def variants(original: torch.nn.Module, x: torch.Tensor, compile_fg: dict | None = None,
+             keep_small: bool = False) -> list[Method]:
+    """original, converted under ordinary autograd, converted memory-saving, converted keep (with
+    ``keep_small``: keeping every 3x3 convolution, however small); with ``compile_fg`` (torch.compile
+    options) also the original compiled with them and memory-saving with F and G compiled."""
     null = contextlib.nullcontext
     original = original.to(x.device).train()
     torch.manual_seed(0)
     converted = revconvert.convert(original, x.shape).to(x.device).train()
     torch.manual_seed(0)
-    keep = revconvert.convert(original, x.shape, config=revconvert.ConvertConfig(keep="spatial-convs"))
+    keep = keep_every(revconvert.convert(original, x.shape, config=revconvert.ConvertConfig(keep="spatial-convs")),
+                      keep_small)
     methods = [Method("original", original, null),
                Method("ordinary", converted, revconvert.ordinary_autograd),
                Method("memory-saving", converted, null),
@@ -122,6 +124,14 @@ def variants(original: torch.nn.Module, x: torch.Tensor, compile_fg: dict | None
     return methods
 
 
+def keep_every(model: torch.nn.Module, keep_small: bool) -> torch.nn.Module:
+    """``model`` with, if ``keep_small``, every coupling keeping calls below ``MIN_KEPT_FLOPS`` too."""
+    for m in model.modules():
+        if isinstance(m, revconvert.ReversibleCoupling):
+            m.keep_small = keep_small
+    return model
+
+
 def couplings_of(model: torch.nn.Module) -> int:
     return sum(isinstance(m, revconvert.ReversibleCoupling) for m in model.modules())
 
@@ -131,9 +141,11 @@ def couplings_of(model: torch.nn.Module) -> int:
 # --------------------------------------------------------------------------------------------- #
 def timed_suite(suite: str, original: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -> list[Row]:
     """FLOPs and interleaved median step times of the four variants."""
-    methods = variants(original, x, fg_options(args.fg_backend, args) if args.compile_fg else None)
+    methods = variants(original, x, fg_options(args.fg_backend, args) if args.compile_fg else None, args.keep_small)
     if args.autograd_backward:
         methods.append(autograd_backward_variant(methods))
+    if args.keep_through_modules:
+        methods.append(keep_through_modules_variant(methods))
     if args.per_call_compile:
         methods += per_call_variants(methods)
     rows = [Row(suite, m.name) for m in methods]
@@ -155,6 +167,28 @@ autograd_backward = functools.partial(mock.patch.object, DirectSequential, "vjp"
 # The A/B of compiled couplings: F and G compiled call by call (``CompiledCall``), as before them
 # (``FusedCoupling.usable`` declining every call).
 per_call_compiled = functools.partial(mock.patch.object, FusedCoupling, "usable", lambda self, x: False)
+
+
+_direct_vjp = DirectSequential.vjp
+
+
+def _vjp_without_kept(self: DirectSequential, x, grad, need_input, kept=None, modules=()):  # noqa: ANN001, ANN202
+    return None if kept is not None else _direct_vjp(self, x, grad, need_input)
+
+
+@contextlib.contextmanager
+def keep_through_modules() -> Iterator[None]:
+    """The A/B of direct keeping: kept outputs recorded and replayed through the module calls and an
+    autograd walk, as before it (``DirectSequential.keeping`` and the kept ``vjp`` declining)."""
+    with mock.patch.object(DirectSequential, "keeping", lambda self, *args: None), \
+            mock.patch.object(DirectSequential, "vjp", _vjp_without_kept):
+        yield
+
+
+def keep_through_modules_variant(methods: Sequence[Method]) -> Method:
+    """The keep variant's model run under :func:`keep_through_modules`."""
+    keep = next(m for m in methods if m.name == "keep")
+    return Method("keep, through modules", keep.model, keep_through_modules)
 
 
 def per_call_variants(methods: Sequence[Method]) -> list[Method]:
@@ -225,7 +259,8 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
     original = torchvision.models.get_model(args.gpu_model, weights=None).to(device).train()
     shape = (args.gpu_batch, 3, args.gpu_size, args.gpu_size)
     converted = revconvert.convert(original, shape).to(device).train()
-    keep = revconvert.convert(original, shape, config=revconvert.ConvertConfig(keep="spatial-convs")).to(device).train()
+    keep = keep_every(revconvert.convert(original, shape, config=revconvert.ConvertConfig(keep="spatial-convs")),
+                      args.keep_small).to(device).train()
     null = contextlib.nullcontext
     methods = [Method("original", original, null),
                Method("ckpt-sequential", Checkpointed(original, per_block=False), null),
@@ -234,6 +269,8 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
                Method("keep", keep, null)]
     if args.autograd_backward:
         methods.append(autograd_backward_variant(methods))
+    if args.keep_through_modules:
+        methods.append(keep_through_modules_variant(methods))
     if args.cuda_graphs:
         # the whole step captured once and replayed (speedlib.GraphedStep): launch overhead gone
         methods += [Method(f"graphed {m.name}", GraphedStep(m.model), m.context) for m in methods
@@ -409,6 +446,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--autograd-backward", action="store_true",
                    help="also memory-saving with F/G back-propagated through autograd "
                         "instead of directly (the direct backward's A/B)")
+    p.add_argument("--keep-through-modules", action="store_true",
+                   help="also keep with its kept outputs recorded and replayed through module calls and "
+                        "autograd instead of the direct calls (direct keeping's A/B)")
+    p.add_argument("--keep-small", action="store_true",
+                   help="the keep rows keep every 3x3 convolution, also those below MIN_KEPT_FLOPS "
+                        "(in the launch proxy, where nothing is big enough to keep otherwise)")
     p.add_argument("--per-call-compile", action="store_true",
                    help="with --compile-fg: also the F/G-compiled rows with F and G compiled call by call "
                         "instead of whole couplings (the A/B of compiled couplings)")
