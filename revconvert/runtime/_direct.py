@@ -8,7 +8,10 @@ bookkeeping, ``F.batch_norm``'s argument checks): where kernels are short, as on
 batch sizes, that decides the step time. :class:`DirectSequential` runs the same layers by calling
 ``torch.conv2d``, ``torch.batch_norm`` and ``torch.relu`` with the same arguments the modules would
 pass, read from the modules at each call: the same aten ops with the same values, so outputs,
-running statistics and gradients are those of the module call, bit for bit.
+running statistics and gradients are those of the module call, bit for bit. One op differs: the
+training norms' batch counters go up together at the end of the call, in one ``_foreach_add_``
+(one kernel on a GPU instead of one per norm); only a norm with ``momentum=None`` reads its counter,
+and such a norm is called as a module.
 
 It calls the modules instead whenever anything could observe or change the difference:
 
