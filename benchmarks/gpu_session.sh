@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU check, sized for a 15-minute device lease: a single call of about 9 minutes
-# (a machine start of under a minute to 2, then the steps below, in order of what the open issues
-# need most). Each step runs under its own time limit so one slow step cannot eat the others, and
+# One prepared GPU check, sized for a 15-minute device lease: a single call of about 5 minutes
+# (a machine start of under a minute to 2, then the default steps: cuda_tests, speed_b96,
+# speed_eager, exactness, in order of what the open issues need most). Each step runs under its own time limit so one slow step cannot eat the others, and
 # writes its log and JSON under $OUT (or ./gpu_out), at most 8 files:
 #   cuda_tests: pytest -k cuda (autocast exactness, no device synchronisation, CUDA-graph capture,
 #      the direct backward against cuDNN's norms, compiled couplings under inductor, estimate vs the
@@ -10,8 +10,8 @@
 #      (original, checkpoint_sequential, memory-saving, ordinary autograd, keep, and memory-saving
 #      with the backward through autograd: the direct backward's A/B), time and peak memory, and the
 #      first four again with the whole step captured in a CUDA graph (launch overhead gone);
-#   plan: issue 15's plan table on the GPU (estimated vs max_memory_allocated peaks), resnet152 at
-#      64x224 (resnet50's was measured on an H100 already; add it to --models to measure it again);
+#   plan (only when named): issue 15's plan table on the GPU (estimated vs max_memory_allocated
+#      peaks), resnet152 at 64x224 (measured on an H200; resnet50's on an H100);
 #   speed_b96: the eager and graphed suite at batch 96, bf16: a step less bound by kernel launches,
 #      where keep keeps every 3x3 convolution (with its A/B: kept outputs through the module calls);
 #   exactness: whole-model exactness per precision (cuda_check.py);
@@ -41,7 +41,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(cuda_tests speed_eager plan speed_b96 exactness)  # speed_compile: by name
+[[ ${#steps[@]} -gt 0 ]] || steps=(cuda_tests speed_b96 speed_eager exactness)  # plan, speed_compile: by name
 for name in "${steps[@]}"; do
     case $name in
     speed_eager) step speed_eager 100 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
