@@ -121,16 +121,7 @@ class DirectSequential:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.observed() or has_torch_function_unary(x):
             return self.module(x)
-        counters: list[torch.Tensor] = []
-        for m, kind in zip(self.layers, self._kinds):
-            if kind == _RELU:
-                x = torch.relu_(x) if m.__dict__["inplace"] else torch.relu(x)
-            elif kind == _CONV:
-                x = _conv(m, x)
-            elif kind == _NORM:
-                x = _norm(m, x, counters)
-        _count_all(counters)
-        return x
+        return self._forward(x, (), None, [], [])
 
     def keeping(self, x: torch.Tensor, modules: Sequence[nn.Module], thresholds: dict[str, float] | None
                 ) -> tuple[torch.Tensor, Kept] | None:
@@ -145,20 +136,27 @@ class DirectSequential:
             return None
         tensors: list[torch.Tensor | None] = []
         versions: list[int | None] = []
+        x = self._forward(x, modules, thresholds, tensors, versions)
+        return x, Kept(tensors, versions)
+
+    def _forward(self, x: torch.Tensor, modules: Sequence[nn.Module], thresholds: dict[str, float] | None,
+                 tensors: list[torch.Tensor | None], versions: list[int | None]) -> torch.Tensor:
+        """The layers' calls; each convolution among ``modules`` appends its output (or None, if not
+        worth keeping) to ``tensors`` and its version counter to ``versions``."""
         counters: list[torch.Tensor] = []
         for m, kind in zip(self.layers, self._kinds):
             if kind == _RELU:
                 x = torch.relu_(x) if m.__dict__["inplace"] else torch.relu(x)
             elif kind == _CONV:
                 x = _conv(m, x)
-                if any(m is chosen for chosen in modules):
+                if modules and any(m is chosen for chosen in modules):
                     keep = worth_keeping(thresholds, m, x)
                     tensors.append(x if keep else None)
                     versions.append(x._version if keep else None)
             elif kind == _NORM:
                 x = _norm(m, x, counters)
         _count_all(counters)
-        return x, Kept(tensors, versions)
+        return x
 
     def vjp_supported(self) -> bool:
         """Whether the layers allow :meth:`vjp` whatever the input: what it checks per call that
