@@ -9,7 +9,8 @@
 #   speed_eager: issue 11's GPU suite, resnet152 32x3x224x224, float32 and bf16 autocast: eager rows
 #      (original, checkpoint_sequential, memory-saving, ordinary autograd, keep, and memory-saving
 #      with the backward through autograd: the direct backward's A/B), time and peak memory, and the
-#      first four again with the whole step captured in a CUDA graph (launch overhead gone);
+#      first four again with the whole step captured in a CUDA graph (launch overhead gone), and
+#      memory-saving with only its reversible segments captured (--graph-segments, an experiment);
 #   plan (only when named): issue 15's plan table on the GPU (estimated vs max_memory_allocated
 #      peaks), resnet152 at 64x224 (measured on an H200; resnet50's on an H100);
 #   speed_b96: the eager and graphed suite at batch 96, bf16: a step less bound by kernel launches,
@@ -45,7 +46,7 @@ steps=("$@")
 for name in "${steps[@]}"; do
     case $name in
     speed_eager) step speed_eager 100 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
-        --compile-backend none --cuda-graphs --autograd-backward --repeats 7 --json "$out/speed_eager.json" ;;
+        --compile-backend none --cuda-graphs --graph-segments --autograd-backward --repeats 7 --json "$out/speed_eager.json" ;;
     cuda_tests) step cuda_tests 150 "$py" -m pytest -q -k cuda tests -p no:cacheprovider ;;
     plan) step plan 240 "$py" benchmarks/plan.py --device cuda --models resnet152 --batch 64 --size 224 \
         --budgets 0.65 0.4 --compile-budgets 0.2 --reps 3 --json "$out/plan.json" ;;
@@ -53,7 +54,7 @@ for name in "${steps[@]}"; do
         --compile-dtypes bfloat16 --compile-fg --repeats 5 --json "$out/speed_compile.json" \
         --variants original memory-saving "compiled original" "memory-saving F/G compiled" \
         "compiled memory-saving F/G" ;;
-    speed_b96) step speed_b96 60 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --keep-through-modules \
+    speed_b96) step speed_b96 90 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --keep-through-modules --graph-segments \
         --dtypes bfloat16 --compile-backend none --cuda-graphs --repeats 5 --json "$out/speed_b96.json" ;;
     exactness) step exactness 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 ;;
     *) echo "unknown step $name"; exit 2 ;;

@@ -72,6 +72,7 @@ from revconvert.runtime._fused import FusedCoupling
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from compare import Checkpointed  # noqa: E402 - the same checkpoint_sequential baseline
 from speedlib import (  # noqa: E402
+    GraphedSegments,
     GraphedStep,
     Method,
     NarrowResNet,
@@ -271,6 +272,9 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
         methods.append(autograd_backward_variant(methods))
     if args.keep_through_modules:
         methods.append(keep_through_modules_variant(methods))
+    if args.graph_segments:
+        # only the reversible segments captured (speedlib.GraphedSegments): an experiment
+        methods.append(Method("graphed segments, memory-saving", GraphedSegments(converted), null))
     if args.cuda_graphs:
         # the whole step captured once and replayed (speedlib.GraphedStep): launch overhead gone
         methods += [Method(f"graphed {m.name}", GraphedStep(m.model), m.context) for m in methods
@@ -345,6 +349,10 @@ def gpu_suite(args: argparse.Namespace) -> list[Row]:
                 continue
             live.append(m)
             print(f"{suite} {m.name}: warm in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            if isinstance(m.model, GraphedSegments):  # the experiment's gradients against the eager segments'
+                eager = next(e for e in methods if e.name == "memory-saving")
+                row.note = f"gradient vs memory-saving: {grad_difference(m, eager, x, amp):.1e} relative L2"
+                print(f"{suite} {m.name}: {row.note}", file=sys.stderr, flush=True)
         errors: dict[str, str] = {}
         times = time_interleaved(live, lambda m: train_step(m, x, amp_dtype=amp), repeats=args.gpu_repeats,
                                  clock=args.clock_fn, errors=errors)
@@ -396,6 +404,9 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence
                        ratio(gpu, "memory-saving", "original", "peak_bytes"), 0.55)]
         out.append(Target(f"gpu {dtype}: keep / memory-saving time", ratio(gpu, "keep", "memory-saving", "time_s"),
                           1.0, strict=True))
+        if any(r.name == "graphed segments, memory-saving" for r in gpu):
+            out.append(Target(f"gpu {dtype}: graphed segments, memory-saving / original time (eager around them)",
+                              ratio(gpu, "graphed segments, memory-saving", "original", "time_s"), 1.6))
         if any(r.name == "graphed memory-saving" for r in gpu):
             out += [Target(f"gpu {dtype}: graphed memory-saving / graphed original time (CUDA graphs)",
                            ratio(gpu, "graphed memory-saving", "graphed original", "time_s"), 1.6),
@@ -455,6 +466,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-call-compile", action="store_true",
                    help="with --compile-fg: also the F/G-compiled rows with F and G compiled call by call "
                         "instead of whole couplings (the A/B of compiled couplings)")
+    p.add_argument("--graph-segments", action="store_true",
+                   help="gpu suite: also memory-saving with only its reversible segments captured in CUDA graphs "
+                        "(torch.cuda.make_graphed_callables; an experiment: what per-segment capture would give)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="gpu suite: also each eager variant's whole step captured in a CUDA graph and replayed")
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
@@ -469,6 +483,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                 f"torch.version.cuda={torch.version.cuda}); use --device cpu, or --gpu-suite for a CPU smoke run")
     if args.cuda_graphs and not cuda:
         p.error("--cuda-graphs needs --device cuda")
+    if args.graph_segments and not cuda:
+        p.error("--graph-segments needs --device cuda")
     if args.gpu_suite:
         args.suites = sorted(set(args.suites or ()) | {"gpu"}, key=SUITES.index)
     args.suites = args.suites or (["gpu", "ops"] if cuda else ["launch", "ops", "compute"])

@@ -7,6 +7,7 @@ Kept apart from the script so that a test can import the op counter without runn
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import statistics
 import sys
@@ -26,7 +27,7 @@ import revconvert
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from compare import Method  # noqa: E402 - (name, model, context), the same record compare.py uses
 
-__all__ = ["GraphedStep", "Method", "NarrowResNet", "OpCounter", "Row", "Target", "count_ops", "cpu_clock", "cuda_clock",
+__all__ = ["GraphedSegments", "GraphedStep", "Method", "NarrowResNet", "OpCounter", "Row", "Target", "count_ops", "cpu_clock", "cuda_clock",
            "error_line", "flops_of", "gpu_table", "median", "ops_breakdown", "ops_table", "ratio", "targets_table",
            "time_interleaved", "timed_table", "train_step", "where_table"]
 
@@ -138,6 +139,66 @@ class GraphedStep(nn.Module):
             self.static_x.copy_(x)
         self.graph.replay()
         return self.static_loss.detach().requires_grad_()
+
+
+class GraphedSegments(nn.Module):
+    """A copy of ``model`` (a conversion) whose reversible segments run their forward and backward as
+    CUDA graphs, captured by ``torch.cuda.make_graphed_callables`` at the first call, while the stem,
+    the projection blocks and the head stay eager: what capturing only the segments would cost.
+
+    An experiment for ``speed.py --graph-segments``, not a recipe: a graphed callable's output and
+    gradients live in the graphs' static memory, overwritten by the next replay, which is safe for one
+    forward and one backward per step as here and for nothing else. The segments are captured
+    together (one memory pool, in forward order), under the caller's autocast with its weight cache
+    off; a new autocast state or input shape captures anew.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = copy.deepcopy(model)  # the other rows keep their eager segments
+        self.segments = [m for m in self.inner.modules() if isinstance(m, revconvert.ReversibleSegment)]
+        self.key: tuple | None = None
+
+    def _capture(self, x: torch.Tensor) -> None:
+        for seg in self.segments:  # eager again (a new key): the graphed forward is an instance attribute
+            seg.__dict__.pop("forward", None)
+        torch.cuda.empty_cache()
+        inputs: dict[int, torch.Tensor] = {}
+        hooks = [seg.register_forward_pre_hook(lambda m, args, k=k: inputs.__setitem__(k, args[0]))
+                 for k, seg in enumerate(self.segments)]
+        try:
+            with torch.no_grad():
+                self.inner(x)  # each segment's input shape and dtype under this autocast state
+        finally:
+            for hook in hooks:
+                hook.remove()
+        samples = tuple((torch.randn_like(inputs[k]).requires_grad_(),) for k in range(len(self.segments)))
+        amp = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+               if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
+        with amp:
+            torch.cuda.make_graphed_callables(tuple(self.segments), samples)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"), tuple(x.shape), x.dtype)
+        if key != self.key:
+            self._capture(x)
+            self.key = key
+        return self.inner(x)
+
+
+def grad_difference(a: Method, b: Method, x: torch.Tensor, amp_dtype: torch.dtype | None) -> float:
+    """Relative L2 difference of the parameter gradients of one step of ``a`` and of ``b`` (models with
+    the same parameters in the same order)."""
+    grads = []
+    for m in (a, b):
+        amp = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with m.context():
+            with amp:
+                loss = m.model(x).float().mean()
+            loss.backward()
+        grads.append(torch.cat([p.grad.detach().flatten().double() for p in m.model.parameters()]))
+        m.model.zero_grad(set_to_none=True)
+    return float((grads[0] - grads[1]).norm() / grads[1].norm())
 
 
 def flops_of(method: Method, x: torch.Tensor) -> int:
@@ -285,6 +346,7 @@ class Row:
     peak_bytes: int | None = None
     compile_s: float | None = None  # first call of a compiled variant
     error: str | None = None
+    note: str | None = None  # printed after the gpu table
 
 
 @dataclass
@@ -393,8 +455,9 @@ def gpu_table(rows: Sequence[Row], clock_label: str) -> str:
         compile_s = "" if r.compile_s is None else f"{r.compile_s:.1f}"
         body.append([r.suite, r.name, _ms(r.time_s), _x(ratio(same, r.name, "original", "time_s")), peak,
                      _x(ratio(same, r.name, "original", "peak_bytes")), compile_s])
+    notes = "".join(f"\n{r.suite} {r.name}: {r.note}" for r in rows if r.note)
     return table(["precision", "variant", f"ms/step ({clock_label})", "vs original", "peak MiB", "vs original",
-                  "compile s"], body)
+                  "compile s"], body) + notes
 
 
 def targets_table(items: Sequence[Target]) -> str:

@@ -7,11 +7,13 @@ import pathlib
 import re
 import subprocess
 import sys
+from unittest import mock
 
 import torch
+import torchvision
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-from speedlib import Method, NarrowResNet, OpCounter, count_ops  # noqa: E402
+from speedlib import GraphedSegments, Method, NarrowResNet, OpCounter, count_ops  # noqa: E402
 
 import revconvert  # noqa: E402
 
@@ -94,3 +96,31 @@ def test_widths_benchmark_measures_the_widths_each_multiple_gives_resnet50() -> 
                  for m in seg.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)}
         benched = {widths[column] for _, k, _, widths in CONVS if k == 3}
         assert inner == {48, 96} | benched, (multiple, inner, benched)  # layer1, layer2 the same either way
+
+
+def test_graphed_segments_captures_every_segment_once_per_input_on_its_own_copy() -> None:
+    # the plumbing of speed.py --graph-segments, which only a GPU can run: every reversible segment
+    # handed to make_graphed_callables together, with samples of its real input's shape that require
+    # grad, hooks gone, once per input shape; the caller's model keeps its eager segments
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    converted = revconvert.convert(model, (2, 3, 64, 64)).train()
+    captures = []
+
+    def capture(callables, samples):  # noqa: ANN001, ANN202 - stands in for torch.cuda.make_graphed_callables
+        assert all(not seg._forward_pre_hooks and "forward" not in seg.__dict__ for seg in callables)
+        captures.append([(tuple(s.shape), s.requires_grad) for (s,) in samples])
+        for seg in callables:
+            seg.forward = seg.forward  # as make_graphed_callables does: an instance attribute
+        return callables
+
+    graphed = GraphedSegments(converted)
+    with mock.patch.object(torch.cuda, "make_graphed_callables", capture):
+        for size in (64, 64, 32):
+            out = graphed(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 1000)
+    assert captures == [[((2, 64, 16, 16), True), ((2, 128, 8, 8), True), ((2, 256, 4, 4), True),
+                         ((2, 512, 2, 2), True)],
+                        [((2, 64, 8, 8), True), ((2, 128, 4, 4), True), ((2, 256, 2, 2), True),
+                         ((2, 512, 1, 1), True)]]
+    assert not any("forward" in m.__dict__ for m in converted.modules())
