@@ -11,6 +11,9 @@ Two mechanisms carry it out, both with exact gradients:
   returns; in the recomputation, the module's call returns the recorded output through
   :class:`KeptConvolution`, an autograd Function whose backward is the convolution's own
   (``aten.convolution_backward`` on the recomputed input and the weight). No Python runs per aten op.
+  An F or G that runs through direct calls (``_direct.DirectSequential``) makes the same record in
+  its direct forward and hands the outputs back in its direct backward, without module calls or an
+  autograd graph; either record serves either replay.
 - **Op level** (a custom ``policy(func, args, kwargs)``): :class:`Record` and :class:`Replay`,
   ``TorchDispatchMode`` classes below autograd, keep and hand back the outputs of the selected aten ops,
   so the recomputed graph still records each op's backward node. This runs Python for every aten op
