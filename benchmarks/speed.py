@@ -143,12 +143,7 @@ def couplings_of(model: torch.nn.Module) -> int:
 def timed_suite(suite: str, original: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -> list[Row]:
     """FLOPs and interleaved median step times of the four variants."""
     methods = variants(original, x, fg_options(args.fg_backend, args) if args.compile_fg else None, args.keep_small)
-    if args.autograd_backward:
-        methods.append(autograd_backward_variant(methods))
-    if args.keep_through_modules:
-        methods.append(keep_through_modules_variant(methods))
-    if args.per_call_compile:
-        methods += per_call_variants(methods)
+    methods += ab_variants(methods, args)
     rows = [Row(suite, m.name) for m in methods]
     for m, row in zip(methods, rows):
         for _ in range(args.warmup):
@@ -190,6 +185,18 @@ def keep_through_modules_variant(methods: Sequence[Method]) -> Method:
     """The keep variant's model run under :func:`keep_through_modules`."""
     keep = next(m for m in methods if m.name == "keep")
     return Method("keep, through modules", keep.model, keep_through_modules)
+
+
+def ab_variants(methods: Sequence[Method], args: argparse.Namespace) -> list[Method]:
+    """The A/B rows asked for: models of ``methods`` again under the switches above."""
+    out = []
+    if args.autograd_backward:
+        out.append(autograd_backward_variant(methods))
+    if args.keep_through_modules:
+        out.append(keep_through_modules_variant(methods))
+    if args.per_call_compile:
+        out += per_call_variants(methods)
+    return out
 
 
 def per_call_variants(methods: Sequence[Method]) -> list[Method]:
@@ -268,10 +275,6 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
                Method("memory-saving", converted, null),
                Method("ordinary", converted, revconvert.ordinary_autograd),
                Method("keep", keep, null)]
-    if args.autograd_backward:
-        methods.append(autograd_backward_variant(methods))
-    if args.keep_through_modules:
-        methods.append(keep_through_modules_variant(methods))
     if args.graph_segments:
         # only the reversible segments captured (speedlib.GraphedSegments): an experiment
         methods.append(Method("graphed segments, memory-saving", GraphedSegments(converted), null))
@@ -290,8 +293,7 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
             fg = revconvert.convert(original, shape, config=inner).to(device).train()
             methods += [Method("compiled memory-saving F/G", compiled(fg, args.compile_backend), null),
                         Method("memory-saving F/G compiled", fg, null)]
-    if args.per_call_compile:
-        methods += per_call_variants(methods)
+    methods += ab_variants(methods, args)
     if args.variants:
         methods = [m for m in methods if m.name in args.variants]
     return methods

@@ -73,12 +73,17 @@ def train_step(method: Method, x: torch.Tensor, *, amp_dtype: torch.dtype | None
     ``method.context`` (``revconvert.ordinary_autograd`` for the ordinary rows) is around the
     forward and the backward; autocast, when asked for, around the forward only.
     """
+    backward_step(method, x, amp_dtype=amp_dtype)
+    method.model.zero_grad(set_to_none=True)
+
+
+def backward_step(method: Method, x: torch.Tensor, *, amp_dtype: torch.dtype | None = None) -> None:
+    """:func:`train_step` without its ``zero_grad``: the gradients stay in the model."""
     amp = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     with method.context():
         with amp:
             loss = method.model(x).float().mean()
         loss.backward()
-    method.model.zero_grad(set_to_none=True)
 
 
 class GraphedStep(nn.Module):
@@ -191,11 +196,7 @@ def grad_difference(a: Method, b: Method, x: torch.Tensor, amp_dtype: torch.dtyp
     the same parameters in the same order)."""
     grads = []
     for m in (a, b):
-        amp = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        with m.context():
-            with amp:
-                loss = m.model(x).float().mean()
-            loss.backward()
+        backward_step(m, x, amp_dtype=amp_dtype)
         grads.append(torch.cat([p.grad.detach().flatten().double() for p in m.model.parameters()]))
         m.model.zero_grad(set_to_none=True)
     return float((grads[0] - grads[1]).norm() / grads[1].norm())

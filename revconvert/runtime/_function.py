@@ -305,8 +305,8 @@ def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tenso
             and params == (plan.f_index if name == "F" else plan.g_index)[k] and len(params) == len(call.params):
         # Every parameter wanted, in module.parameters() order: no autograd graph needed (see _direct),
         # with the kept outputs handed back where the forward kept them at module level.
-        modules = None if kept is None else plan.kept_modules(fn, policy)
-        done = None if kept is not None and modules is None else call.vjp(source, grad, need_input, kept, modules or ())
+        modules = () if kept is None else plan.kept_modules(fn, policy)  # None: an op-level policy
+        done = None if modules is None else call.vjp(source, grad, need_input, kept, modules)
         if done is not None:
             if kept is not None and not kept.saved():
                 plan._keeps_nothing.add(_keep_key(plan, k, name, source))
