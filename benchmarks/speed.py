@@ -20,7 +20,8 @@ Suites (CPU ones run with ``torch.set_num_threads(1)`` and time each step in thr
   t, expand, detach, split, ...) and ``empty*`` / ``_unsafe_view`` / ``lift_fresh`` launch nothing
   and are not counted; every other op is one kernel (or one library call). Ops that ``keep`` hands
   back instead of recomputing are not dispatched, so they do not count. Also prints which ops the
-  memory-saving step adds to the ordinary one, and which revconvert code dispatches its ops.
+  memory-saving step adds to the ordinary one, and which revconvert code dispatches its ops; then
+  the same counts under autocast for each of ``--dtypes`` other than float32 (weight casts count).
 - ``compute``: compute-bound, resnet50 at 4x3x128x128, times and FLOPs
   (``torch.utils.flop_counter.FlopCounterMode``).
 - ``gpu`` (default with ``--device cuda``; ``--gpu-suite`` runs its code path on CPU at tiny
@@ -231,13 +232,16 @@ class OpsResult:
     couplings: int
 
 
-def ops_suite(args: argparse.Namespace) -> OpsResult:
-    """Kernel-launching aten ops per resnet152 step, by variant and by the runtime code running them."""
+def ops_suite(args: argparse.Namespace, dtype: str = "float32") -> OpsResult:
+    """Kernel-launching aten ops per resnet152 step, by variant and by the runtime code running them;
+    a ``dtype`` other than float32 runs the step under autocast to it (float32 weights and input)."""
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64, device=args.device)
     methods = variants(torchvision.models.resnet152(weights=None), x)
-    counters = {m.name: count_ops(m, x, where=True) for m in methods}
-    rows = [Row("ops", name, ops=c.total) for name, c in counters.items()]
+    amp = None if dtype == "float32" else getattr(torch, dtype)
+    counters = {m.name: count_ops(m, x, where=True, amp_dtype=amp) for m in methods}
+    suite = "ops" if dtype == "float32" else f"ops {dtype}"
+    rows = [Row(suite, name, ops=c.total) for name, c in counters.items()]
     return OpsResult(rows, {k: c.counts for k, c in counters.items()}, {k: c.where for k, c in counters.items()},
                      couplings_of(methods[2].model))
 
@@ -387,8 +391,10 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence
         if any(r.name == "memory-saving F/G compiled" for r in launch):  # the compiled target's CPU proxy
             out.append(Target("launch: memory-saving F/G compiled / compiled original time",
                               ratio(launch, "memory-saving F/G compiled", "compiled original", "time_s"), 1.5))
-    if (ops := by_suite.get("ops")) is not None:
-        out.append(Target("ops: memory-saving / ordinary aten ops", ratio(ops, "memory-saving", "ordinary", "ops"), 1.5))
+    for suite in ("ops", *(f"ops {d}" for d in dtypes if d != "float32")):
+        if (ops := by_suite.get(suite)) is not None:
+            out.append(Target(f"{suite}: memory-saving / ordinary aten ops",
+                              ratio(ops, "memory-saving", "ordinary", "ops"), 1.5))
     if (comp := by_suite.get("compute")) is not None:
         out += [Target("compute: ordinary / original time", ratio(comp, "ordinary", "original", "time_s"), 1.10),
                 Target("compute: memory-saving / original time", ratio(comp, "memory-saving", "original", "time_s"),
@@ -555,6 +561,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(ops_breakdown(counts, result.couplings, args.top))
             print("\nmemory-saving: where its ops are dispatched from:\n")
             print(where_table(where["memory-saving"], result.couplings, args.top))
+            for dtype in (d for d in args.dtypes if d != "float32"):  # autocast adds casts
+                low = ops_suite(args, dtype)
+                print(f"\n## the same step under {dtype} autocast\n")
+                print(ops_table(low.rows))
+                print("\nmemory-saving minus ordinary, by op:\n")
+                print(ops_breakdown(low.counts, low.couplings, args.top))
+                got = got + low.rows
         else:
             got = gpu_suite(args)
             print(f"## {args.gpu_model}, {args.gpu_batch}x3x{args.gpu_size}x{args.gpu_size}, "

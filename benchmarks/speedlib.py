@@ -263,10 +263,12 @@ class OpCounter(TorchDispatchMode):
         return sum(self.counts.values())
 
 
-def count_ops(method: Method, x: torch.Tensor, *, where: bool = False) -> OpCounter:
-    """Kernel-launching aten ops of one training step (``.counts`` by overload, ``.where``)."""
+def count_ops(method: Method, x: torch.Tensor, *, where: bool = False,
+              amp_dtype: torch.dtype | None = None) -> OpCounter:
+    """Kernel-launching aten ops of one training step (``.counts`` by overload, ``.where``), under
+    autocast to ``amp_dtype`` if given."""
     with OpCounter(where=where) as counter:
-        train_step(method, x)
+        train_step(method, x, amp_dtype=amp_dtype)
     return counter
 
 

@@ -399,6 +399,40 @@ def test_a_direct_call_counts_its_norms_batches_in_one_op():
     assert [int(m.num_batches_tracked) for m in seq if isinstance(m, nn.BatchNorm2d)] == [1, 0, 1]
 
 
+@pytest.mark.parametrize("kind", ["bottleneck", "strided"])
+def test_under_autocast_a_direct_call_casts_its_weights_in_one_op(kind):  # noqa: ANN001
+    # autocast casts each convolution's weight (and bias) on its own: one kernel each. The forward (as
+    # the segment runs it, outside autograd) casts them all in one _foreach_copy_; the recomputation
+    # does too, and casts the parameter gradients back in one more. Values: those of the module call
+    # and of autograd, bit for bit; only the input of the first convolution is cast alone.
+    seq = _layers(kind).float().train()
+    twin = copy.deepcopy(seq)
+    convs = sum(isinstance(m, nn.Conv2d) for m in seq)
+    x = torch.randn(4, 8, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        expected = seq(x)
+        with _OpCount() as count:
+            got = direct_call(twin)(x)
+    assert torch.equal(got, expected) and got.dtype == torch.bfloat16
+    _assert_identical(list(twin.buffers()), list(seq.buffers()))
+    assert count.ops[torch.ops.aten._foreach_copy_.default] == 1
+    assert count.ops[torch.ops.aten._to_copy.default] == 1  # the input
+    assert count.ops[torch.ops.aten.convolution.default] == convs
+
+    grad = torch.linspace(-1, 1, got.numel()).view_as(got)
+    with frozen_running_stats(_norms(seq)), torch.autocast("cpu", dtype=torch.bfloat16):
+        z = x.clone().requires_grad_()
+        out = seq(z)
+        want = torch.autograd.grad(out, [z, *seq.parameters()], grad)
+    with frozen_running_stats(_norms(twin)), torch.autocast("cpu", dtype=torch.bfloat16), _OpCount() as count:
+        got_out, got_input, got_params = direct_call(twin).vjp(x, grad, True)
+    assert torch.equal(got_out, out.detach())
+    _assert_identical([got_input, *got_params], list(want))
+    assert count.ops[torch.ops.aten._foreach_copy_.default] == 2  # the weights, then their gradients
+    # besides those: the input's cast, the incoming gradient's, and the input gradient's cast back
+    assert count.ops[torch.ops.aten._to_copy.default] == 3
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["float64", "bf16-autocast"])
 def test_kept_outputs_run_directly_and_skip_their_convolutions(autocast, no_module_forward):  # noqa: ANN001
     # keep="spatial-convs" through the direct calls: the forward keeps each 3x3 convolution's output,

@@ -33,7 +33,10 @@ values, the kernels and the memory are those of ``torch.autograd.grad`` over the
 autocast it makes autocast's casts itself: a convolution's input, weight and bias cast to the
 autocast dtype (every floating tensor but float64, as autocast's ``cached_cast`` does; norms and
 ReLUs run in their input's dtype, as autocast leaves them), and the gradients cast back to each
-tensor's dtype, as autograd's ``ToCopyBackward`` does. It declines (and the caller uses autograd)
+tensor's dtype, as autograd's ``ToCopyBackward`` does. The weights' and biases' casts are made
+together, in one ``_foreach_copy_`` per call (:func:`cast_all`), and so are their gradients' casts
+back; the forward does the same for its casts outside autograd. Autocast would launch one cast
+kernel per tensor: with three convolutions, that was a fifth of a bfloat16 step's kernels. It declines (and the caller uses autograd)
 for a norm in eval mode, a convolution whose padding is a string or whose input is not 4-D, an
 in-place ReLU that would overwrite a tensor the backward needs (autograd raises there), and wherever
 the forward would call a module.
@@ -56,7 +59,7 @@ from torch.overrides import has_torch_function_unary
 
 from ._keep import Kept, keep_mismatch, worth_keeping
 
-__all__ = ["DirectSequential", "direct_call"]
+__all__ = ["DirectSequential", "cast_all", "direct_call"]
 
 _aten = torch.ops.aten
 
@@ -144,11 +147,15 @@ class DirectSequential:
         """The layers' calls; each convolution among ``modules`` appends its output (or None, if not
         worth keeping) to ``tensors`` and its version counter to ``versions``."""
         counters: list[torch.Tensor] = []
-        for m, kind in zip(self.layers, self._kinds):
+        # Under autocast, outside autograd (the segment's forward), the convolutions' weights and biases
+        # are cast here, together (see cast_all); autocast then finds them cast and casts only inputs.
+        amp = None if torch.is_grad_enabled() else autocast_dtype(x.device.type)
+        casts = self._cast_params(amp) if amp is not None else None
+        for i, (m, kind) in enumerate(zip(self.layers, self._kinds)):
             if kind == _RELU:
                 x = torch.relu_(x) if m.__dict__["inplace"] else torch.relu(x)
             elif kind == _CONV:
-                x = _conv(m, x)
+                x = _conv(m, x, None if casts is None else casts[i])
                 if modules and any(m is chosen for chosen in modules):
                     keep = worth_keeping(thresholds, m, x)
                     tensors.append(x if keep else None)
@@ -157,6 +164,20 @@ class DirectSequential:
                 x = _norm(m, x, counters)
         _count_all(counters)
         return x
+
+    def _cast_params(self, amp: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
+        """Per layer, for a directly called convolution: its weight and bias as autocast to ``amp``
+        casts them (:func:`amp_cast`), all cast in one op (:func:`cast_all`); None for other layers."""
+        convs = [i for i, kind in enumerate(self._kinds) if kind == _CONV and _conv_direct(self.layers[i])]
+        tensors: list[torch.Tensor | None] = []
+        for i in convs:
+            p = self.layers[i]._parameters
+            tensors += (p["weight"], p["bias"])
+        cast = cast_all(tensors, [_amp_target(t, amp) for t in tensors])
+        out: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(self.layers)
+        for n, i in enumerate(convs):
+            out[i] = (cast[2 * n], cast[2 * n + 1])
+        return out
 
     def vjp_supported(self) -> bool:
         """Whether the layers allow :meth:`vjp` whatever the input: what it checks per call that
@@ -191,9 +212,11 @@ class DirectSequential:
         saved: list = []
         used = 0  # kept records read
         with torch.no_grad():
+            # autocast's casts, made here so that the backward has the cast tensors (see cast_all)
+            casts = self._cast_params(amp) if amp is not None else None
             h = x
             previous = None  # the last layer that computes anything
-            for m, kind in zip(self.layers, self._kinds):
+            for i, (m, kind) in enumerate(zip(self.layers, self._kinds)):
                 if kind != _IDENTITY:
                     if _overwrites_needed(m, kind, previous):
                         return None  # autograd refuses that backward, so it must be the one to raise
@@ -203,12 +226,11 @@ class DirectSequential:
                         return None
                     d, p = m.__dict__, m._parameters
                     weight, bias = p["weight"], p["bias"]
-                    if amp is None:
+                    if casts is None:
                         saved.append((h.dtype, h, weight))
-                    else:  # autocast's casts, made here so that the backward has the cast tensors
-                        # (the uncast input's dtype only: autograd's ToCopyBackward keeps no tensor)
+                    else:  # the uncast input's dtype only: autograd's ToCopyBackward keeps no tensor
                         cast = amp_cast(h, amp)
-                        weight, bias = amp_cast(weight, amp), None if bias is None else amp_cast(bias, amp)
+                        weight, bias = casts[i]
                         saved.append((h.dtype, cast, weight))
                         h = cast
                     out = None
@@ -240,7 +262,9 @@ class DirectSequential:
                 raise keep_mismatch("a directly called F or G", used, len(kept.tensors))
             out = h
             g = grad if grad.dtype == out.dtype else grad.to(out.dtype)  # as autograd casts it
-            grads: list[torch.Tensor | None] = [None] * len(self.params)
+            # (parameter slot, its gradient, the dtype autograd's ToCopyBackward casts it back to),
+            # in the order autograd accumulates them; the casts are made together at the end
+            pending: list[tuple[int, torch.Tensor, torch.dtype | None]] = []
             first = next((i for i, kind in enumerate(self._kinds) if kind != _IDENTITY), len(self._kinds))
             for i in reversed(range(first, len(self.layers))):
                 kind, m, item = self._kinds[i], self.layers[i], saved[i]
@@ -261,10 +285,8 @@ class DirectSequential:
                         g, cast, cast_weight, None if bias is None else [bias.shape[0]], d["stride"], d["padding"],
                         d["dilation"], False, [0] * len(d["stride"]), d["groups"],
                         [want_input, weight.requires_grad, bias is not None and bias.requires_grad])
-                    if amp is not None:  # ToCopyBackward: each gradient back in its tensor's dtype
-                        gi = None if gi is None else gi.to(input_dtype)
-                        gw = None if gw is None else gw.to(weight.dtype)
-                        gb = None if gb is None else gb.to(bias.dtype)
+                    if amp is not None and gi is not None:  # ToCopyBackward: back in the input's dtype
+                        gi = gi.to(input_dtype)
                     del cast, cast_weight
                 else:
                     h_in, save_mean, save_invstd, reserve, index = item
@@ -278,19 +300,32 @@ class DirectSequential:
                 del item
                 w_slot, b_slot = self._slots[i]
                 if w_slot >= 0 and weight.requires_grad:
-                    grads[w_slot] = gw if grads[w_slot] is None else grads[w_slot] + gw
+                    pending.append((w_slot, gw, weight.dtype))
                 if b_slot >= 0 and bias.requires_grad:
-                    grads[b_slot] = gb if grads[b_slot] is None else grads[b_slot] + gb
+                    pending.append((b_slot, gb, bias.dtype))
                 g = gi
+            # ToCopyBackward under autocast: each gradient back in its parameter's dtype
+            back = cast_all([t for _, t, _ in pending], [dtype for _, _, dtype in pending])
+            grads: list[torch.Tensor | None] = [None] * len(self.params)
+            for (slot, _, _), t in zip(pending, back):
+                grads[slot] = t if grads[slot] is None else grads[slot] + t
         return out, (g if need_input else None), grads
 
 
-def _conv(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _conv(m: nn.Module, x: torch.Tensor, cast: tuple[torch.Tensor, torch.Tensor | None] | None = None
+          ) -> torch.Tensor:
+    """``m(x)``; ``cast``: ``m``'s weight and bias already cast for autocast (:meth:`DirectSequential._cast_params`)."""
     d, p = m.__dict__, m._parameters
-    weight = p.get("weight")
-    if d["padding_mode"] != "zeros" or weight is None or "bias" not in p:
+    if not _conv_direct(m):
         return m(x)
-    return torch.conv2d(x, weight, p.get("bias"), d["stride"], d["padding"], d["dilation"], d["groups"])
+    weight, bias = cast if cast is not None else (p["weight"], p["bias"])
+    return torch.conv2d(x, weight, bias, d["stride"], d["padding"], d["dilation"], d["groups"])
+
+
+def _conv_direct(m: nn.Module) -> bool:
+    """Whether convolution ``m`` is called directly (zero padding, a weight, a bias entry)."""
+    p = m._parameters
+    return m.__dict__["padding_mode"] == "zeros" and p.get("weight") is not None and "bias" in p
 
 
 def _overwrites_needed(m: nn.Module, kind: int, previous: int | None) -> bool:
@@ -302,9 +337,7 @@ def _overwrites_needed(m: nn.Module, kind: int, previous: int | None) -> bool:
 def _conv_backward_ok(m: nn.Module) -> bool:
     """Whether convolution ``m`` can be back-propagated by ``convolution_backward`` as it is called
     here: zero padding given as numbers, a weight, and a bias entry (None or a parameter)."""
-    d, p = m.__dict__, m._parameters
-    return d["padding_mode"] == "zeros" and p.get("weight") is not None and "bias" in p \
-        and not isinstance(d["padding"], str)
+    return _conv_direct(m) and not isinstance(m.__dict__["padding"], str)
 
 
 def _norm_args(m: nn.Module, x: torch.Tensor) -> tuple | None:
@@ -359,6 +392,33 @@ def amp_cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Autocast's cast of an argument of a lower-precision op to ``dtype``: floating tensors other
     than float64; ``t`` itself when ``dtype`` is None (autocast off)."""
     return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+
+def cast_all(tensors: Sequence[torch.Tensor | None], dtypes: Sequence[torch.dtype | None]
+             ) -> list[torch.Tensor | None]:
+    """``tensors[i].to(dtypes[i])`` for each (None, or a None dtype, leaves the tensor as it is), the
+    casts to one dtype made in one ``_foreach_copy_`` into new tensors: one kernel on a GPU instead of
+    one per tensor, with the values and layout ``Tensor.to`` gives. Call it outside autograd."""
+    out = list(tensors)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, (t, dtype) in enumerate(zip(tensors, dtypes)):
+        if t is not None and dtype is not None and t.dtype != dtype:
+            groups.setdefault(dtype, []).append(i)
+    for dtype, todo in groups.items():
+        if len(todo) == 1:
+            out[todo[0]] = tensors[todo[0]].to(dtype)
+            continue
+        src = [tensors[i] for i in todo]
+        dst = [torch.empty_like(t, dtype=dtype) for t in src]
+        torch._foreach_copy_(dst, src)
+        for i, t in zip(todo, dst):
+            out[i] = t
+    return out
+
+
+def _amp_target(t: torch.Tensor | None, dtype: torch.dtype) -> torch.dtype | None:
+    """What :func:`amp_cast` casts ``t`` to under autocast to ``dtype`` (None: left as it is)."""
+    return dtype if t is not None and t.is_floating_point() and t.dtype != torch.float64 else None
 
 
 def _suggested_format(t: torch.Tensor) -> torch.memory_format:
