@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import conv_bn, layer_specs, sequential_of
 from revconvert import ReversibleCoupling, ReversibleSegment, ordinary_autograd
-from revconvert.runtime._direct import DirectSequential, direct_call
+from revconvert.runtime._direct import DirectSequential, cast_all, direct_call
 from revconvert.runtime._state import frozen_running_stats
 
 
@@ -431,6 +431,52 @@ def test_under_autocast_a_direct_call_casts_its_weights_in_one_op(kind):  # noqa
     assert count.ops[torch.ops.aten._foreach_copy_.default] == 2  # the weights, then their gradients
     # besides those: the input's cast, the incoming gradient's, and the input gradient's cast back
     assert count.ops[torch.ops.aten._to_copy.default] == 3
+
+
+def test_cast_all_gives_what_to_gives_in_one_op_per_pair_of_dtypes():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 3, 3, 3), torch.randn(5).half()
+    c = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    d = torch.randn(3, dtype=torch.float64)
+    tensors = [a, None, b, c, d, a]
+    dtypes = [torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16, None, torch.float32]
+    with _OpCount() as count:
+        got = cast_all(tensors, dtypes)
+    assert got[1] is None and got[4] is d and got[5] is a  # nothing to cast: the tensor itself
+    for g, t, dtype in zip(got, tensors, dtypes):
+        if t is not None and dtype is not None:
+            want = t.to(dtype)
+            assert g.dtype == dtype and torch.equal(g, want) and g.stride() == want.stride()
+    # float32 -> bfloat16 (a, c) in one op; float16 -> bfloat16 (b) alone, as Tensor.to
+    assert count.ops[torch.ops.aten._foreach_copy_.default] == 1
+    assert count.ops[torch.ops.aten._to_copy.default] == 1
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "bf16-autocast"])
+def test_a_segment_forward_casts_and_counts_for_all_its_functions_at_once(amp):  # noqa: ANN001
+    # One _foreach_copy_ casts every F's and G's convolution weights for the segment's forward (under
+    # autocast), one _foreach_add_ counts every norm's batch; the recomputation of each function
+    # casts its weights and their gradients back in one op each. Values, gradients, statistics and
+    # counters: those of the same segment run through module calls (a global hook), bit for bit.
+    torch.manual_seed(0)
+    couplings = 3
+    seg = ReversibleSegment([ReversibleCoupling(conv_bn(4), conv_bn(4)) for _ in range(couplings)])
+    via_modules = copy.deepcopy(seg)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        with _OpCount() as count:
+            got = _run(seg, seg, x)
+        hook = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+        try:
+            expected = _run(via_modules, via_modules, x)
+        finally:
+            hook.remove()
+    _assert_identical(got, expected)
+    assert [int(m.num_batches_tracked) for m in _norms(seg)] == [1] * 4 * couplings
+    assert count.ops[torch.ops.aten._foreach_add_.Scalar] == 1
+    assert count.ops[torch.ops.aten.add_.Tensor] == 0
+    # forward: once for the segment; each recomputed function: its weights, its gradients back
+    assert count.ops[torch.ops.aten._foreach_copy_.default] == ((1 + 2 * 2 * couplings) if amp else 0)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float64", "bf16-autocast"])

@@ -59,7 +59,7 @@ from torch.overrides import has_torch_function_unary
 
 from ._keep import Kept, keep_mismatch, worth_keeping
 
-__all__ = ["DirectSequential", "cast_all", "direct_call"]
+__all__ = ["DirectSequential", "ForwardBatch", "cast_all", "cast_params", "direct_call"]
 
 _aten = torch.ops.aten
 
@@ -121,13 +121,14 @@ class DirectSequential:
                     or torch._C._get_tracing_state() or torch._C._len_torch_function_stack()
                     or any(self._hook_dicts) or any(map(_replaced, self._attrs)))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        """``module(x)``; ``batch``: the segment forward's shared casts and counters (:class:`ForwardBatch`)."""
         if self.observed() or has_torch_function_unary(x):
             return self.module(x)
-        return self._forward(x, (), None, [], [])
+        return self._forward(x, (), None, [], [], batch)
 
-    def keeping(self, x: torch.Tensor, modules: Sequence[nn.Module], thresholds: dict[str, float] | None
-                ) -> tuple[torch.Tensor, Kept] | None:
+    def keeping(self, x: torch.Tensor, modules: Sequence[nn.Module], thresholds: dict[str, float] | None,
+                batch: ForwardBatch | None = None) -> tuple[torch.Tensor, Kept] | None:
         """:meth:`__call__`, keeping the outputs of the convolutions among ``modules`` that are worth
         keeping under ``thresholds`` (``_keep.MIN_KEPT_FLOPS``; None: every one).
 
@@ -139,18 +140,21 @@ class DirectSequential:
             return None
         tensors: list[torch.Tensor | None] = []
         versions: list[int | None] = []
-        x = self._forward(x, modules, thresholds, tensors, versions)
+        x = self._forward(x, modules, thresholds, tensors, versions, batch)
         return x, Kept(tensors, versions)
 
     def _forward(self, x: torch.Tensor, modules: Sequence[nn.Module], thresholds: dict[str, float] | None,
-                 tensors: list[torch.Tensor | None], versions: list[int | None]) -> torch.Tensor:
+                 tensors: list[torch.Tensor | None], versions: list[int | None],
+                 batch: ForwardBatch | None) -> torch.Tensor:
         """The layers' calls; each convolution among ``modules`` appends its output (or None, if not
-        worth keeping) to ``tensors`` and its version counter to ``versions``."""
-        counters: list[torch.Tensor] = []
+        worth keeping) to ``tensors`` and its version counter to ``versions``. With ``batch``, the
+        casts come from it and the norms' counters go to it."""
+        counters: list[torch.Tensor] = [] if batch is None else batch.counters
         # Under autocast, outside autograd (the segment's forward), the convolutions' weights and biases
         # are cast here, together (see cast_all); autocast then finds them cast and casts only inputs.
-        amp = None if torch.is_grad_enabled() else autocast_dtype(x.device.type)
-        casts = self._cast_params(amp) if amp is not None else None
+        casts = None if batch is None else batch.casts.get(id(self))
+        if casts is None and not torch.is_grad_enabled() and (amp := autocast_dtype(x.device.type)) is not None:
+            casts = cast_params((self,), amp)[0]
         for i, (m, kind) in enumerate(zip(self.layers, self._kinds)):
             if kind == _RELU:
                 x = torch.relu_(x) if m.__dict__["inplace"] else torch.relu(x)
@@ -162,22 +166,9 @@ class DirectSequential:
                     versions.append(x._version if keep else None)
             elif kind == _NORM:
                 x = _norm(m, x, counters)
-        _count_all(counters)
+        if batch is None:
+            _count_all(counters)
         return x
-
-    def _cast_params(self, amp: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
-        """Per layer, for a directly called convolution: its weight and bias as autocast to ``amp``
-        casts them (:func:`amp_cast`), all cast in one op (:func:`cast_all`); None for other layers."""
-        convs = [i for i, kind in enumerate(self._kinds) if kind == _CONV and _conv_direct(self.layers[i])]
-        tensors: list[torch.Tensor | None] = []
-        for i in convs:
-            p = self.layers[i]._parameters
-            tensors += (p["weight"], p["bias"])
-        cast = cast_all(tensors, [_amp_target(t, amp) for t in tensors])
-        out: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(self.layers)
-        for n, i in enumerate(convs):
-            out[i] = (cast[2 * n], cast[2 * n + 1])
-        return out
 
     def vjp_supported(self) -> bool:
         """Whether the layers allow :meth:`vjp` whatever the input: what it checks per call that
@@ -213,7 +204,7 @@ class DirectSequential:
         used = 0  # kept records read
         with torch.no_grad():
             # autocast's casts, made here so that the backward has the cast tensors (see cast_all)
-            casts = self._cast_params(amp) if amp is not None else None
+            casts = cast_params((self,), amp)[0] if amp is not None else None
             h = x
             previous = None  # the last layer that computes anything
             for i, (m, kind) in enumerate(zip(self.layers, self._kinds)):
@@ -312,9 +303,53 @@ class DirectSequential:
         return out, (g if need_input else None), grads
 
 
+Casts = list[tuple[torch.Tensor, torch.Tensor | None] | None]
+
+
+def cast_params(calls: Sequence[DirectSequential], amp: torch.dtype) -> list[Casts]:
+    """Per call, per layer: a directly called convolution's weight and bias as autocast to ``amp``
+    casts them (:func:`amp_cast`), None for other layers; all the calls' casts made together
+    (:func:`cast_all`). Call it outside autograd."""
+    where: list[tuple[int, int]] = []  # (call, layer) of each convolution
+    tensors: list[torch.Tensor | None] = []
+    for c, call in enumerate(calls):
+        for i, (m, kind) in enumerate(zip(call.layers, call._kinds)):
+            if kind == _CONV and _conv_direct(m):
+                p = m._parameters
+                where.append((c, i))
+                tensors += (p["weight"], p["bias"])
+    cast = cast_all(tensors, [_amp_target(t, amp) for t in tensors])
+    out: list[Casts] = [[None] * len(call.layers) for call in calls]
+    for n, (c, i) in enumerate(where):
+        out[c][i] = (cast[2 * n], cast[2 * n + 1])
+    return out
+
+
+class ForwardBatch:
+    """What the direct calls of one segment forward share: their convolutions' casts under autocast,
+    made for all of them at once (:func:`cast_params`: one op for the segment instead of one per
+    call), and their training norms' batch counters, incremented together by :meth:`finish` (one op
+    for the segment instead of one per call; nothing in the forward reads them, see
+    :func:`_count_all`). The casts live until the segment's forward ends, as autocast's own weight
+    cache keeps its casts until the autocast region ends."""
+
+    __slots__ = ("casts", "counters")
+
+    def __init__(self, calls: Sequence[DirectSequential], amp: torch.dtype | None) -> None:
+        self.counters: list[torch.Tensor] = []
+        self.casts: dict[int, Casts] = {}
+        if amp is not None and calls and not torch.is_grad_enabled():
+            self.casts = {id(call): casts for call, casts in zip(calls, cast_params(calls, amp))}
+
+    def finish(self) -> None:
+        """Increment the counters collected so far."""
+        counters, self.counters = self.counters, []
+        _count_all(counters)
+
+
 def _conv(m: nn.Module, x: torch.Tensor, cast: tuple[torch.Tensor, torch.Tensor | None] | None = None
           ) -> torch.Tensor:
-    """``m(x)``; ``cast``: ``m``'s weight and bias already cast for autocast (:meth:`DirectSequential._cast_params`)."""
+    """``m(x)``; ``cast``: ``m``'s weight and bias already cast for autocast (:func:`cast_params`)."""
     d, p = m.__dict__, m._parameters
     if not _conv_direct(m):
         return m(x)
@@ -384,7 +419,10 @@ def _count_all(counters: list[torch.Tensor]) -> None:
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast casts lower-precision ops to on ``device_type``, or None when it is off."""
+    """The dtype autocast casts lower-precision ops to on ``device_type``, or None when it is off
+    (or has no autocast: ``meta``, on which the memory planner runs)."""
+    if device_type == "meta":
+        return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
@@ -397,14 +435,15 @@ def amp_cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def cast_all(tensors: Sequence[torch.Tensor | None], dtypes: Sequence[torch.dtype | None]
              ) -> list[torch.Tensor | None]:
     """``tensors[i].to(dtypes[i])`` for each (None, or a None dtype, leaves the tensor as it is), the
-    casts to one dtype made in one ``_foreach_copy_`` into new tensors: one kernel on a GPU instead of
-    one per tensor, with the values and layout ``Tensor.to`` gives. Call it outside autograd."""
+    casts from one dtype to another made in one ``_foreach_copy_`` into new tensors (one kernel on a
+    GPU instead of one per tensor: CUDA's fast path wants one source and one target dtype), with the
+    values and layout ``Tensor.to`` gives. Call it outside autograd."""
     out = list(tensors)
-    groups: dict[torch.dtype, list[int]] = {}
+    groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
     for i, (t, dtype) in enumerate(zip(tensors, dtypes)):
         if t is not None and dtype is not None and t.dtype != dtype:
-            groups.setdefault(dtype, []).append(i)
-    for dtype, todo in groups.items():
+            groups.setdefault((t.dtype, dtype), []).append(i)
+    for (_, dtype), todo in groups.items():
         if len(todo) == 1:
             out[todo[0]] = tensors[todo[0]].to(dtype)
             continue

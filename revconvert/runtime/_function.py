@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._direct import DirectSequential, direct_call
+from ._direct import DirectSequential, ForwardBatch, autocast_dtype, direct_call
 from ._fused import FusedCoupling, fused_coupling
 from ._keep import Kept, KeepPolicy, kept_modules, kept_thresholds, recording, replaying
 from ._state import (
@@ -53,6 +53,8 @@ class Plan:
     ``generation`` is :func:`module_generation` when the plan was made: the plan is stale once it moves.
     ``f_calls``/``g_calls`` are what runs F and G: the modules, their direct calls, or compiled versions;
     ``fused[k]``, where compiled couplings are possible, runs coupling k as a whole (see ``_fused``).
+    ``direct`` are the direct calls (:class:`~._direct.DirectSequential`) the forward runs, one
+    :class:`~._direct.ForwardBatch` for all of them.
     """
 
     couplings: tuple[ReversibleCoupling, ...]
@@ -69,6 +71,7 @@ class Plan:
     g_calls: tuple = ()
     compile_options: dict | None = None
     fused: tuple[FusedCoupling | None, ...] = ()
+    direct: tuple[DirectSequential, ...] = ()
     _kept_modules: dict = field(default_factory=dict, compare=False, repr=False)
     _keeps_nothing: set = field(default_factory=set, compare=False, repr=False)
 
@@ -127,8 +130,10 @@ def make_plan(couplings: Sequence[ReversibleCoupling], dim: int, compile_options
     f_calls = tuple(compiled_call(c.F, n, compile_options) for c, n in zip(couplings, f_needs))
     g_calls = tuple(compiled_call(c.G, n, compile_options) for c, n in zip(couplings, g_needs))
     fused = tuple(_fused(c, fn, gn, compile_options) for c, fn, gn in zip(couplings, f_needs, g_needs))
+    direct = tuple(call for f, g, done in zip(f_calls, g_calls, fused) if done is None
+                   for call in (f, g) if type(call) is DirectSequential)
     return Plan(tuple(couplings), dim, tuple(params), tuple(f_index), tuple(g_index), f_needs, g_needs,
-                norms, random, module_generation(), f_calls, g_calls, compile_options, fused)
+                norms, random, module_generation(), f_calls, g_calls, compile_options, fused, direct)
 
 
 def _fused(coupling: ReversibleCoupling, f_needs: RecomputeNeeds, g_needs: RecomputeNeeds,
@@ -242,10 +247,14 @@ def _vjp(
 _run_backward = getattr(getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None)
 
 
-def _plain_call(plan: Plan, arg: torch.Tensor, k: int, name: str) -> torch.Tensor:
+def _plain_call(plan: Plan, arg: torch.Tensor, k: int, name: str, batch: ForwardBatch | None = None
+                ) -> torch.Tensor:
     """Coupling k's F or G on ``arg`` as the plan runs it without kept outputs (directly, compiled,
-    or the module)."""
-    return _call_checked((plan.f_calls if name == "F" else plan.g_calls)[k], arg, k, name)
+    or the module); a direct call in the forward shares ``batch``."""
+    call = (plan.f_calls if name == "F" else plan.g_calls)[k]
+    if batch is not None and type(call) is DirectSequential:
+        return _call_checked(lambda a: call(a, batch), arg, k, name)
+    return _call_checked(call, arg, k, name)
 
 
 def _keep_key(plan: Plan, k: int, name: str, arg: torch.Tensor) -> tuple:
@@ -254,20 +263,20 @@ def _keep_key(plan: Plan, k: int, name: str, arg: torch.Tensor) -> tuple:
 
 
 def _forward_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: str,
-                 kept: list[Kept | None]) -> torch.Tensor:
+                 kept: list[Kept | None], batch: ForwardBatch) -> torch.Tensor:
     policy = plan.couplings[k].keep
     # A call whose every candidate was too small to keep (MIN_KEPT_FLOPS), and whose recomputation
     # was checked to run the same kept calls, keeps nothing again at the same input size: it runs like
     # a call without keep (the plan, and this with it, is remade when modules change).
     if policy is None or _keep_key(plan, k, name, arg) in plan._keeps_nothing:
         kept.append(None)
-        return _plain_call(plan, arg, k, name)
+        return _plain_call(plan, arg, k, name, batch)
     modules = plan.kept_modules(fn, policy)
     thresholds = kept_thresholds(policy, plan.couplings[k].keep_small)
     call = (plan.f_calls if name == "F" else plan.g_calls)[k]
     if modules is not None and type(call) is DirectSequential:
         # module-level keeping without the module calls (see DirectSequential.keeping)
-        done = _call_checked(lambda a: call.keeping(a, modules, thresholds), arg, k, name)
+        done = _call_checked(lambda a: call.keeping(a, modules, thresholds, batch), arg, k, name)
         if done is not None:
             kept.append(done[1])
             return done[0]
@@ -345,19 +354,24 @@ class ReversibleFunction(torch.autograd.Function):
         rng: list[tuple[RNGState | None, RNGState | None]] = []
         kept: list[Kept | None] = []  # coupling k: kept[2k] for F, kept[2k + 1] for G
         x1, x2 = x.chunk(2, plan.dim)
-        for k, coupling in enumerate(plan.couplings):
-            fused = plan.fused[k]
-            if fused is not None and coupling.keep is None and fused.usable(x2):
-                x1, x2 = fused.forward(x1, x2)
-                kept += [None, None]
-                rng.append((None, None))
-                continue
-            rng_f = capture_rng(devices) if plan.f_needs[k].random else None
-            y1 = x1 + _forward_one(plan, coupling.F, x2, k, "F", kept)
-            rng_g = capture_rng(devices) if plan.g_needs[k].random else None
-            y2 = x2 + _forward_one(plan, coupling.G, y1, k, "G", kept)
-            rng.append((rng_f, rng_g))
-            x1, x2 = y1, y2
+        batch = ForwardBatch(plan.direct, autocast_dtype(x.device.type))  # casts and counters, once
+        try:
+            for k, coupling in enumerate(plan.couplings):
+                fused = plan.fused[k]
+                if fused is not None and coupling.keep is None and fused.usable(x2):
+                    x1, x2 = fused.forward(x1, x2)
+                    kept += [None, None]
+                    rng.append((None, None))
+                    continue
+                rng_f = capture_rng(devices) if plan.f_needs[k].random else None
+                y1 = x1 + _forward_one(plan, coupling.F, x2, k, "F", kept, batch)
+                rng_g = capture_rng(devices) if plan.g_needs[k].random else None
+                y2 = x2 + _forward_one(plan, coupling.G, y1, k, "G", kept, batch)
+                rng.append((rng_f, rng_g))
+                x1, x2 = y1, y2
+        finally:
+            batch.finish()
+        del batch  # the casts
         y = torch.cat((x1, x2), plan.dim)
         tensors = [t for record in kept if record is not None for t in record.saved()]
         ctx.save_for_backward(y, *tensors)
