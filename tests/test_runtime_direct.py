@@ -452,18 +452,19 @@ def test_cast_all_gives_what_to_gives_in_one_op_per_pair_of_dtypes():
     assert count.ops[torch.ops.aten._to_copy.default] == 1
 
 
-@pytest.mark.parametrize("amp", [False, True], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("amp", [False, True, "no-cache"], ids=["float32", "bf16-autocast", "bf16-no-cache"])
 def test_a_segment_forward_casts_and_counts_for_all_its_functions_at_once(amp):  # noqa: ANN001
     # One _foreach_copy_ casts every F's and G's convolution weights for the segment's forward (under
     # autocast), one _foreach_add_ counts every norm's batch; the recomputation of each function
     # casts its weights and their gradients back in one op each. Values, gradients, statistics and
     # counters: those of the same segment run through module calls (a global hook), bit for bit.
+    # With autocast's weight cache off, nothing is held: each function casts its own weights.
     torch.manual_seed(0)
     couplings = 3
     seg = ReversibleSegment([ReversibleCoupling(conv_bn(4), conv_bn(4)) for _ in range(couplings)])
     via_modules = copy.deepcopy(seg)
     x = torch.randn(2, 8, 6, 6)
-    with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+    with torch.autocast("cpu", torch.bfloat16, enabled=bool(amp), cache_enabled=amp != "no-cache"):
         with _OpCount() as count:
             got = _run(seg, seg, x)
         hook = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
@@ -476,7 +477,8 @@ def test_a_segment_forward_casts_and_counts_for_all_its_functions_at_once(amp): 
     assert count.ops[torch.ops.aten._foreach_add_.Scalar] == 1
     assert count.ops[torch.ops.aten.add_.Tensor] == 0
     # forward: once for the segment; each recomputed function: its weights, its gradients back
-    assert count.ops[torch.ops.aten._foreach_copy_.default] == ((1 + 2 * 2 * couplings) if amp else 0)
+    forward = {False: 0, True: 1, "no-cache": 2 * couplings}[amp]
+    assert count.ops[torch.ops.aten._foreach_copy_.default] == forward + (2 * 2 * couplings if amp else 0)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float64", "bf16-autocast"])

@@ -331,14 +331,15 @@ class ForwardBatch:
     call), and their training norms' batch counters, incremented together by :meth:`finish` (one op
     for the segment instead of one per call; nothing in the forward reads them, see
     :func:`_count_all`). The casts live until the segment's forward ends, as autocast's own weight
-    cache keeps its casts until the autocast region ends."""
+    cache keeps its casts until the autocast region ends; with that cache turned off
+    (``cache_enabled=False``), each call casts its own, freed after it, as autocast would."""
 
     __slots__ = ("casts", "counters")
 
     def __init__(self, calls: Sequence[DirectSequential], amp: torch.dtype | None) -> None:
         self.counters: list[torch.Tensor] = []
         self.casts: dict[int, Casts] = {}
-        if amp is not None and calls and not torch.is_grad_enabled():
+        if amp is not None and calls and not torch.is_grad_enabled() and torch.is_autocast_cache_enabled():
             self.casts = {id(call): casts for call, casts in zip(calls, cast_params(calls, amp))}
 
     def finish(self) -> None:
