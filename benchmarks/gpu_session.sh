@@ -10,7 +10,8 @@
 #      (original, checkpoint_sequential, memory-saving, ordinary autograd, keep, and memory-saving
 #      with the backward through autograd: the direct backward's A/B), time and peak memory, and the
 #      first four again with the whole step captured in a CUDA graph (launch overhead gone), and
-#      memory-saving with only its reversible segments captured (--graph-segments, an experiment);
+#      memory-saving with only its reversible segments captured (--graph-segments, an experiment),
+#      and each variant's kernel launches in one profiled step (--count-launches);
 #   plan (only when named): issue 15's plan table on the GPU (estimated vs max_memory_allocated
 #      peaks), resnet152 at 64x224 (measured on an H200; resnet50's on an H100);
 #   speed_b96: the eager and graphed suite at batch 96, bf16: a step less bound by kernel launches,
@@ -45,8 +46,9 @@ steps=("$@")
 [[ ${#steps[@]} -gt 0 ]] || steps=(cuda_tests speed_b96 speed_eager exactness)  # plan, speed_compile: by name
 for name in "${steps[@]}"; do
     case $name in
-    speed_eager) step speed_eager 100 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
-        --compile-backend none --cuda-graphs --graph-segments --autograd-backward --repeats 7 --json "$out/speed_eager.json" ;;
+    speed_eager) step speed_eager 140 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
+        --compile-backend none --cuda-graphs --graph-segments --autograd-backward --count-launches --repeats 7 \
+        --json "$out/speed_eager.json" ;;
     cuda_tests) step cuda_tests 150 "$py" -m pytest -q -k cuda tests -p no:cacheprovider ;;
     plan) step plan 240 "$py" benchmarks/plan.py --device cuda --models resnet152 --batch 64 --size 224 \
         --budgets 0.65 0.4 --compile-budgets 0.2 --reps 3 --json "$out/plan.json" ;;

@@ -79,6 +79,7 @@ from speedlib import (  # noqa: E402
     NarrowResNet,
     Row,
     Target,
+    count_launches,
     count_ops,
     cpu_clock,
     cuda_clock,
@@ -346,6 +347,8 @@ def gpu_suite(args: argparse.Namespace) -> list[Row]:
                     train_step(m, x, amp_dtype=amp)
                 else:
                     row.peak_bytes = peak_bytes(m, x, amp)
+                if args.count_launches and x.device.type == "cuda":
+                    row.launches = count_launches(lambda: train_step(m, x, amp_dtype=amp))  # noqa: B023
             except Exception as exc:  # noqa: BLE001 - a failed variant is a row, not a crash
                 kind = "compile failed" if m.name.startswith("compiled") else "failed"
                 row.error = f"{kind}: {error_line(exc)}"
@@ -474,6 +477,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-call-compile", action="store_true",
                    help="with --compile-fg: also the F/G-compiled rows with F and G compiled call by call "
                         "instead of whole couplings (the A/B of compiled couplings)")
+    p.add_argument("--count-launches", action="store_true",
+                   help="gpu suite on CUDA: also count each variant's kernel launches in one profiled step "
+                        "(torch.profiler; adds about a second per variant)")
     p.add_argument("--graph-segments", action="store_true",
                    help="gpu suite: also memory-saving with only its reversible segments captured in CUDA graphs "
                         "(torch.cuda.make_graphed_callables; an experiment: what per-segment capture would give)")

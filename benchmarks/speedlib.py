@@ -27,7 +27,7 @@ import revconvert
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from compare import Method  # noqa: E402 - (name, model, context), the same record compare.py uses
 
-__all__ = ["GraphedSegments", "GraphedStep", "Method", "NarrowResNet", "OpCounter", "Row", "Target", "count_ops", "cpu_clock", "cuda_clock",
+__all__ = ["LAUNCH_CALLS", "GraphedSegments", "GraphedStep", "Method", "NarrowResNet", "OpCounter", "Row", "Target", "count_launches", "count_ops", "cpu_clock", "cuda_clock",
            "error_line", "flops_of", "gpu_table", "median", "ops_breakdown", "ops_table", "ratio", "targets_table",
            "time_interleaved", "timed_table", "train_step", "where_table"]
 
@@ -348,6 +348,7 @@ class Row:
     ops: int | None = None
     peak_bytes: int | None = None
     compile_s: float | None = None  # first call of a compiled variant
+    launches: int | None = None  # CUDA kernel (and graph) launches of one step, from the profiler
     error: str | None = None
     note: str | None = None  # printed after the gpu table
 
@@ -452,15 +453,37 @@ def gpu_table(rows: Sequence[Row], clock_label: str) -> str:
     for r in rows:
         same = [s for s in rows if s.suite == r.suite]
         if r.error:
-            body.append([r.suite, r.name, r.error, "", "", "", ""])
+            body.append([r.suite, r.name, r.error, "", "", "", "", "", ""])
             continue
         peak = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}"
         compile_s = "" if r.compile_s is None else f"{r.compile_s:.1f}"
+        launches = "" if r.launches is None else str(r.launches)
         body.append([r.suite, r.name, _ms(r.time_s), _x(ratio(same, r.name, "original", "time_s")), peak,
-                     _x(ratio(same, r.name, "original", "peak_bytes")), compile_s])
+                     _x(ratio(same, r.name, "original", "peak_bytes")), launches,
+                     _x(ratio(same, r.name, "original", "launches")), compile_s])
     notes = "".join(f"\n{r.suite} {r.name}: {r.note}" for r in rows if r.note)
     return table(["precision", "variant", f"ms/step ({clock_label})", "vs original", "peak MiB", "vs original",
-                  "compile s"], body) + notes
+                  "launches", "vs original", "compile s"], body) + notes
+
+
+# The host calls that start work on the GPU, as the profiler names them: each one is a launch the
+# host pays for (a CUDA graph's replay is one, whatever it holds).
+LAUNCH_CALLS = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                          "cudaLaunchCooperativeKernel", "cudaGraphLaunch", "cudaMemsetAsync", "cudaMemcpyAsync"})
+
+
+def count_launches(fn: Callable[[], None]) -> int | None:
+    """Host-side launches (:data:`LAUNCH_CALLS`) of one call of ``fn``, from ``torch.profiler``; None
+    without CUDA. Deterministic for a given code path: the launch-bound step's cost in units."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.key in LAUNCH_CALLS)
 
 
 def targets_table(items: Sequence[Target]) -> str:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from unittest import mock
 
+import pytest
 import torch
 import torchvision
 
@@ -124,3 +125,31 @@ def test_graphed_segments_captures_every_segment_once_per_input_on_its_own_copy(
                         [((2, 64, 8, 8), True), ((2, 128, 4, 4), True), ((2, 256, 2, 2), True),
                          ((2, 512, 1, 1), True)]]
     assert not any("forward" in m.__dict__ for m in converted.modules())
+
+
+def test_gpu_table_reports_launches_against_the_original() -> None:
+    from speedlib import Row, gpu_table
+
+    rows = [Row("gpu float32", "original", time_s=0.01, launches=1000),
+            Row("gpu float32", "memory-saving", time_s=0.02, launches=2500)]
+    line = next(row for row in gpu_table(rows, "CUDA events").splitlines() if "memory-saving" in row)
+    assert "| 2500 | 2.50x |" in line
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_count_launches_counts_kernels_and_a_cuda_graph_replay_as_one() -> None:
+    from speedlib import count_launches
+
+    x = torch.randn(1024, device="cuda")
+    (x + 1).relu_()  # lazy initialisation out of the way
+    assert count_launches(lambda: (x + 1).relu_()) == 2
+    static = torch.empty_like(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        static.copy_((x * 2).relu_())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static.copy_((x * 2).relu_())
+    assert count_launches(graph.replay) == 1
