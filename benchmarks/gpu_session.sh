@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check, sized for a 15-minute device lease: a single call of about 5 minutes
+# One prepared GPU check, sized for a 15-minute device lease: a single call of about 6 minutes (limits add up to 410 s)
 # (a machine start of under a minute to 2, then the default steps: cuda_tests, speed_b96,
 # speed_eager, exactness, in order of what the open issues need most). Each step runs under its own time limit so one slow step cannot eat the others, and
 # writes its log and JSON under $OUT (or ./gpu_out), at most 8 files:
