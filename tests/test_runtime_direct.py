@@ -455,9 +455,9 @@ def test_cast_all_gives_what_to_gives_in_one_op_per_pair_of_dtypes():
 @pytest.mark.parametrize("amp", [False, True, "no-cache"], ids=["float32", "bf16-autocast", "bf16-no-cache"])
 def test_a_segment_forward_casts_and_counts_for_all_its_functions_at_once(amp):  # noqa: ANN001
     # One _foreach_copy_ casts every F's and G's convolution weights for the segment's forward (under
-    # autocast), one _foreach_add_ counts every norm's batch; the recomputation of each function
-    # casts its weights and their gradients back in one op each. Values, gradients, statistics and
-    # counters: those of the same segment run through module calls (a global hook), bit for bit.
+    # autocast), one _foreach_add_ counts every norm's batch; the backward casts each coupling's F and
+    # G weights in one op, and each function's gradients back in one. Values, gradients, statistics
+    # and counters: those of the same segment run through module calls (a global hook), bit for bit.
     # With autocast's weight cache off, nothing is held: each function casts its own weights.
     torch.manual_seed(0)
     couplings = 3
@@ -478,7 +478,7 @@ def test_a_segment_forward_casts_and_counts_for_all_its_functions_at_once(amp): 
     assert count.ops[torch.ops.aten.add_.Tensor] == 0
     # forward: once for the segment; each recomputed function: its weights, its gradients back
     forward = {False: 0, True: 1, "no-cache": 2 * couplings}[amp]
-    assert count.ops[torch.ops.aten._foreach_copy_.default] == forward + (2 * 2 * couplings if amp else 0)
+    assert count.ops[torch.ops.aten._foreach_copy_.default] == forward + (3 * couplings if amp else 0)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float64", "bf16-autocast"])

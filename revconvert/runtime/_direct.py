@@ -34,8 +34,9 @@ autocast it makes autocast's casts itself: a convolution's input, weight and bia
 autocast dtype (every floating tensor but float64, as autocast's ``cached_cast`` does; norms and
 ReLUs run in their input's dtype, as autocast leaves them), and the gradients cast back to each
 tensor's dtype, as autograd's ``ToCopyBackward`` does. The weights' and biases' casts are made
-together, in one ``_foreach_copy_`` per call (:func:`cast_all`), and so are their gradients' casts
-back; the forward does the same for its casts outside autograd. Autocast would launch one cast
+together, in one ``_foreach_copy_`` per call (:func:`cast_all`; the segment's backward makes them
+for a coupling's F and G at once and hands them in), and so are their gradients' casts back; the
+forward does the same for its casts outside autograd (:class:`ForwardBatch`, once per segment). Autocast would launch one cast
 kernel per tensor: with three convolutions, that was a fifth of a bfloat16 step's kernels. It declines (and the caller uses autograd)
 for a norm in eval mode, a convolution whose padding is a string or whose input is not 4-D, an
 in-place ReLU that would overwrite a tensor the backward needs (autograd raises there), and wherever
@@ -59,7 +60,7 @@ from torch.overrides import has_torch_function_unary
 
 from ._keep import Kept, keep_mismatch, worth_keeping
 
-__all__ = ["DirectSequential", "ForwardBatch", "cast_all", "cast_params", "direct_call"]
+__all__ = ["Casts", "DirectSequential", "ForwardBatch", "cast_all", "cast_params", "direct_call"]
 
 _aten = torch.ops.aten
 
@@ -184,7 +185,7 @@ class DirectSequential:
         return True
 
     def vjp(self, x: torch.Tensor, grad: torch.Tensor, need_input: bool, kept: Kept | None = None,
-            modules: Sequence[nn.Module] = ()
+            modules: Sequence[nn.Module] = (), casts: Casts | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]] | None:
         """Recompute on ``x`` and back-propagate ``grad`` (the output's gradient) without autograd.
 
@@ -195,7 +196,9 @@ class DirectSequential:
 
         ``kept``: the forward's record of the outputs of the convolutions among ``modules`` (module-level
         keeping, :meth:`keeping` or ``_keep.recording``); each one kept and unchanged since is used
-        instead of recomputing that convolution, as ``_keep``'s replay does.
+        instead of recomputing that convolution, as ``_keep``'s replay does. ``casts``: under
+        autocast, the weights already cast (:func:`cast_params`, made for F and G together by the
+        segment's backward); without them this call casts its own.
         """
         if self.observed() or has_torch_function_unary(x) or has_torch_function_unary(grad):
             return None
@@ -204,7 +207,10 @@ class DirectSequential:
         used = 0  # kept records read
         with torch.no_grad():
             # autocast's casts, made here so that the backward has the cast tensors (see cast_all)
-            casts = cast_params((self,), amp)[0] if amp is not None else None
+            if amp is None:
+                casts = None
+            elif casts is None:
+                casts = cast_params((self,), amp)[0]
             h = x
             previous = None  # the last layer that computes anything
             for i, (m, kind) in enumerate(zip(self.layers, self._kinds)):

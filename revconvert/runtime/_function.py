@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._direct import DirectSequential, ForwardBatch, autocast_dtype, direct_call
+from ._direct import Casts, DirectSequential, ForwardBatch, autocast_dtype, cast_params, direct_call
 from ._fused import FusedCoupling, fused_coupling
 from ._keep import Kept, KeepPolicy, kept_modules, kept_thresholds, recording, replaying
 from ._state import (
@@ -300,11 +300,13 @@ def _recompute_one(plan: Plan, fn: nn.Module, arg: torch.Tensor, k: int, name: s
 
 def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tensor, need_input: bool,
                params: Sequence[int], grad: torch.Tensor, kept: Kept | None, policy: KeepPolicy | None,
-               rng: RNGState | None) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+               rng: RNGState | None, casts: Casts | None = None
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """Recompute ``fn`` (coupling k's F or G) on ``source`` and back-propagate ``grad`` through it.
 
     Returns its output, without history, and the gradients of its input (first, if ``need_input``)
     and of ``params``. Its graph is freed on return, before the next function is recomputed.
+    ``casts``: its direct call's weights already cast for autocast (see :func:`_coupling_casts`).
     """
     if rng is not None:
         set_rng(rng)
@@ -315,7 +317,7 @@ def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tenso
         # Every parameter wanted, in module.parameters() order: no autograd graph needed (see _direct),
         # with the kept outputs handed back where the forward kept them at module level.
         modules = () if kept is None else plan.kept_modules(fn, policy)  # None: an op-level policy
-        done = None if modules is None else call.vjp(source, grad, need_input, kept, modules)
+        done = None if modules is None else call.vjp(source, grad, need_input, kept, modules, casts)
         if done is not None:
             if kept is not None and not kept.saved():
                 plan._keeps_nothing.add(_keep_key(plan, k, name, source))
@@ -326,6 +328,17 @@ def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tenso
         out = _recompute_one(plan, fn, _non_leaf(z), k, name, kept, policy)
         grads = _vjp(out, ([z] if need_input else []) + [plan.params[i] for i in params], grad)
     return out.detach(), grads
+
+
+def _coupling_casts(plan: Plan, k: int, device_type: str) -> tuple[Casts | None, Casts | None]:
+    """Under autocast, coupling k's G and F weights cast together for their recomputations (one op
+    instead of one per function, see :func:`~._direct.cast_params`), where both run directly."""
+    g_call, f_call = plan.g_calls[k], plan.f_calls[k]
+    amp = autocast_dtype(device_type)
+    if amp is None or type(g_call) is not DirectSequential or type(f_call) is not DirectSequential:
+        return None, None
+    g_casts, f_casts = cast_params((g_call, f_call), amp)
+    return g_casts, f_casts
 
 
 def _accumulate(param_grads: list[torch.Tensor | None], indices: Sequence[int],
@@ -431,9 +444,11 @@ class ReversibleFunction(torch.autograd.Function):
                     y2 = x2
                     continue
 
+                g_casts, f_casts = _coupling_casts(plan, k, y1.device.type) if need_f else (None, None)
                 # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
                 g, grads = _step_back(plan, k, "G", coupling.G, y1, need_f, g_params, gy2, kept[2 * k + 1],
-                                      policy, rng_g)
+                                      policy, rng_g, g_casts)
+                del g_casts
                 x2 = y2 - g
                 del g  # G's output is not needed while F is recomputed
                 if need_f:
@@ -445,7 +460,8 @@ class ReversibleFunction(torch.autograd.Function):
 
                 # F: reconstruct x1 = y1 - F(x2) and back-propagate dy1 (now total) through F.
                 f, grads = _step_back(plan, k, "F", coupling.F, x2, chain[k], f_params, gy1, kept[2 * k],
-                                      policy, rng_f)
+                                      policy, rng_f, f_casts)
+                del f_casts
                 x1 = y1 - f
                 del f
                 if chain[k]:
