@@ -170,8 +170,8 @@ per_call_compiled = functools.partial(mock.patch.object, FusedCoupling, "usable"
 _direct_vjp = DirectSequential.vjp
 
 
-def _vjp_without_kept(self: DirectSequential, x, grad, need_input, kept=None, modules=()):  # noqa: ANN001, ANN202
-    return None if kept is not None else _direct_vjp(self, x, grad, need_input)
+def _vjp_without_kept(self: DirectSequential, x, grad, need_input, kept=None, modules=(), casts=None):  # noqa: ANN001, ANN202
+    return None if kept is not None else _direct_vjp(self, x, grad, need_input, casts=casts)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import revconvert
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from compare import Method  # noqa: E402 - (name, model, context), the same record compare.py uses
 
-__all__ = ["LAUNCH_CALLS", "GraphedSegments", "GraphedStep", "Method", "NarrowResNet", "OpCounter", "Row", "Target", "count_launches", "count_ops", "cpu_clock", "cuda_clock",
+__all__ = ["LAUNCH_CALLS", "GraphedSegments", "GraphedStep", "Method", "NarrowResNet", "OpCounter", "Row", "Target", "backward_step", "count_launches", "count_ops", "cpu_clock", "cuda_clock",
            "error_line", "flops_of", "gpu_table", "median", "ops_breakdown", "ops_table", "ratio", "targets_table",
            "time_interleaved", "timed_table", "train_step", "where_table"]
 

@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-from speedlib import GraphedSegments, Method, NarrowResNet, OpCounter, count_ops  # noqa: E402
+from speedlib import GraphedSegments, Method, NarrowResNet, OpCounter, backward_step, count_ops  # noqa: E402
 
 import revconvert  # noqa: E402
 
@@ -56,6 +56,28 @@ def test_narrow_resnet_divides_every_width() -> None:
         == [8, 16, 32, 64]
     assert model.layer4[-1].conv3.out_channels == 256 == model.fc.in_features
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_keep_through_modules_runs_kept_calls_through_the_modules_with_the_same_gradients() -> None:
+    # the A/B switch of speed.py --keep-through-modules must keep up with DirectSequential's signatures
+    import speed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), *[_Block(8) for _ in range(2)])
+    x = torch.randn(2, 3, 8, 8)
+    keep = speed.keep_every(revconvert.convert(model, x.shape, config=revconvert.ConvertConfig(keep="spatial-convs")),
+                            True)
+    direct = Method("keep", keep, contextlib.nullcontext)
+    via_modules = speed.keep_through_modules_variant([direct])
+    with mock.patch.object(revconvert.runtime._keep._ModuleReplay, "check_done", autospec=True,
+                           side_effect=revconvert.runtime._keep._ModuleReplay.check_done) as replayed:
+        backward_step(via_modules, x)
+    assert replayed.call_count > 0  # the kept outputs went back through the module-level replay
+    grads = [p.grad.clone() for p in keep.parameters()]
+    keep.zero_grad(set_to_none=True)
+    backward_step(direct, x)
+    for g, p in zip(grads, keep.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)
 
 
 class _Block(torch.nn.Module):
