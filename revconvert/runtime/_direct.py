@@ -394,12 +394,16 @@ def _norm_args(m: nn.Module, x: torch.Tensor) -> tuple | None:
     return (x, p.get("weight"), p.get("bias"), mean, var, training, momentum, eps, torch.backends.cudnn.enabled)
 
 
+def _counter(m: nn.Module) -> torch.Tensor | None:
+    """The batch counter ``_BatchNorm.forward`` increments for norm ``m`` (None in eval mode or without one)."""
+    return m._buffers.get("num_batches_tracked") if m.__dict__["training"] else None
+
+
 def _count(m: nn.Module) -> None:
     """A training norm's batch counter, incremented as ``_BatchNorm.forward`` does."""
-    if m.__dict__["training"]:
-        counter = m._buffers.get("num_batches_tracked")
-        if counter is not None:
-            counter.add_(1)
+    counter = _counter(m)
+    if counter is not None:
+        counter.add_(1)
 
 
 def _norm(m: nn.Module, x: torch.Tensor, counters: list[torch.Tensor]) -> torch.Tensor:
@@ -407,10 +411,9 @@ def _norm(m: nn.Module, x: torch.Tensor, counters: list[torch.Tensor]) -> torch.
     args = _norm_args(m, x)
     if args is None:
         return m(x)
-    if m.__dict__["training"]:
-        counter = m._buffers.get("num_batches_tracked")
-        if counter is not None:
-            counters.append(counter)
+    counter = _counter(m)
+    if counter is not None:
+        counters.append(counter)
     return torch.batch_norm(*args)
 
 
@@ -436,7 +439,8 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 def amp_cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Autocast's cast of an argument of a lower-precision op to ``dtype``: floating tensors other
     than float64; ``t`` itself when ``dtype`` is None (autocast off)."""
-    return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+    target = None if dtype is None else _amp_target(t, dtype)
+    return t if target is None else t.to(target)
 
 
 def cast_all(tensors: Sequence[torch.Tensor | None], dtypes: Sequence[torch.dtype | None]

@@ -337,7 +337,7 @@ def _coupling_casts(plan: Plan, k: int, device_type: str) -> tuple[Casts | None,
     amp = autocast_dtype(device_type)
     if amp is None or type(g_call) is not DirectSequential or type(f_call) is not DirectSequential:
         return None, None
-    g_casts, f_casts = cast_params((g_call, f_call), amp)
+    g_casts, f_casts = cast_params((g_call, f_call), amp)  # one op for both
     return g_casts, f_casts
 
 
