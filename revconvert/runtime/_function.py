@@ -332,10 +332,12 @@ def _step_back(plan: Plan, k: int, name: str, fn: nn.Module, source: torch.Tenso
 
 def _coupling_casts(plan: Plan, k: int, device_type: str) -> tuple[Casts | None, Casts | None]:
     """Under autocast, coupling k's G and F weights cast together for their recomputations (one op
-    instead of one per function, see :func:`~._direct.cast_params`), where both run directly."""
+    instead of one per function, see :func:`~._direct.cast_params`), where both are back-propagated
+    directly (:func:`_step_back`'s condition that does not depend on the call: no other buffers)."""
     g_call, f_call = plan.g_calls[k], plan.f_calls[k]
     amp = autocast_dtype(device_type)
-    if amp is None or type(g_call) is not DirectSequential or type(f_call) is not DirectSequential:
+    if amp is None or type(g_call) is not DirectSequential or type(f_call) is not DirectSequential \
+            or plan.f_needs[k].other_buffers or plan.g_needs[k].other_buffers:
         return None, None
     g_casts, f_casts = cast_params((g_call, f_call), amp)  # one op for both
     return g_casts, f_casts
@@ -444,7 +446,8 @@ class ReversibleFunction(torch.autograd.Function):
                     y2 = x2
                     continue
 
-                g_casts, f_casts = _coupling_casts(plan, k, y1.device.type) if need_f else (None, None)
+                g_casts, f_casts = _coupling_casts(plan, k, y1.device.type) if need_f and every_param \
+                    else (None, None)  # else each function that runs directly casts its own
                 # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
                 g, grads = _step_back(plan, k, "G", coupling.G, y1, need_f, g_params, gy2, kept[2 * k + 1],
                                       policy, rng_g, g_casts)
