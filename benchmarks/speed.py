@@ -8,7 +8,9 @@ op counts and FLOPs are deterministic):
 - ``ordinary``: ``revconvert.convert(model, example)`` run under ``revconvert.ordinary_autograd()``
   (forward and backward): the converted function with every activation stored;
 - ``memory-saving``: the same converted model with its reversible backward (the default);
-- ``keep``: ``ConvertConfig(keep="spatial-convs")``: couplings keep their 3x3 conv outputs.
+- ``keep``: ``ConvertConfig(keep="spatial-convs")``: couplings keep their 3x3 conv outputs;
+- ``paired`` / ``paired ordinary``: ``ConvertConfig(pair_blocks=True)`` (F from one block, G from
+  the next: half the layers), memory-saving and under ordinary autograd.
 
 Suites (CPU ones run with ``torch.set_num_threads(1)`` and time each step in thread CPU time):
 
@@ -106,7 +108,8 @@ def fg_options(backend: str, args: argparse.Namespace) -> dict:
 def variants(original: torch.nn.Module, x: torch.Tensor, compile_fg: dict | None = None,
              keep_small: bool = False) -> list[Method]:
     """original, converted under ordinary autograd, converted memory-saving, converted keep (with
-    ``keep_small``: keeping every 3x3 convolution, however small); with ``compile_fg`` (torch.compile
+    ``keep_small``: keeping every 3x3 convolution, however small), paired under ordinary autograd and
+    memory-saving; with ``compile_fg`` (torch.compile
     options) also the original compiled with them and memory-saving with F and G compiled."""
     null = contextlib.nullcontext
     original = original.to(x.device).train()
@@ -115,10 +118,15 @@ def variants(original: torch.nn.Module, x: torch.Tensor, compile_fg: dict | None
     torch.manual_seed(0)
     keep = keep_every(revconvert.convert(original, x.shape, config=revconvert.ConvertConfig(keep="spatial-convs")),
                       keep_small)
+    torch.manual_seed(0)
+    paired = revconvert.convert(original, x.shape, config=revconvert.ConvertConfig(pair_blocks=True))
+    paired = paired.to(x.device).train()
     methods = [Method("original", original, null),
                Method("ordinary", converted, revconvert.ordinary_autograd),
                Method("memory-saving", converted, null),
-               Method("keep", keep.to(x.device).train(), null)]
+               Method("keep", keep.to(x.device).train(), null),
+               Method("paired ordinary", paired, revconvert.ordinary_autograd),
+               Method("paired", paired, null)]
     if compile_fg:
         torch.manual_seed(0)
         fg = revconvert.convert(original, x.shape, config=revconvert.ConvertConfig(compile=compile_fg))
@@ -279,7 +287,9 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
                Method("ckpt-sequential", Checkpointed(original, per_block=False), null),
                Method("memory-saving", converted, null),
                Method("ordinary", converted, revconvert.ordinary_autograd),
-               Method("keep", keep, null)]
+               Method("keep", keep, null),
+               Method("paired", revconvert.convert(original, shape, config=revconvert.ConvertConfig(pair_blocks=True))
+                      .to(device).train(), null)]
     if args.graph_segments:
         # only the reversible segments captured (speedlib.GraphedSegments): an experiment
         methods.append(Method("graphed segments, memory-saving", GraphedSegments(converted), null))
@@ -390,20 +400,26 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence
         out += [Target("launch: memory-saving / ordinary time", ratio(launch, "memory-saving", "ordinary", "time_s"), 1.6),
                 Target("launch: memory-saving / original time", ratio(launch, "memory-saving", "original", "time_s"), 2.6),
                 Target("launch: keep / memory-saving time", ratio(launch, "keep", "memory-saving", "time_s"), 1.0,
-                       strict=True)]
+                       strict=True),
+                Target("launch: paired / original time", ratio(launch, "paired", "original", "time_s"), 2.6)]
         if any(r.name == "memory-saving F/G compiled" for r in launch):  # the compiled target's CPU proxy
             out.append(Target("launch: memory-saving F/G compiled / compiled original time",
                               ratio(launch, "memory-saving F/G compiled", "compiled original", "time_s"), 1.5))
     for suite in ("ops", *(f"ops {d}" for d in dtypes if d != "float32")):
         if (ops := by_suite.get(suite)) is not None:
-            out.append(Target(f"{suite}: memory-saving / ordinary aten ops",
-                              ratio(ops, "memory-saving", "ordinary", "ops"), 1.5))
+            out += [Target(f"{suite}: memory-saving / ordinary aten ops",
+                           ratio(ops, "memory-saving", "ordinary", "ops"), 1.5),
+                    Target(f"{suite}: paired / paired ordinary aten ops",
+                           ratio(ops, "paired", "paired ordinary", "ops"), 1.5)]
     if (comp := by_suite.get("compute")) is not None:
         out += [Target("compute: ordinary / original time", ratio(comp, "ordinary", "original", "time_s"), 1.10),
                 Target("compute: memory-saving / original time", ratio(comp, "memory-saving", "original", "time_s"),
                        1.30),
                 Target("compute: keep / memory-saving time", ratio(comp, "keep", "memory-saving", "time_s"), 1.0,
-                       strict=True)]
+                       strict=True),
+                Target("compute: paired ordinary / original time", ratio(comp, "paired ordinary", "original", "time_s"),
+                       1.10),
+                Target("compute: paired / original time", ratio(comp, "paired", "original", "time_s"), 1.30)]
     for dtype in dtypes:
         if (gpu := by_suite.get(f"gpu {dtype}")) is None:
             continue
@@ -415,6 +431,13 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence
                        ratio(gpu, "memory-saving", "original", "peak_bytes"), 0.55)]
         out.append(Target(f"gpu {dtype}: keep / memory-saving time", ratio(gpu, "keep", "memory-saving", "time_s"),
                           1.0, strict=True))
+        if any(r.name == "paired" for r in gpu):
+            out += [Target(f"gpu {dtype}: paired / original time, eager", ratio(gpu, "paired", "original", "time_s"),
+                           1.6),
+                    Target(f"gpu {dtype}: paired / ckpt-sequential time",
+                           ratio(gpu, "paired", "ckpt-sequential", "time_s"), 1.0, strict=True),
+                    Target(f"gpu {dtype}: paired / original peak memory",
+                           ratio(gpu, "paired", "original", "peak_bytes"), 0.55)]
         if any(r.name == "graphed segments, memory-saving" for r in gpu):
             out.append(Target(f"gpu {dtype}: graphed segments, memory-saving / original time (eager around them)",
                               ratio(gpu, "graphed segments, memory-saving", "original", "time_s"), 1.6))

@@ -167,6 +167,10 @@ def _conversion_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--recompute-budget", type=_budget, default=None, metavar="FRACTION",
                     help="most extra FLOPs per step the memory-saving backward may cost, as a fraction of "
                          "ordinary autograd (e.g. 0.2); couplings keep outputs until it fits")
+    sp.add_argument("--pair-blocks", action="store_true",
+                    help="build each coupling from two consecutive blocks (F from one, G from the next) "
+                         "instead of F and G both from one block: half the layers, so a step launches "
+                         "about half the kernels (faster where launches set the pace, as on GPUs)")
 
 
 def _positive_int(text: str) -> int:
@@ -209,9 +213,10 @@ def _run(args: argparse.Namespace) -> int:
     if getattr(args, "plot", None):
         check_output(args.plot, "--plot")
     plan_data = _plan_file(args.plan) if getattr(args, "plan", None) else None
-    if plan_data is not None and (args.only or args.checkpoint_stored or args.keep or args.recompute_budget is not None):
-        raise CLIError("--plan sets the conversion; do not combine it with --only, --checkpoint-stored, --keep "
-                       "or --recompute-budget")
+    if plan_data is not None and (args.only or args.checkpoint_stored or args.keep or args.recompute_budget is not None
+                                  or args.pair_blocks):
+        raise CLIError("--plan sets the conversion; do not combine it with --only, --checkpoint-stored, --keep, "
+                       "--recompute-budget or --pair-blocks")
     if args.command == "plan" and args.batch_size is None and args.max_flops_ratio is None:
         raise CLIError("give --batch-size, or --max-flops-ratio to find the largest batch that fits")
     if getattr(args, "memory", None):
@@ -244,7 +249,8 @@ def _run(args: argparse.Namespace) -> int:
         return _emit(args, plan.to_dict(), text)
 
     config = revconvert.ConvertConfig(checkpoint_stored=args.checkpoint_stored, keep=args.keep,
-                                      recompute_budget=args.recompute_budget, **trace)
+                                      recompute_budget=args.recompute_budget, pair_blocks=args.pair_blocks,
+                                      **trace)
     if args.command == "convert":
         from dataclasses import replace
 

@@ -475,3 +475,16 @@ def test_plan_mistakes_are_checked_before_any_work(folder):
     assert proc.returncode == 2 and "--plan bad.json" in proc.stderr and not (folder / "out.pt").exists()
     proc = run(folder, "convert", "resnet18", "-o", "out.pt", "--plan", "missing.json")
     assert proc.returncode == 2 and "--plan missing.json" in proc.stderr
+
+
+def test_convert_pair_blocks(tmp_path, capsys):
+    out = tmp_path / "c.pt"
+    assert main(["convert", "resnet18", "-o", str(out), "--input-size", "64", "--pair-blocks", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # resnet18's layer1 run has two blocks: one coupling, F from layer1.0 and G from layer1.1
+    assert summary["couplings"]["layer1.rev_0_1"] == 1
+    model = torch.load(out, weights_only=False)
+    assert model.get_submodule("layer1.rev_0_1").coupling_blocks == (("layer1.0", "layer1.1"),)
+    (tmp_path / "plan.json").write_text("{}")
+    assert main(["convert", "resnet18", "-o", str(out), "--plan", str(tmp_path / "plan.json"), "--pair-blocks"]) == 2
+    assert "--pair-blocks" in capsys.readouterr().err

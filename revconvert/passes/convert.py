@@ -20,6 +20,7 @@ from torch import nn
 
 from ..analysis.audit import Analysis, analyze
 from ..analysis.channels import ChannelPlan
+from ..analysis.graph import ResidualBlock
 from ..analysis.hooks import copy_sharing_hooks, module_hooks, no_global_hooks
 from ..analysis.ops import mutated_inputs
 from ..analysis.propagation import plan_channels
@@ -59,6 +60,15 @@ class ConvertConfig:
             channel counts convolution kernels run fastest on, on GPUs and on vectorised CPU
             kernels; 1 turns rounding off). A block whose parameter match would then miss by more
             than 10% is rounded to half of it instead (16, then 8, ...), down to unrounded widths.
+        pair_blocks: build each coupling from two consecutive blocks of a run, F from the first and G
+            from the second (as RevNet's couplings are built), instead of F and G both from one block.
+            Each function then matches its own block's parameters (wider inner layers on half the
+            channels), and the converted model runs half the layers of the default conversion: a
+            step launches about half the kernels, which decides its time wherever the host that
+            launches them sets the pace (a GPU at small or moderate batches). A run of odd length ends
+            with one block converted as by default. The same parameter count as the default
+            conversion, within ``width``'s matching; a different network (half as many couplings,
+            each wider), so a checkpoint of one does not load into the other.
         post_activation: ``"move"`` puts the activation that followed the residual addition at the
             front of F and G and applies it once at the segment exit; ``"drop"`` removes it.
         zero_init: start the last norm of F and G at zero so every coupling starts as the identity.
@@ -105,6 +115,7 @@ class ConvertConfig:
     select: Callable[[str], bool] | None = None
     width: str | float = "match-params"
     width_multiple: int = 32
+    pair_blocks: bool = False
     post_activation: str = "move"
     zero_init: bool = True
     memory_saving: bool = True
@@ -134,6 +145,8 @@ class ConvertConfig:
         multiple = self.width_multiple
         if isinstance(multiple, bool) or not isinstance(multiple, int) or not 1 <= multiple <= 128:
             raise ValueError(f"ConvertConfig.width_multiple must be an integer from 1 to 128, got {multiple!r}")
+        if not isinstance(self.pair_blocks, bool):
+            raise TypeError(f"ConvertConfig.pair_blocks must be True or False, got {self.pair_blocks!r}")
         if self.post_activation not in _POST:
             raise ValueError(f"ConvertConfig.post_activation must be one of {_POST}, got {self.post_activation!r}")
         if self.keep is not None and self.keep not in KEEP_POLICIES:
@@ -239,13 +252,24 @@ def _eliminate_dead_code(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def _choose_widths(plans: dict[str, ChannelPlan], config: ConvertConfig, params_before: int) -> dict[str, Widths]:
-    """Every block's widths (:func:`choose_widths`). Each coupling is within 10% of its block's
-    parameters where it can be; if the rounding to ``width_multiple`` moves the whole model more than
-    5% from its parameter count, the finer multiples (half, a quarter...) are tried, as for one block."""
+def coupling_groups(blocks: list[ResidualBlock], pair: bool) -> list[tuple[ResidualBlock, ...]]:
+    """The blocks each coupling of a run is built from, in order: one block each (F and G both
+    from it), or with ``pair`` two consecutive blocks (F from the first, G from the second), a run
+    of odd length ending with one block on its own."""
+    if not pair:
+        return [(b,) for b in blocks]
+    return [tuple(blocks[i:i + 2]) for i in range(0, len(blocks), 2)]
+
+
+def _choose_widths(plans: dict[str, ChannelPlan], functions: dict[str, int], config: ConvertConfig,
+                   params_before: int) -> dict[str, Widths]:
+    """Every block's widths (:func:`choose_widths`; ``functions``: how many residual functions each
+    block becomes). Each block's functions are within 10% of its parameters where they can be; if
+    the rounding to ``width_multiple`` moves the whole model more than 5% from its parameter count,
+    the finer multiples (half, a quarter...) are tried, as for one block."""
     multiple = config.width_multiple
     while True:
-        chosen = {name: choose_widths(plan, config.width, multiple) for name, plan in plans.items()}
+        chosen = {name: choose_widths(plan, config.width, multiple, functions[name]) for name, plan in plans.items()}
         drift = sum(w.params - w.target for name, w in chosen.items() if plans[name].inner_groups)
         if config.width != "match-params" or multiple == 1 or abs(drift) <= 0.05 * max(params_before, 1):
             return chosen
@@ -260,19 +284,21 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
     nodes = {n.name: n for n in gm.graph.nodes}
     mismatched: dict[str, float] = {}
     plans = {b.name: plan_channels(gm, b, nodes) for blocks in analysis.runs.values() for b in blocks}
-    chosen = _choose_widths(plans, config, params_before)
+    groups = {seg: coupling_groups(blocks, config.pair_blocks) for seg, blocks in analysis.runs.items()}
+    functions = {b.name: 2 // len(group) for seg in groups.values() for group in seg for b in group}
+    chosen = _choose_widths(plans, functions, config, params_before)
+
+    def function(block: ResidualBlock) -> nn.Module:
+        plan, widths = plans[block.name], chosen[block.name]
+        if config.width == "match-params" and abs(widths.ratio - 1) > 0.1:
+            mismatched[block.name] = widths.ratio
+        pre = None
+        if block.post_op and config.post_activation == "move":
+            pre = out_of_place_copy(gm, nodes[block.post_op])
+        return build_residual_function(gm, block, plan, widths, pre_activation=pre, zero_init=config.zero_init)
+
     for seg_name, blocks in analysis.runs.items():
-        couplings = []
-        for block in blocks:
-            plan, widths = plans[block.name], chosen[block.name]
-            if config.width == "match-params" and abs(widths.ratio - 1) > 0.1:
-                mismatched[block.name] = widths.ratio
-            pre = None
-            if block.post_op and config.post_activation == "move":
-                pre = out_of_place_copy(gm, nodes[block.post_op])
-            make = lambda: build_residual_function(gm, block, plan, widths,  # noqa: E731
-                                                   pre_activation=pre, zero_init=config.zero_init)
-            couplings.append(ReversibleCoupling(make(), make()))
+        couplings = [ReversibleCoupling(function(group[0]), function(group[-1])) for group in groups[seg_name]]
         last = blocks[-1]
         exit_act = None
         if last.post_op and config.post_activation == "move":
@@ -280,6 +306,7 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
         segment = ReversibleSegment(couplings, dim=1, exit_activation=exit_act, compile=config.compile)
         segment.use_reversible_backward = config.memory_saving
         segment.source_blocks = tuple(b.name for b in blocks)
+        segment.coupling_blocks = tuple(tuple(b.name for b in group) for group in groups[seg_name])
         # The rebuilt layers are copies of the originals: they carry their requires_grad and their
         # train/eval mode (a norm kept in eval mode to freeze its statistics stays so); train() on the
         # segment must not reset those modes.
@@ -322,13 +349,13 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
                  if isinstance(seg, ReversibleSegment) for k, c in enumerate(seg.couplings)}
     if config.keep_blocks is not None:
         by_block = {block.name: f"{seg}.couplings.{k}" for seg, blocks in analysis.runs.items()
-                    for k, block in enumerate(blocks)}
+                    for k, group in enumerate(coupling_groups(blocks, config.pair_blocks)) for block in group}
         missing = [b for b in config.keep_blocks if b not in by_block]
         if missing:
             raise ConversionError(f"ConvertConfig.keep_blocks names {missing[0]!r}, which is not a converted "
                                   f"block; converted blocks are {list(by_block)[:8]}"
                                   f"{' ...' if len(by_block) > 8 else ''}")
-        names, overhead = [by_block[b] for b in config.keep_blocks], None
+        names, overhead = list(dict.fromkeys(by_block[b] for b in config.keep_blocks)), None
     elif config.recompute_budget is None:
         names, overhead = list(couplings), None
     else:
@@ -423,6 +450,7 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     summary = ConversionSummary(
         model=report.model, blocks=len(report.blocks), converted_blocks=converted_blocks,
         segments={name: [b.name for b in blocks] for name, blocks in analysis.runs.items()},
+        couplings={name: len(coupling_groups(blocks, config.pair_blocks)) for name, blocks in analysis.runs.items()},
         stored_reasons=stored, params_before=params_before,
         params_after=sum(p.numel() for p in gm.parameters()),
         not_selected=[b.name for b in report.blocks if b.reversible and not b.selected],

@@ -31,6 +31,8 @@ class ConversionSummary:
     # block -> its coupling's parameters / the block's, where more than 10% off (a branch of one
     # convolution has no inner width to scale: its coupling has about half the parameters)
     param_mismatch: dict[str, float] = field(default_factory=dict)
+    # segment -> its number of couplings, where not one per block (ConvertConfig(pair_blocks=True))
+    couplings: dict[str, int] = field(default_factory=dict)
 
     @property
     def param_ratio(self) -> float:
@@ -43,7 +45,8 @@ class ConversionSummary:
                  f"{format_count(self.params_before)} -> {format_count(self.params_after)} "
                  f"({self.param_ratio:.3f}x)"]
         if self.segments:
-            rows = [(name, len(blocks), blocks[0] if len(blocks) == 1 else f"{blocks[0]} .. {blocks[-1]}")
+            rows = [(name, self.couplings.get(name, len(blocks)),
+                     blocks[0] if len(blocks) == 1 else f"{blocks[0]} .. {blocks[-1]}")
                     for name, blocks in self.segments.items()]
             lines += ["", render_table(("segment", "couplings", "replaces"), rows, align="lrl")]
         if self.not_selected:
@@ -101,4 +104,6 @@ def combine_summaries(previous: ConversionSummary, new: ConversionSummary,
         recompute_overhead=new.recompute_overhead if new.recompute_overhead is not None
         else previous.recompute_overhead,
         checkpointed={**previous.checkpointed, **new.checkpointed},
+        param_mismatch={**previous.param_mismatch, **new.param_mismatch},
+        couplings={**previous.couplings, **new.couplings},
         conversions=previous.conversions + new.conversions)

@@ -77,7 +77,8 @@ class Widths:
     Attributes:
         groups: new width of every width group of the plan.
         scale: the factor applied to inner widths.
-        params: parameters of F and G together.
+        params: parameters of the residual functions rebuilt from the block (F and G together, or
+            the one function of a paired coupling).
         target: parameters of the original branch.
     """
 
@@ -91,11 +92,13 @@ class Widths:
         return self.params / max(self.target, 1)
 
 
-def choose_widths(plan: ChannelPlan, width: str | float, multiple: int = 1) -> Widths:
-    """The widths of F and G for ``plan``.
+def choose_widths(plan: ChannelPlan, width: str | float, multiple: int = 1, functions: int = 2) -> Widths:
+    """The widths of the residual functions rebuilt from the block of ``plan``.
 
-    ``width="match-params"`` picks the inner-width scale whose two residual functions together have
-    the parameter count closest to the original branch; ``"keep"`` keeps inner widths; a number
+    ``functions`` is how many functions the block becomes: 2 (F and G of its own coupling), or 1 (F
+    or G of a coupling shared with the next block, ``ConvertConfig(pair_blocks=True)``).
+    ``width="match-params"`` picks the inner-width scale whose ``functions`` residual functions
+    together have the parameter count closest to the original branch; ``"keep"`` keeps inner widths; a number
     scales them by that factor. Inner widths are multiples of every group count acting on them and
     of the coarsest of ``multiple``, ``multiple // 2``, ... (down to 1) that keeps the coupling within
     10% of the parameters it aims at (the branch's, or the unrounded factor's): convolution kernels
@@ -110,7 +113,7 @@ def choose_widths(plan: ChannelPlan, width: str | float, multiple: int = 1) -> W
 
     def at(p: ChannelPlan, scale: float) -> Widths:
         groups = p.new_widths(half, scale)
-        return Widths(groups, scale, 2 * p.param_count(groups), target)
+        return Widths(groups, scale, functions * p.param_count(groups), target)
 
     if width == "keep" or not plan.inner_groups:
         return at(plan, 1.0)
@@ -119,7 +122,7 @@ def choose_widths(plan: ChannelPlan, width: str | float, multiple: int = 1) -> W
     for m in alignments(multiple):  # the last, 1, is the group counts alone: taken whatever it misses by
         aligned = dataclasses.replace(plan, align={**plan.align, **{
             g: math.lcm(plan.align.get(g, 1), m) for g in plan.inner_groups}})
-        widths = at(aligned, _best_scale(*_key(aligned)) if matching else float(width))
+        widths = at(aligned, _best_scale(*_key(aligned), functions) if matching else float(width))
         if abs(widths.params / max(goal, 1) - 1) <= 0.10:
             break
     return widths
@@ -138,14 +141,14 @@ def _key(plan: ChannelPlan) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def _best_scale(widths: tuple, align: tuple, counted: tuple) -> float:
-    """The scale whose F and G together come closest to the branch's parameters; blocks of one stage
-    share the answer (cached on everything the count depends on)."""
+def _best_scale(widths: tuple, align: tuple, counted: tuple, functions: int = 2) -> float:
+    """The scale whose ``functions`` residual functions together come closest to the branch's
+    parameters; blocks of one stage share the answer (cached on everything the count depends on)."""
     plan = ChannelPlan(axis=1, widths=dict(widths), align=dict(align), counted=counted)
     half, target = plan.widths[OUTER] // 2, plan.param_count(plan.widths)
-    best, best_err = 1.0, abs(2 * plan.param_count(plan.new_widths(half, 1.0)) - target)
+    best, best_err = 1.0, abs(functions * plan.param_count(plan.new_widths(half, 1.0)) - target)
     for i in range(1, 801):  # scales 0.005 .. 4.0; a parameter count is a few integer products
-        err = abs(2 * plan.param_count(plan.new_widths(half, i / 200)) - target)
+        err = abs(functions * plan.param_count(plan.new_widths(half, i / 200)) - target)
         if err < best_err:
             best, best_err = i / 200, err
     return best
