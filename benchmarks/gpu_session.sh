@@ -7,7 +7,7 @@
 #      the direct backward against cuDNN's norms, compiled couplings under inductor, estimate vs the
 #      CUDA allocator);
 #   speed_eager: issue 11's GPU suite, resnet152 32x3x224x224, float32 and bf16 autocast: eager rows
-#      (original, checkpoint_sequential, memory-saving, ordinary autograd, keep, and memory-saving
+#      (original, checkpoint_sequential, memory-saving, ordinary autograd, keep, paired (ConvertConfig(pair_blocks=True)), and memory-saving
 #      with the backward through autograd: the direct backward's A/B), time and peak memory, and the
 #      first four again with the whole step captured in a CUDA graph (launch overhead gone), and
 #      memory-saving with only its reversible segments captured (--graph-segments, an experiment),

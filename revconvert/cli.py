@@ -132,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                     help="parameter and input dtype (default: %(default)s)")
     sp.add_argument("-o", "--output", metavar="JSON", help="write the plan (for revconvert convert --plan)")
+    sp.add_argument("--pair-blocks", action="store_true",
+                    help="plan for couplings of two blocks each (revconvert convert --pair-blocks): half the "
+                         "layers, faster where kernel launches set the pace")
     return p
 
 
@@ -309,7 +312,8 @@ def _make_plan(args: argparse.Namespace, model: Any, shape: tuple[int, ...], bat
 
     return revconvert.plan_memory(model, args.memory, input_size=shape, batch_size=batch,
                                   optimizer=args.optimizer, dtype=getattr(torch, args.dtype),
-                                  max_flops_ratio=getattr(args, "max_flops_ratio", None))
+                                  max_flops_ratio=getattr(args, "max_flops_ratio", None),
+                                  pair_blocks=args.pair_blocks)
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: list[str]) -> int:

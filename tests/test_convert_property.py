@@ -64,16 +64,19 @@ def nets(draw) -> tuple[Net, int]:
     return Net(c, blocks), n
 
 
-@settings(max_examples=12, deadline=None)
-@given(nets(), st.integers(0, 2**16))
-def test_random_residual_nets_convert_exactly(net_and_n, seed):
+@settings(max_examples=16, deadline=None)
+@given(nets(), st.integers(0, 2**16), st.booleans())
+def test_random_residual_nets_convert_exactly(net_and_n, seed, pair):
+    # pair: ConvertConfig(pair_blocks=True), where F and G of a coupling come from two blocks of
+    # different styles (a group-norm block's F before a depthwise block's G, ...)
     net, n = net_and_n
     torch.manual_seed(seed)
     report = revconvert.audit(net, (2, 3, 6, 6))
     assert len(report.blocks) == n and all(b.reversible for b in report.blocks), str(report)
-    converted = revconvert.convert(net, (2, 3, 6, 6), config=revconvert.ConvertConfig(zero_init=False)).double()
+    config = revconvert.ConvertConfig(zero_init=False, pair_blocks=pair)
+    converted = revconvert.convert(net, (2, 3, 6, 6), config=config).double()
     segments = [m for m in converted.modules() if isinstance(m, revconvert.ReversibleSegment)]
-    assert len(segments) == 1 and len(segments[0].couplings) == n
+    assert len(segments) == 1 and len(segments[0].couplings) == ((n + 1) // 2 if pair else n)
     reference = copy.deepcopy(converted)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()

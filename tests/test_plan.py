@@ -247,3 +247,37 @@ def test_checkpoint_split_names_must_be_checkpointed_parts():
         ConvertConfig(checkpoint_stored=("stem",), checkpoint_split=("layer2.0",))
     with pytest.raises(revconvert.ConversionError, match="checkpoint_split names 'layer9.0'"):
         revconvert.convert(model, x, config=ConvertConfig(checkpoint_stored=True, checkpoint_split=("layer9.0",)))
+
+
+def test_realise_keeps_the_blocks_of_the_last_couplings_when_paired():
+    from revconvert.memory.plan_costs import RUN, Choice, Unit
+
+    unit = Unit("layer1.rev_0_2", RUN, ("layer1.0", "layer1.1", "layer1.2"), pairs=True)
+    assert unit.couplings == [("layer1.0", "layer1.1"), ("layer1.2",)]
+    base = ConvertConfig(pair_blocks=True)
+    assert realise([unit], [Choice("V", 1)], base=base).keep_blocks == ("layer1.2",)
+    config = realise([unit], [Choice("V", 2)], base=base)
+    assert config.keep_blocks == ("layer1.0", "layer1.1", "layer1.2") and config.pair_blocks
+    assert Choice("V", 1).label(unit) == "reversible, last 1 of 2 keep"
+
+
+def test_paired_plan_fits_as_measured():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50()  # runs of 2, 3, 5 and 2 eligible blocks: 1, 2, 3 and 1 couplings
+    planner = _Planner(model, (3, 64, 64), torch.float32, "sgd-momentum", torch.device("cpu"), "spatial-convs", {},
+                       pair_blocks=True)
+    cal = planner.calibrate(2)
+    least = planner.plan(1, 2, None, cal)
+    budget = int((least.peak_bytes + cal.original_peak) / 2)
+    plan = planner.plan(budget, 2, None, cal)
+    assert plan.fits and plan.config.pair_blocks and "pair_blocks" in str(plan)
+    x = torch.randn(2, 3, 64, 64)
+    peak, flops = _measured(model, x, plan.config, optimizer="sgd-momentum")
+    assert peak <= budget * 1.02 and abs(peak - plan.peak_bytes) <= 0.02 * plan.peak_bytes
+    assert flops / _original_flops(model, x) == pytest.approx(plan.flops_ratio, rel=1e-9)
+    segments = [m for m in revconvert.convert(model, x, config=plan.config).modules()
+                if isinstance(m, revconvert.ReversibleSegment)]
+    assert segments and all(len(s.couplings) == (len(s.source_blocks) + 1) // 2 for s in segments)
+    assert config_from_dict(json.loads(json.dumps(plan.to_dict()))) == plan.config
+    with pytest.raises(TypeError, match="pair_blocks"):
+        revconvert.plan_memory(model, budget, input_size=64, batch_size=2, pair_blocks="yes")

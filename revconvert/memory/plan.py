@@ -79,6 +79,7 @@ def plan_memory(
     device: torch.device | str | None = None,
     max_flops_ratio: float | None = None,
     keep: str = "spatial-convs",
+    pair_blocks: bool = False,
     **trace_options: Any,
 ) -> MemoryPlan:
     """Choose the conversion whose training step fits ``budget`` at the least step FLOPs.
@@ -103,6 +104,9 @@ def plan_memory(
         max_flops_ratio: the most step FLOPs a plan may cost, over the original's (required with
             ``batch_size=None``; otherwise plans above it are not considered).
         keep: the outputs a kept coupling keeps (``ReversibleCoupling(keep=...)``).
+        pair_blocks: plan for couplings of two blocks each (``ConvertConfig(pair_blocks=True)``: half
+            the layers, faster where kernel launches set the pace); ``plan.config`` then has it set,
+            and "the last ``m`` couplings keep" counts those couplings.
         **trace_options: tracing options (``leaf_modules=...``).
 
     Returns:
@@ -131,6 +135,8 @@ def plan_memory(
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; plan_memory passes only "
                          f"tracing options on: {', '.join(TRACE_OPTIONS)}")
+    if not isinstance(pair_blocks, bool):
+        raise TypeError(f"pair_blocks must be True or False, got {pair_blocks!r}")
     if max_flops_ratio is not None and (isinstance(max_flops_ratio, bool) or
                                         not isinstance(max_flops_ratio, (int, float)) or max_flops_ratio < 1):
         raise ValueError(f"max_flops_ratio must be a number >= 1 (e.g. 1.2: at most 20% more step FLOPs), "
@@ -142,7 +148,7 @@ def plan_memory(
     elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     with no_global_hooks():  # its steps run on fake and meta tensors: no hook of the caller's may see them
-        planner = _Planner(model, shape, dtype, optimizer, device, keep, trace_options)
+        planner = _Planner(model, shape, dtype, optimizer, device, keep, trace_options, pair_blocks)
         try:
             if batch_size is None:
                 return planner.largest_batch(budget_bytes, float(max_flops_ratio))
@@ -156,12 +162,12 @@ def plan_memory(
 
 class _Planner:
     def __init__(self, model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, optimizer: str | None,
-                 device: torch.device, keep: str, trace_options: dict[str, Any]) -> None:
+                 device: torch.device, keep: str, trace_options: dict[str, Any], pair_blocks: bool = False) -> None:
         self.model, self.shape, self.dtype, self.optimizer, self.device = model, shape, dtype, optimizer, device
         self.keep = keep
         self.trace_options = trace_options
-        self.base = ConvertConfig(**trace_options)
-        self.units = find_units(model, (2, *shape), trace_options)
+        self.base = ConvertConfig(pair_blocks=pair_blocks, **trace_options)
+        self.units = find_units(model, (2, *shape), trace_options, pairs=pair_blocks)
 
     # -- measuring ---------------------------------------------------------------------------------
     def estimate(self, config: ConvertConfig | None, batch: int,
@@ -191,7 +197,7 @@ class _Planner:
                 original = breakdown
         assert original is not None
         converted = ConvertConfig(only=tuple(b for u in self.units if u.kind == RUN for b in u.blocks),
-                                  **self.trace_options)
+                                  pair_blocks=self.base.pair_blocks, **self.trace_options)
         keep_flops, keep_bytes = keep_costs(self.units, self.model, example, self.keep, self.trace_options)
         return Calibration(
             units=self.units, samples=samples, optimizer_offset=optimizer_offset,
@@ -337,7 +343,7 @@ class _Space:
         for u in units:
             opts = [Choice(c) for c in u.classes() if c != "VK"]
             if u.kind == RUN:
-                opts += [Choice("V", m) for m in range(1, len(u.blocks) + 1)]
+                opts += [Choice("V", m) for m in range(1, len(u.couplings) + 1)]
             self.options.append(opts)
         self._thin()
         sizes = [len(o) for o in self.options]
@@ -377,7 +383,7 @@ class _Space:
         def vec(s: UnitSample) -> list[float]:
             return [s.saved, s.grad, s.base, s.rise, float(s.opened), s.forward_base, s.forward_rise]
         if cur.cls == "V" and cur.keep:
-            n = len(units[i].blocks)
+            n = len(units[i].couplings)
             lo, hi = vec(pick("V")), vec(pick("VK"))
             kept = sum(self.cal.keep_bytes.get(units[i].name, [0])[n - cur.keep:])
             allk = sum(self.cal.keep_bytes.get(units[i].name, [0])) or 1

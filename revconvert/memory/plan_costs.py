@@ -41,7 +41,7 @@ from torch import nn
 from .._loss import training_loss
 from ..analysis.audit import analyze
 from ..analysis.tracing import meta_copy
-from ..passes.convert import ConvertConfig, convert
+from ..passes.convert import ConvertConfig, convert, coupling_groups
 from ..passes.recompute import FlopCount, drop_batch_norms, plan_recompute
 from ..runtime._keep import KEEP_POLICIES
 from .segments import segmentation
@@ -71,11 +71,18 @@ class Unit:
         name: the segment name of the audit's plan (``stem``, ``layer2.0``, ``layer3.rev_1_5``, ``head``).
         kind: ``"stored"``, ``"run"`` (a run of eligible blocks) or ``"head"``.
         blocks: its residual blocks.
+        pairs: a run's couplings are built from two blocks each (``ConvertConfig(pair_blocks=True)``).
     """
 
     name: str
     kind: str
     blocks: tuple[str, ...] = ()
+    pairs: bool = False
+
+    @property
+    def couplings(self) -> list[tuple[str, ...]]:
+        """The blocks of each coupling the run becomes when converted, in order."""
+        return coupling_groups(self.blocks, self.pairs)
 
     @property
     def aliases(self) -> frozenset[str]:
@@ -96,7 +103,7 @@ class Choice:
 
     def label(self, unit: Unit) -> str:
         if unit.kind == RUN and self.cls == "V":
-            n = len(unit.blocks)
+            n = len(unit.couplings)
             return "reversible" if not self.keep else f"reversible, last {self.keep} of {n} keep"
         return {"P": "stored", "K": "checkpointed", "K2": "checkpointed in two halves"}[self.cls]
 
@@ -161,13 +168,14 @@ class Calibration:
             keep_bytes={k: [round(b * r) for b in v] for k, v in self.keep_bytes.items()})
 
 
-def find_units(model: nn.Module, example: Any, trace_options: dict[str, Any]) -> list[Unit]:
-    """The units of ``model`` in execution order, from the audit's segment plan."""
+def find_units(model: nn.Module, example: Any, trace_options: dict[str, Any], pairs: bool = False) -> list[Unit]:
+    """The units of ``model`` in execution order, from the audit's segment plan (``pairs``: runs
+    become couplings of two blocks each)."""
     analysis = analyze(model, example, **trace_options)
     units = []
     for plan in analysis.report.segments:
         if plan.kind == "reversible":
-            units.append(Unit(plan.name, RUN, tuple(plan.blocks)))
+            units.append(Unit(plan.name, RUN, tuple(plan.blocks), pairs=pairs))
         elif plan.name in ("head", "model"):  # not checkpointed (see passes.checkpoint_stored)
             units.append(Unit(plan.name, HEAD, tuple(plan.blocks)))
         else:
@@ -182,14 +190,15 @@ def realise(units: Sequence[Unit], choices: Sequence[Choice], keep_policy: str =
     for unit, choice in zip(units, choices):
         if unit.kind == RUN and choice.cls in ("V", "VK"):
             only += unit.blocks
-            m = len(unit.blocks) if choice.cls == "VK" else choice.keep
-            keep += unit.blocks[len(unit.blocks) - m:] if m else ()
+            couplings = unit.couplings
+            m = len(couplings) if choice.cls == "VK" else choice.keep
+            keep += [b for group in couplings[len(couplings) - m:] for b in group] if m else ()
         elif choice.cls in ("K", "K2"):
             names = unit.blocks if unit.kind == RUN else (unit.name,)
             ckpt += names
             split += names if choice.cls == "K2" else ()
     fields = {} if base is None else {n: getattr(base, n) for n in ("leaf_modules", "autowrap_functions",
-                                                                     "concrete_args")}
+                                                                     "concrete_args", "pair_blocks")}
     return ConvertConfig(only=tuple(only), checkpoint_stored=tuple(ckpt), checkpoint_split=tuple(split),
                          keep=keep_policy if keep else None, keep_blocks=tuple(keep) if keep else None,
                          **fields)
@@ -309,7 +318,8 @@ def keep_costs(units: Sequence[Unit], model: nn.Module, example: tuple[int, ...]
                trace_options: dict[str, Any]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """Per run: each coupling's recomputation FLOPs saved by keeping, and the bytes it keeps."""
     runs = [u for u in units if u.kind == RUN]
-    config = ConvertConfig(only=tuple(b for u in runs for b in u.blocks), **trace_options)
+    config = ConvertConfig(only=tuple(b for u in runs for b in u.blocks), pair_blocks=any(u.pairs for u in runs),
+                           **trace_options)
     work = convert(meta_copy(model).train(), example, config=config).train()
     plan = plan_recompute(work, [torch.empty(example, device="meta")], 0.0, KEEP_POLICIES[keep_policy])
     costs = {c.name: c for c in plan.costs}
@@ -317,7 +327,7 @@ def keep_costs(units: Sequence[Unit], model: nn.Module, example: tuple[int, ...]
     flops: dict[str, list[int]] = {}
     nbytes: dict[str, list[int]] = {}
     for u in runs:
-        names = [f"{u.name}.couplings.{k}" for k in range(len(summary.segments.get(u.name, ())))]
+        names = [f"{u.name}.couplings.{k}" for k in range(summary.couplings.get(u.name, 0))]
         flops[u.name] = [costs[n].saved_flops if n in costs else 0 for n in names]
         nbytes[u.name] = [costs[n].kept_bytes if n in costs else 0 for n in names]
     return flops, nbytes

@@ -129,7 +129,7 @@ class MemoryPlan:
                 f"optimizer {self.optimizer or 'none'}; budget {format_bytes(self.budget_bytes)}\n"
                 f"plan peak {format_bytes(self.peak_bytes)} ({self.peak_ratio:.2f}x the original's "
                 f"{format_bytes(self.original_peak_bytes)}): {verdict}; step FLOPs {self.flops_ratio:.3f}x "
-                f"the original's")
+                f"the original's{'; couplings of two blocks each (pair_blocks)' if self.config.pair_blocks else ''}")
         rows = [(p.name, p.decision, format_bytes(p.original_saved_bytes), format_bytes(p.saved_bytes),
                  f"{p.extra_flops:+.3f}") for p in self.parts]
         table = render_table(("part", "decision", "saved (original)", "saved (plan)", "extra FLOPs"), rows,
@@ -153,7 +153,7 @@ def config_to_dict(config: ConvertConfig) -> dict[str, Any]:
         return list(v) if isinstance(v, tuple) else v
     return {"only": plain(config.only), "checkpoint_stored": plain(config.checkpoint_stored),
             "keep": config.keep, "keep_blocks": plain(config.keep_blocks),
-            "checkpoint_split": plain(config.checkpoint_split)}
+            "checkpoint_split": plain(config.checkpoint_split), "pair_blocks": config.pair_blocks}
 
 
 def config_from_dict(data: Mapping[str, Any]) -> ConvertConfig:
@@ -163,7 +163,7 @@ def config_from_dict(data: Mapping[str, Any]) -> ConvertConfig:
         ValueError: the mapping has no plan configuration in it.
     """
     data = data.get("config", data)
-    known = {"only", "checkpoint_stored", "keep", "keep_blocks", "checkpoint_split"}
+    known = {"only", "checkpoint_stored", "keep", "keep_blocks", "checkpoint_split", "pair_blocks"}
     if not isinstance(data, Mapping) or not set(data) & known:
         raise ValueError("not a revconvert plan: expected a 'config' entry with only / checkpoint_stored / "
                          "keep_blocks (write one with `revconvert plan MODEL --memory ... -o plan.json`)")

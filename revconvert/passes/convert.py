@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
@@ -37,7 +37,9 @@ from .recompute import plan_recompute
 from .summary import ConversionSummary, combine_summaries, keep_summary
 from .surgery import Widths, alignments, build_residual_function, choose_widths, out_of_place_copy
 
-__all__ = ["ConvertConfig", "ConversionSummary", "convert"]
+__all__ = ["ConvertConfig", "ConversionSummary", "convert", "coupling_groups"]
+
+T = TypeVar("T")
 
 _WIDTHS = ("match-params", "keep")
 # recompute_budget warns when the planned model saves at least this share of ordinary autograd's bytes
@@ -252,7 +254,7 @@ def _eliminate_dead_code(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def coupling_groups(blocks: list[ResidualBlock], pair: bool) -> list[tuple[ResidualBlock, ...]]:
+def coupling_groups(blocks: Sequence[T], pair: bool) -> list[tuple[T, ...]]:
     """The blocks each coupling of a run is built from, in order: one block each (F and G both
     from it), or with ``pair`` two consecutive blocks (F from the first, G from the second), a run
     of odd length ending with one block on its own."""
