@@ -101,6 +101,23 @@ def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+def grads_against_ordinary(converted: torch.nn.Module, x: torch.Tensor) -> tuple[list, torch.nn.Module]:
+    """One ``square().sum()`` backward of ``converted`` (its memory-saving backward) and of a deep copy
+    under ``revconvert.ordinary_autograd()`` on the same input. Returns the (got, want) gradient
+    pairs, the input's first, then every parameter's, and the copy (to compare buffers)."""
+    import copy
+
+    import revconvert
+
+    reference = copy.deepcopy(converted)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    converted(x1).square().sum().backward()
+    with revconvert.ordinary_autograd():
+        reference(x2).square().sum().backward()
+    return [(x1.grad, x2.grad)] + [(p.grad, q.grad) for p, q in zip(converted.parameters(),
+                                                                    reference.parameters())], reference
+
+
 def tv_model(name: str) -> torch.nn.Module:
     import torchvision
 

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import revconvert
 from revconvert import ConvertConfig, ConversionError, ReversibleSegment
-from conftest import RESNET_FAMILY, assert_unchanged, saved_bytes, snapshot, tv_model
+from conftest import RESNET_FAMILY, assert_unchanged, grads_against_ordinary, saved_bytes, snapshot, tv_model
 from toy_models import CifarResNet, DropoutBlockNet, FunctionalResNet, PreActResNet, UntraceableNet
 
 
@@ -58,13 +58,7 @@ def test_float64_gradients_equal_ordinary_autograd(name):
     for m in converted.modules():  # leave the zero-initialised identity start: exercise F and G
         if isinstance(m, nn.BatchNorm2d):
             nn.init.uniform_(m.weight, 0.5, 1.5)
-    reference = copy.deepcopy(converted)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    converted(x1).square().sum().backward()
-    with revconvert.ordinary_autograd():
-        reference(x2).square().sum().backward()
-    pairs = [(x1.grad, x2.grad)] + [(p.grad, q.grad) for p, q in zip(converted.parameters(), reference.parameters())]
+    pairs, reference = grads_against_ordinary(converted, torch.randn(2, 3, 64, 64, dtype=torch.float64))
     for got, want in pairs:
         assert ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item() <= 1e-10
     for a, b in zip(converted.buffers(), reference.buffers()):  # BN statistics updated once, alike

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import revconvert
 from revconvert import ConvertConfig, ReversibleSegment
-from conftest import tv_model
+from conftest import grads_against_ordinary, tv_model
 
 PAIR = ConvertConfig(pair_blocks=True)
 
@@ -123,13 +123,7 @@ def test_paired_gradients_equal_ordinary_autograd_in_float64():
     for m in converted.modules():  # leave the zero-initialised identity start: exercise F and G
         if isinstance(m, nn.BatchNorm2d):
             nn.init.uniform_(m.weight, 0.5, 1.5)
-    reference = copy.deepcopy(converted)
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    converted(x1).square().sum().backward()
-    with revconvert.ordinary_autograd():
-        reference(x2).square().sum().backward()
-    pairs = [(x1.grad, x2.grad)] + [(p.grad, q.grad) for p, q in zip(converted.parameters(), reference.parameters())]
+    pairs, reference = grads_against_ordinary(converted, torch.randn(2, 3, 8, 8, dtype=torch.float64))
     for got, want in pairs:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for a, b in zip(converted.buffers(), reference.buffers()):  # norm statistics updated once, alike

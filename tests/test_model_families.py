@@ -93,6 +93,24 @@ def test_family_converts_every_identity_block_exactly(lib, name, identity_blocks
     assert _gradients_match(converted, torch.randn(2, 3, 64, 64, dtype=torch.float64)) <= 1e-8
 
 
+@pytest.mark.parametrize("lib,name,identity_blocks", FAMILIES, ids=[f"{lib}-{n}" for lib, n, _ in FAMILIES])
+def test_family_converts_paired_exactly(lib, name, identity_blocks):
+    # ConvertConfig(pair_blocks=True): F and G of a coupling come from two blocks (of one run)
+    model = build(lib, name).double()
+    converted = revconvert.convert(model, (2, 3, 64, 64), config=revconvert.ConvertConfig(pair_blocks=True))
+    summary = converted.revconvert_summary
+    assert len(summary.converted_blocks) == identity_blocks
+    couplings = sum(isinstance(m, ReversibleCoupling) for m in converted.modules())
+    assert couplings == sum((len(blocks) + 1) // 2 for blocks in summary.segments.values()) < identity_blocks
+    assert 0.95 <= summary.param_ratio <= 1.05 and not summary.param_mismatch
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # leave the identity start so F and G take part in the gradients
+        for p in converted.parameters():
+            if p.dim() and not p.any():
+                p.copy_(torch.rand(p.shape, generator=gen, dtype=p.dtype) * 0.5 + 0.5)
+    assert _gradients_match(converted.train(), torch.randn(2, 3, 64, 64, dtype=torch.float64)) <= 1e-8
+
+
 # -- the building blocks, on tiny hand-written models with exact answers -----------------------------
 
 class _IdentityShortcut(nn.Module):
