@@ -6,7 +6,7 @@ seed, and prints the largest relative gradient difference over the input and eve
 whether the BatchNorm running statistics agree. It also prints the reconstruction error of the
 longest segment in each dtype. Runs on CPU too (autocast bfloat16 only) if no GPU is present.
 
-    python benchmarks/cuda_check.py [--model resnet50] [--batch 8] [--size 128]
+    python benchmarks/cuda_check.py [--model resnet50] [--batch 8] [--size 128] [--pair-blocks]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--tf32", choices=["default", "off"], default="default",
                    help="off: disable TF32 convolutions and matmuls (cuDNN's default is on)")
+    p.add_argument("--pair-blocks", action="store_true", help="convert with ConvertConfig(pair_blocks=True)")
     args = p.parse_args()
     if args.tf32 == "off":
         torch.backends.cudnn.allow_tf32 = False
@@ -50,7 +51,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = torchvision.models.get_model(args.model, weights=None)
-    converted = revconvert.convert(model, (1, 3, args.size, args.size)).to(device)
+    config = revconvert.ConvertConfig(pair_blocks=args.pair_blocks)
+    converted = revconvert.convert(model, (1, 3, args.size, args.size), config=config).to(device)
     for m in converted.modules():  # leave the identity start so F and G matter
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
@@ -58,7 +60,7 @@ def main() -> None:
     dtypes = [None, torch.float16, torch.bfloat16] if device == "cuda" else [None, torch.bfloat16]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     tf32 = torch.backends.cudnn.allow_tf32 if device == "cuda" else False
-    print(f"# {args.model} converted, batch {args.batch}x3x{args.size}x{args.size}, {name}, "
+    print(f"# {args.model} converted{' (pair_blocks)' if args.pair_blocks else ''}, batch {args.batch}x3x{args.size}x{args.size}, {name}, "
           f"torch {torch.__version__}, TF32 convolutions {'on' if tf32 else 'off'}")
     print("| precision | rev vs ordinary: whole-gradient rel. L2 diff | worst tensor (max abs diff / max abs) "
           "| BN running stats equal | for scale: ordinary in this precision vs ordinary float64 |")

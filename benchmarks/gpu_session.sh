@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU check, sized for a 15-minute device lease: a single call of about 6 minutes (limits add up to 410 s)
+# One prepared GPU check, sized for a 15-minute device lease: a single call of about 6 minutes (limits add up to 440 s)
 # (a machine start of under a minute to 2, then the default steps: cuda_tests, speed_b96,
-# speed_eager, exactness, in order of what the open issues need most). Each step runs under its own time limit so one slow step cannot eat the others, and
+# speed_eager, exactness, exactness_paired, in order of what the open issues need most). Each step runs under its own time limit so one slow step cannot eat the others, and
 # writes its log and JSON under $OUT (or ./gpu_out), at most 8 files:
 #   cuda_tests: pytest -k cuda (autocast exactness, no device synchronisation, CUDA-graph capture,
 #      the direct backward against cuDNN's norms, compiled couplings under inductor, estimate vs the
@@ -16,7 +16,8 @@
 #      peaks), resnet152 at 64x224 (measured on an H200; resnet50's on an H100);
 #   speed_b96: the eager and graphed suite at batch 96, bf16: a step less bound by kernel launches,
 #      where keep keeps every 3x3 convolution (with its A/B: kept outputs through the module calls);
-#   exactness: whole-model exactness per precision (cuda_check.py);
+#   exactness, exactness_paired: whole-model exactness per precision (cuda_check.py), default and
+#      paired (--pair-blocks) conversion;
 #   speed_compile (only when named, ~5 minutes): bf16, torch.compile'd original against memory-saving
 #      with compiled couplings, with and without an outer torch.compile (inductor compiles each model
 #      for ~2 minutes on a 16-core host; the per-call path's A/B, --per-call-compile, was measured
@@ -43,7 +44,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(cuda_tests speed_b96 speed_eager exactness)  # plan, speed_compile: by name
+[[ ${#steps[@]} -gt 0 ]] || steps=(cuda_tests speed_b96 speed_eager exactness exactness_paired)  # plan, speed_compile: by name
 for name in "${steps[@]}"; do
     case $name in
     speed_eager) step speed_eager 140 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
@@ -59,6 +60,8 @@ for name in "${steps[@]}"; do
     speed_b96) step speed_b96 90 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --keep-through-modules --graph-segments \
         --dtypes bfloat16 --compile-backend none --cuda-graphs --repeats 5 --json "$out/speed_b96.json" ;;
     exactness) step exactness 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 ;;
+    exactness_paired) step exactness_paired 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 \
+        --pair-blocks ;;
     *) echo "unknown step $name"; exit 2 ;;
     esac
 done
