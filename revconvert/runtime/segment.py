@@ -99,6 +99,9 @@ class ReversibleSegment(nn.Module):
             ``segment.exit_activation`` itself. A conversion with ``checkpoint_stored=True`` does
             this so that the activation runs inside the next checkpointed part: the activation's
             output is then recomputed, and only the segment's output is kept.
+        source_blocks, coupling_blocks: set by :func:`revconvert.convert` only: the names of the
+            residual blocks the segment replaces, and those each coupling was built from (one block,
+            or two with ``ConvertConfig(pair_blocks=True)``).
 
     Example:
         >>> import torch
