@@ -159,3 +159,17 @@ def test_memory_estimate_of_a_paired_conversion_equals_measurement():
     converted = revconvert.convert(model, (4, 3, 16, 16), config=PAIR)
     measured = revconvert.measure_memory(converted, torch.randn(4, 3, 16, 16))
     assert profile.converted.peak_bytes == measured.peak_bytes
+
+
+def test_paired_with_checkpointed_stored_parts_and_kept_outputs_is_exact():
+    config = ConvertConfig(pair_blocks=True, checkpoint_stored=True, keep="spatial-convs")
+    converted = revconvert.convert(MixedKernels().double(), (2, 3, 8, 8), config=config)
+    assert converted.revconvert_summary.checkpointed and len(converted.revconvert_summary.kept_couplings) == 3
+    for m in converted.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+        if isinstance(m, revconvert.ReversibleCoupling):
+            m.keep_small = True  # keep every 3x3 convolution, however small
+    pairs, _ = grads_against_ordinary(converted, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
