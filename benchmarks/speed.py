@@ -296,7 +296,7 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
     if args.cuda_graphs:
         # the whole step captured once and replayed (speedlib.GraphedStep): launch overhead gone
         methods += [Method(f"graphed {m.name}", GraphedStep(m.model), m.context) for m in methods
-                    if m.name in ("original", "ckpt-sequential", "memory-saving", "ordinary")]
+                    if m.name in ("original", "ckpt-sequential", "memory-saving", "ordinary", "paired")]
     if args.compile_backend != "none" and args.compile_dtypes:
         methods += [Method("compiled original", compiled(original, args.compile_backend), null),
                     Method("compiled memory-saving", compiled(converted, args.compile_backend), null)]
@@ -442,6 +442,9 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence
             out.append(Target(f"gpu {dtype}: graphed segments, memory-saving / original time (eager around them)",
                               ratio(gpu, "graphed segments, memory-saving", "original", "time_s"), 1.6))
         if any(r.name == "graphed memory-saving" for r in gpu):
+            if any(r.name == "graphed paired" for r in gpu):
+                out.append(Target(f"gpu {dtype}: graphed paired / graphed original time (CUDA graphs)",
+                                  ratio(gpu, "graphed paired", "graphed original", "time_s"), 1.6))
             out += [Target(f"gpu {dtype}: graphed memory-saving / graphed original time (CUDA graphs)",
                            ratio(gpu, "graphed memory-saving", "graphed original", "time_s"), 1.6),
                     Target(f"gpu {dtype}: graphed memory-saving / graphed ckpt-sequential time (CUDA graphs)",
