@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check, sized for a 15-minute device lease: a single call of about 6 minutes (limits add up to 440 s)
+# One prepared GPU check, sized for a 15-minute device lease: a single call of about 6 minutes (limits add up to 480 s)
 # (a machine start of under a minute to 2, then the default steps: cuda_tests, speed_b96,
 # speed_eager, exactness, exactness_paired, in order of what the open issues need most). Each step runs under its own time limit so one slow step cannot eat the others, and
 # writes its log and JSON under $OUT (or ./gpu_out), at most 8 files:
@@ -47,7 +47,7 @@ steps=("$@")
 [[ ${#steps[@]} -gt 0 ]] || steps=(cuda_tests speed_b96 speed_eager exactness exactness_paired)  # plan, speed_compile: by name
 for name in "${steps[@]}"; do
     case $name in
-    speed_eager) step speed_eager 140 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
+    speed_eager) step speed_eager 160 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
         --compile-backend none --cuda-graphs --graph-segments --autograd-backward --count-launches --repeats 7 \
         --json "$out/speed_eager.json" ;;
     cuda_tests) step cuda_tests 150 "$py" -m pytest -q -k cuda tests -p no:cacheprovider ;;
@@ -57,7 +57,7 @@ for name in "${steps[@]}"; do
         --compile-dtypes bfloat16 --compile-fg --repeats 5 --json "$out/speed_compile.json" \
         --variants original memory-saving "compiled original" "memory-saving F/G compiled" \
         "compiled memory-saving F/G" ;;
-    speed_b96) step speed_b96 90 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --keep-through-modules --graph-segments \
+    speed_b96) step speed_b96 110 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --keep-through-modules --graph-segments \
         --dtypes bfloat16 --compile-backend none --cuda-graphs --repeats 5 --json "$out/speed_b96.json" ;;
     exactness) step exactness 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 ;;
     exactness_paired) step exactness_paired 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 \
