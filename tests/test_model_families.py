@@ -268,6 +268,11 @@ def test_single_conv_branch_reports_its_parameter_shortfall():
     assert len(mismatch) == 2
     assert all(r == pytest.approx((2 * (8 * 8 * 9 + 8)) / (16 * 16 * 9 + 16)) for r in mismatch.values())
     assert "more than 10% off" in str(converted.revconvert_summary)
+    # paired, each block is one C/2 -> C/2 convolution: a quarter of its parameters, said as such
+    with pytest.warns(UserWarning, match=r"residual function\(s\) rebuilt from 2 block\(s\)"):
+        paired = revconvert.convert(_OneConv(), (1, 3, 8, 8), config=revconvert.ConvertConfig(pair_blocks=True))
+    assert all(r == pytest.approx((8 * 8 * 9 + 8) / (16 * 16 * 9 + 16))
+               for r in paired.revconvert_summary.param_mismatch.values())
     with warnings.catch_warnings():  # a block with an inner width is matched: no warning
         warnings.simplefilter("error")
         revconvert.convert(_IdentityShortcut(nn.Identity()), (1, 3, 8, 8))

@@ -436,8 +436,9 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     converted_blocks, mismatched = _rewrite(analysis, config, params_before)
     if mismatched:
         worst = min(mismatched.items(), key=lambda kv: -abs(kv[1] - 1))
-        warnings.warn(f"revconvert.convert: {len(mismatched)} coupling(s) of {report.model} are more than 10% off the "
-                      f"parameters of the block they replace (e.g. {worst[0]}: {worst[1]:.2f}x): a branch without "
+        rebuilt = "residual function(s) rebuilt from" if config.pair_blocks else "coupling(s) replacing"
+        warnings.warn(f"revconvert.convert: the {rebuilt} {len(mismatched)} block(s) of {report.model} are more than "
+                      f"10% off the parameters of the block (e.g. {worst[0]}: {worst[1]:.2f}x): a branch without "
                       f"an inner width (a single convolution) or with very narrow inner layers cannot be "
                       f"matched by scaling its inner widths; see revconvert_summary.param_mismatch",
                       stacklevel=2)

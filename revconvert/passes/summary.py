@@ -28,7 +28,7 @@ class ConversionSummary:
     recompute_overhead: float | None = None
     checkpointed: dict[str, list[str]] = field(default_factory=dict)
     conversions: int = 1
-    # block -> its coupling's parameters / the block's, where more than 10% off (a branch of one
+    # block -> its coupling's (paired: its function's) parameters / the block's, where more than 10% off (a branch of one
     # convolution has no inner width to scale: its coupling has about half the parameters)
     param_mismatch: dict[str, float] = field(default_factory=dict)
     # segment -> its number of couplings, where not one per block (ConvertConfig(pair_blocks=True))
@@ -59,7 +59,7 @@ class ConversionSummary:
         elif self.kept_couplings:
             lines += ["", f"{len(self.kept_couplings)} coupling(s) keep outputs for the recomputation"]
         if self.param_mismatch:
-            lines += ["", "Couplings more than 10% off their block's parameters (no inner width, or too narrow "
+            lines += ["", "Blocks rebuilt more than 10% off their parameters (no inner width, or too narrow "
                           "a one, to scale):"]
             lines += [f"  {name}: {ratio:.2f}x" for name, ratio in self.param_mismatch.items()]
         if self.stored_reasons:
