@@ -18,8 +18,8 @@
 #      where keep keeps every 3x3 convolution (with its A/B: kept outputs through the module calls);
 #   exactness, exactness_paired: whole-model exactness per precision (cuda_check.py), default and
 #      paired (--pair-blocks) conversion;
-#   speed_compile (only when named, ~5 minutes): bf16, torch.compile'd original against memory-saving
-#      with compiled couplings, with and without an outer torch.compile (inductor compiles each model
+#   speed_compile (only when named, ~6 minutes): bf16, torch.compile'd original against memory-saving
+#      and paired with compiled couplings, with and without an outer torch.compile (inductor compiles each model
 #      for ~2 minutes on a 16-core host; the per-call path's A/B, --per-call-compile, was measured
 #      on an H100 already: 4.21x the compiled original).
 #
@@ -53,10 +53,10 @@ for name in "${steps[@]}"; do
     cuda_tests) step cuda_tests 150 "$py" -m pytest -q -k cuda tests -p no:cacheprovider ;;
     plan) step plan 240 "$py" benchmarks/plan.py --device cuda --models resnet152 --batch 64 --size 224 \
         --budgets 0.65 0.4 --compile-budgets 0.2 --reps 3 --json "$out/plan.json" ;;
-    speed_compile) step speed_compile 300 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes bfloat16 \
+    speed_compile) step speed_compile 420 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes bfloat16 \
         --compile-dtypes bfloat16 --compile-fg --repeats 5 --json "$out/speed_compile.json" \
-        --variants original memory-saving "compiled original" "memory-saving F/G compiled" \
-        "compiled memory-saving F/G" ;;
+        --variants original memory-saving paired "compiled original" "memory-saving F/G compiled" \
+        "compiled memory-saving F/G" "compiled paired F/G" ;;
     speed_b96) step speed_b96 110 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --keep-through-modules --graph-segments \
         --dtypes bfloat16 --compile-backend none --cuda-graphs --repeats 5 --json "$out/speed_b96.json" ;;
     exactness) step exactness 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 ;;

@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import platform
@@ -306,8 +307,12 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
             # compile isolates the couplings (both share their compiled code).
             inner = revconvert.ConvertConfig(compile=fg_options(args.compile_backend, args))
             fg = revconvert.convert(original, shape, config=inner).to(device).train()
+            paired_fg = revconvert.convert(original, shape, config=dataclasses.replace(inner, pair_blocks=True))
+            paired_fg = paired_fg.to(device).train()
             methods += [Method("compiled memory-saving F/G", compiled(fg, args.compile_backend), null),
-                        Method("memory-saving F/G compiled", fg, null)]
+                        Method("memory-saving F/G compiled", fg, null),
+                        Method("compiled paired F/G", compiled(paired_fg, args.compile_backend), null),
+                        Method("paired F/G compiled", paired_fg, null)]
     methods += ab_variants(methods, args)
     if args.variants:
         methods = [m for m in methods if m.name in args.variants]
@@ -453,7 +458,8 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence
         if dtype in compile_dtypes:
             out.append(Target(f"gpu {dtype}: compiled memory-saving / compiled original time",
                               ratio(gpu, "compiled memory-saving", "compiled original", "time_s"), 1.5))
-            for name in ("compiled memory-saving F/G", "memory-saving F/G compiled"):
+            for name in ("compiled memory-saving F/G", "memory-saving F/G compiled", "compiled paired F/G",
+                         "paired F/G compiled"):
                 if any(r.name == name for r in gpu):
                     out.append(Target(f"gpu {dtype}: {name} / compiled original time",
                                       ratio(gpu, name, "compiled original", "time_s"), 1.5))
