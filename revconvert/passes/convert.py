@@ -350,8 +350,8 @@ def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
     couplings = {f"{name}.couplings.{k}": c for name, seg in gm.named_modules()
                  if isinstance(seg, ReversibleSegment) for k, c in enumerate(seg.couplings)}
     if config.keep_blocks is not None:
-        by_block = {block.name: f"{seg}.couplings.{k}" for seg, blocks in analysis.runs.items()
-                    for k, group in enumerate(coupling_groups(blocks, config.pair_blocks)) for block in group}
+        by_block = {block: f"{seg}.couplings.{k}" for seg in analysis.runs
+                    for k, group in enumerate(gm.get_submodule(seg).coupling_blocks) for block in group}
         missing = [b for b in config.keep_blocks if b not in by_block]
         if missing:
             raise ConversionError(f"ConvertConfig.keep_blocks names {missing[0]!r}, which is not a converted "
@@ -453,7 +453,7 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
     summary = ConversionSummary(
         model=report.model, blocks=len(report.blocks), converted_blocks=converted_blocks,
         segments={name: [b.name for b in blocks] for name, blocks in analysis.runs.items()},
-        couplings={name: len(coupling_groups(blocks, config.pair_blocks)) for name, blocks in analysis.runs.items()},
+        couplings={name: len(gm.get_submodule(name).couplings) for name in analysis.runs},
         stored_reasons=stored, params_before=params_before,
         params_after=sum(p.numel() for p in gm.parameters()),
         not_selected=[b.name for b in report.blocks if b.reversible and not b.selected],

@@ -31,7 +31,7 @@ class ConversionSummary:
     # block -> its coupling's (paired: its function's) parameters / the block's, where more than 10% off (a branch of one
     # convolution has no inner width to scale: its coupling has about half the parameters)
     param_mismatch: dict[str, float] = field(default_factory=dict)
-    # segment -> its number of couplings, where not one per block (ConvertConfig(pair_blocks=True))
+    # segment -> its number of couplings (fewer than its blocks with ConvertConfig(pair_blocks=True))
     couplings: dict[str, int] = field(default_factory=dict)
 
     @property
