@@ -3,9 +3,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import toy_models
 
@@ -116,6 +118,18 @@ def grads_against_ordinary(converted: torch.nn.Module, x: torch.Tensor) -> tuple
         reference(x2).square().sum().backward()
     return [(x1.grad, x2.grad)] + [(p.grad, q.grad) for p, q in zip(converted.parameters(),
                                                                     reference.parameters())], reference
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops run below autograd, per op overload (a dispatch mode: direct calls still run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def tv_model(name: str) -> torch.nn.Module:

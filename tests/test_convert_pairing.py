@@ -8,11 +8,10 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import revconvert
 from revconvert import ConvertConfig, ReversibleSegment
-from conftest import grads_against_ordinary, tv_model
+from conftest import OpCount, grads_against_ordinary, tv_model
 
 PAIR = ConvertConfig(pair_blocks=True)
 
@@ -87,21 +86,10 @@ def _segment_inner(converted: nn.Module, stage: str) -> set[int]:
     return {m.out_channels for m in first.modules() if isinstance(m, nn.Conv2d)} - {outer}
 
 
-class _CountConvs(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.convolution_backward)
-        return func(*args, **(kwargs or {}))
-
-
 def _convs_per_step(model: nn.Module, x: torch.Tensor, ordinary: bool = False) -> int:
-    counter = _CountConvs()
-    with counter, (revconvert.ordinary_autograd() if ordinary else torch.enable_grad()):
+    with OpCount() as count, (revconvert.ordinary_autograd() if ordinary else torch.enable_grad()):
         model(x).square().mean().backward()
-    return counter.n
+    return count.ops[torch.ops.aten.convolution.default] + count.ops[torch.ops.aten.convolution_backward.default]
 
 
 def test_a_paired_step_runs_the_originals_layers_once():

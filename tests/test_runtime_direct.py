@@ -4,7 +4,6 @@ the modules' Python forward, and the module call itself wherever something could
 from __future__ import annotations
 
 import copy
-from collections import Counter
 
 import pytest
 import torch
@@ -12,9 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import conv_bn, layer_specs, sequential_of
+from conftest import OpCount, conv_bn, layer_specs, sequential_of
 from revconvert import ReversibleCoupling, ReversibleSegment, ordinary_autograd
 from revconvert.runtime._direct import DirectSequential, cast_all, direct_call
 from revconvert.runtime._state import frozen_running_stats
@@ -371,18 +369,6 @@ def test_the_direct_backward_matches_autograd_on_cuda(kind, amp):  # noqa: ANN00
         torch.testing.assert_close(b, e, **tol)
 
 
-class _OpCount(TorchDispatchMode):
-    """Counts the aten ops run below autograd (a dispatch mode: the direct calls still run)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self.ops[func] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_direct_call_counts_its_norms_batches_in_one_op():
     # three training norms: one _foreach_add_ for their batch counters instead of one add_ each;
     # the counters end where the module call leaves them (a frozen norm's counter is untouched)
@@ -390,7 +376,7 @@ def test_a_direct_call_counts_its_norms_batches_in_one_op():
     seq[4].eval()
     twin = copy.deepcopy(seq)
     x = torch.randn(2, 4, 3, 3)
-    with _OpCount() as count:
+    with OpCount() as count:
         direct_call(seq)(x)
     twin(x)
     assert count.ops[torch.ops.aten._foreach_add_.Scalar] == 1
@@ -411,7 +397,7 @@ def test_under_autocast_a_direct_call_casts_its_weights_in_one_op(kind):  # noqa
     x = torch.randn(4, 8, 9, 9)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         expected = seq(x)
-        with _OpCount() as count:
+        with OpCount() as count:
             got = direct_call(twin)(x)
     assert torch.equal(got, expected) and got.dtype == torch.bfloat16
     _assert_identical(list(twin.buffers()), list(seq.buffers()))
@@ -424,7 +410,7 @@ def test_under_autocast_a_direct_call_casts_its_weights_in_one_op(kind):  # noqa
         z = x.clone().requires_grad_()
         out = seq(z)
         want = torch.autograd.grad(out, [z, *seq.parameters()], grad)
-    with frozen_running_stats(_norms(twin)), torch.autocast("cpu", dtype=torch.bfloat16), _OpCount() as count:
+    with frozen_running_stats(_norms(twin)), torch.autocast("cpu", dtype=torch.bfloat16), OpCount() as count:
         got_out, got_input, got_params = direct_call(twin).vjp(x, grad, True)
     assert torch.equal(got_out, out.detach())
     _assert_identical([got_input, *got_params], list(want))
@@ -440,7 +426,7 @@ def test_cast_all_gives_what_to_gives_in_one_op_per_pair_of_dtypes():
     d = torch.randn(3, dtype=torch.float64)
     tensors = [a, None, b, c, d, a]
     dtypes = [torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16, None, torch.float32]
-    with _OpCount() as count:
+    with OpCount() as count:
         got = cast_all(tensors, dtypes)
     assert got[1] is None and got[4] is d and got[5] is a  # nothing to cast: the tensor itself
     for g, t, dtype in zip(got, tensors, dtypes):
@@ -465,7 +451,7 @@ def test_a_segment_forward_casts_and_counts_for_all_its_functions_at_once(amp): 
     via_modules = copy.deepcopy(seg)
     x = torch.randn(2, 8, 6, 6)
     with torch.autocast("cpu", torch.bfloat16, enabled=bool(amp), cache_enabled=amp != "no-cache"):
-        with _OpCount() as count:
+        with OpCount() as count:
             got = _run(seg, seg, x)
         hook = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
         try:
@@ -508,7 +494,7 @@ def test_kept_outputs_run_directly_and_skip_their_convolutions(autocast, no_modu
         finally:
             hook.remove()
         no_module_forward()
-        with _OpCount() as count:
+        with OpCount() as count:
             got = _run(seg, seg, x)
     assert count.ops[torch.ops.aten.convolution.default] == 8 + 2  # 8 in the forward; recomputed: only the 2 convolutions changed in place
     _assert_identical(got, modules_path)
