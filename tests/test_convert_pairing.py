@@ -35,8 +35,8 @@ class MixedKernels(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def _kernels(fn: nn.Module) -> set[int]:
-    return {m.kernel_size[0] for m in fn.modules() if isinstance(m, nn.Conv2d)}
+def _kernels(fn: nn.Module | None) -> set[int] | None:
+    return None if fn is None else {m.kernel_size[0] for m in fn.modules() if isinstance(m, nn.Conv2d)}
 
 
 def _segment(model: nn.Module) -> ReversibleSegment:
@@ -47,7 +47,8 @@ def _segment(model: nn.Module) -> ReversibleSegment:
 def test_f_comes_from_one_block_and_g_from_the_next():
     converted = revconvert.convert(MixedKernels(), (1, 3, 8, 8), config=PAIR)
     seg = _segment(converted)
-    assert [(_kernels(c.F), _kernels(c.G)) for c in seg.couplings] == [({3}, {5}), ({7}, {3}), ({5}, {5})]
+    # the odd block out is a half coupling (F only): each block becomes one function
+    assert [(_kernels(c.F), _kernels(c.G)) for c in seg.couplings] == [({3}, {5}), ({7}, {3}), ({5}, None)]
     assert seg.coupling_blocks == (("blocks.0", "blocks.1"), ("blocks.2", "blocks.3"), ("blocks.4",))
     assert seg.source_blocks == tuple(f"blocks.{i}" for i in range(5))
     summary = converted.revconvert_summary
@@ -70,9 +71,12 @@ def test_each_function_matches_its_own_blocks_parameters():
                 for fn, block in zip((coupling.F, coupling.G), blocks):
                     assert abs(nparams(fn) / nparams(model.get_submodule(block)) - 1) <= 0.10, block
                     checked += 1
-            else:  # the odd block out: a coupling of its own, as by default
-                assert abs(nparams(coupling) / nparams(model.get_submodule(blocks[0])) - 1) <= 0.10
-    assert checked == 10  # layer1 (1.1, 1.2), layer2 (2.1, 2.2), layer3 (3.1 .. 3.4), layer4 (4.1, 4.2)
+            else:  # the odd block out of a run of 3 or 5: a half coupling, F alone stands for it
+                assert coupling.G is None
+                assert abs(nparams(coupling.F) / nparams(model.get_submodule(blocks[0])) - 1) <= 0.10, blocks
+                checked += 1
+    # layer1 (1.1, 1.2), layer2 (2.1, 2.2; 2.3 alone), layer3 (3.1 .. 3.4; 3.5 alone), layer4 (4.1, 4.2)
+    assert checked == 12
     # wider inner layers than the default's, which splits each block's parameters over two functions
     paired_inner = _segment_inner(converted, "layer1")
     default_inner = _segment_inner(revconvert.convert(model, (1, 3, 32, 32)), "layer1")
@@ -104,6 +108,25 @@ def test_a_paired_step_runs_the_originals_layers_once():
     assert _convs_per_step(default, x, ordinary=True) == original + 2 * 8
     # memory-saving: the recomputation adds one forward of the blocks' convolutions, no more
     assert _convs_per_step(paired, x) == original + 8
+
+
+def test_an_odd_run_ends_with_a_half_coupling_and_runs_each_layer_once():
+    # Five blocks: two pairs and a half coupling, so still exactly the original's convolutions under
+    # ordinary autograd (a full coupling for the fifth block would run its layers twice).
+    model = MixedKernels(kernels=(3, 3, 3, 3, 3)).train()
+    x = torch.randn(2, 3, 8, 8)
+    original = _convs_per_step(copy.deepcopy(model), x)
+    paired = revconvert.convert(model, x.shape, config=PAIR).train()
+    assert [c.G is None for c in _segment(paired).couplings] == [False, False, True]
+    assert _convs_per_step(paired, x, ordinary=True) == original == 2 * (1 + 5 * 2)
+    assert _convs_per_step(paired, x) == original + 10
+
+
+def test_a_paired_run_of_one_block_keeps_a_full_coupling():
+    # A half coupling of a lone block would leave half the channels untouched by the whole run.
+    seg = _segment(revconvert.convert(MixedKernels(kernels=(3,)), (1, 3, 8, 8), config=PAIR))
+    assert seg.coupling_blocks == (("blocks.0",),)
+    assert seg.couplings[0].G is not None and _kernels(seg.couplings[0].G) == {3}
 
 
 def test_paired_gradients_equal_ordinary_autograd_in_float64():

@@ -37,7 +37,7 @@ from .recompute import plan_recompute
 from .summary import ConversionSummary, combine_summaries, keep_summary
 from .surgery import Widths, alignments, build_residual_function, choose_widths, out_of_place_copy
 
-__all__ = ["ConvertConfig", "ConversionSummary", "convert", "coupling_groups"]
+__all__ = ["ConvertConfig", "ConversionSummary", "convert", "coupling_groups", "half_coupling"]
 
 T = TypeVar("T")
 
@@ -67,8 +67,10 @@ class ConvertConfig:
             Each function then matches its own block's parameters (wider inner layers on half the
             channels), and the converted model runs half the layers of the default conversion: a
             step launches about half the kernels, which decides its time wherever the host that
-            launches them sets the pace (a GPU at small or moderate batches). A run of odd length ends
-            with one block converted as by default. The same parameter count as the default
+            launches them sets the pace (a GPU at small or moderate batches). A run of odd length (three
+            or more) ends with a half coupling, ``y1 = x1 + F(x2)``, ``y2 = x2``, F from its last
+            block; a run of one block is converted as by default, so that both halves of the
+            channels pass through a function. The same parameter count as the default
             conversion, within ``width``'s matching; a different network (half as many couplings,
             each wider), so a checkpoint of one does not load into the other.
         post_activation: ``"move"`` puts the activation that followed the residual addition at the
@@ -257,10 +259,18 @@ def _eliminate_dead_code(gm: fx.GraphModule) -> None:
 def coupling_groups(blocks: Sequence[T], pair: bool) -> list[tuple[T, ...]]:
     """The blocks each coupling of a run is built from, in order: one block each (F and G both
     from it), or with ``pair`` two consecutive blocks (F from the first, G from the second), a run
-    of odd length ending with one block on its own."""
+    of odd length ending with one block on its own (see :func:`half_coupling`)."""
     if not pair:
         return [(b,) for b in blocks]
     return [tuple(blocks[i:i + 2]) for i in range(0, len(blocks), 2)]
+
+
+def half_coupling(group: Sequence[T], run: Sequence[T], pair: bool) -> bool:
+    """Whether the coupling built from ``group`` (one of :func:`coupling_groups` of ``run``) is a half
+    coupling, F only (``ReversibleCoupling(F)``): the last block of a paired run of odd length three
+    or more, so that each block becomes one function. A paired run of one block keeps a full
+    coupling (F and G both from it), so that both halves of the channels pass through a function."""
+    return pair and len(group) == 1 and len(run) >= 3
 
 
 def _choose_widths(plans: dict[str, ChannelPlan], functions: dict[str, int], config: ConvertConfig,
@@ -287,7 +297,8 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
     mismatched: dict[str, float] = {}
     plans = {b.name: plan_channels(gm, b, nodes) for blocks in analysis.runs.values() for b in blocks}
     groups = {seg: coupling_groups(blocks, config.pair_blocks) for seg, blocks in analysis.runs.items()}
-    functions = {b.name: 2 // len(group) for seg in groups.values() for group in seg for b in group}
+    functions = {b.name: 1 if len(group) == 2 or half_coupling(group, analysis.runs[seg], config.pair_blocks) else 2
+                 for seg, seg_groups in groups.items() for group in seg_groups for b in group}
     chosen = _choose_widths(plans, functions, config, params_before)
 
     def function(block: ResidualBlock) -> nn.Module:
@@ -300,7 +311,8 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
         return build_residual_function(gm, block, plan, widths, pre_activation=pre, zero_init=config.zero_init)
 
     for seg_name, blocks in analysis.runs.items():
-        couplings = [ReversibleCoupling(function(group[0]), function(group[-1])) for group in groups[seg_name]]
+        couplings = [ReversibleCoupling(function(group[0]), None if half_coupling(group, blocks, config.pair_blocks)
+                                        else function(group[-1])) for group in groups[seg_name]]
         last = blocks[-1]
         exit_act = None
         if last.post_op and config.post_activation == "move":

@@ -153,7 +153,7 @@ def _coupling_costs(model: nn.Module, args: Sequence[Any], policy: KeepPolicy) -
             x1, x2 = torch.empty_like(x).chunk(2, seg.dim % x.dim())
             for k, coupling in enumerate(seg.couplings):
                 kept_bytes = saved = 0
-                for fn, arg in ((coupling.F, x2), (coupling.G, x1)):
+                for fn, arg in zip(coupling.functions, (x2, x1)):
                     # The runtime's own mechanism, so the plan keeps exactly what a step will keep.
                     with recording(policy, fn, keep_small=True) as kept:
                         fn(arg)

@@ -122,13 +122,14 @@ def make_plan(couplings: Sequence[ReversibleCoupling], dim: int, compile_options
     f_index, g_index = [], []
     for coupling in couplings:
         f_index.append(indices(coupling.F))
-        g_index.append(indices(coupling.G))
+        g_index.append(() if coupling.G is None else indices(coupling.G))
     f_needs = tuple(recompute_needs(c.F) for c in couplings)
-    g_needs = tuple(recompute_needs(c.G) for c in couplings)
+    g_needs = tuple(_NOTHING if c.G is None else recompute_needs(c.G) for c in couplings)
     norms = tuple(dict.fromkeys(m for needs in f_needs + g_needs for m in needs.norms))
     random = any(n.random for n in f_needs + g_needs)
     f_calls = tuple(compiled_call(c.F, n, compile_options) for c, n in zip(couplings, f_needs))
-    g_calls = tuple(compiled_call(c.G, n, compile_options) for c, n in zip(couplings, g_needs))
+    g_calls = tuple(None if c.G is None else compiled_call(c.G, n, compile_options)
+                    for c, n in zip(couplings, g_needs))
     fused = tuple(_fused(c, fn, gn, compile_options) for c, fn, gn in zip(couplings, f_needs, g_needs))
     direct = tuple(call for f, g, done in zip(f_calls, g_calls, fused) if done is None
                    for call in (f, g) if type(call) is DirectSequential)
@@ -139,11 +140,15 @@ def make_plan(couplings: Sequence[ReversibleCoupling], dim: int, compile_options
 def _fused(coupling: ReversibleCoupling, f_needs: RecomputeNeeds, g_needs: RecomputeNeeds,
            options: dict | None) -> FusedCoupling | None:
     """Coupling ``coupling`` compiled as a whole, where ``options`` ask for compiling and it can be."""
-    if options is None or f_needs.random or g_needs.random or f_needs.other_buffers or g_needs.other_buffers:
-        return None
+    if options is None or coupling.G is None or f_needs.random or g_needs.random or f_needs.other_buffers \
+            or g_needs.other_buffers:
+        return None  # a half coupling runs its F call by call
     key = ("coupling", structure_key(coupling.F), structure_key(coupling.G), repr(sorted(options.items())))
     return fused_coupling(direct_call(coupling.F), direct_call(coupling.G), key, options)
 
+
+# What a half coupling's missing G needs.
+_NOTHING = RecomputeNeeds(norms=(), other_buffers=(), random=False)
 
 _RUNNERS: dict[tuple, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {}
 
@@ -336,8 +341,11 @@ def _coupling_casts(plan: Plan, k: int, device_type: str) -> tuple[Casts | None,
     directly (:func:`_step_back`'s condition that does not depend on the call: no other buffers)."""
     g_call, f_call = plan.g_calls[k], plan.f_calls[k]
     amp = autocast_dtype(device_type)
-    if amp is None or type(g_call) is not DirectSequential or type(f_call) is not DirectSequential \
-            or plan.f_needs[k].other_buffers or plan.g_needs[k].other_buffers:
+    if amp is None or type(f_call) is not DirectSequential or plan.f_needs[k].other_buffers:
+        return None, None
+    if g_call is None:  # a half coupling
+        return None, cast_params((f_call,), amp)[0]
+    if type(g_call) is not DirectSequential or plan.g_needs[k].other_buffers:
         return None, None
     g_casts, f_casts = cast_params((g_call, f_call), amp)  # one op for both
     return g_casts, f_casts
@@ -381,7 +389,11 @@ class ReversibleFunction(torch.autograd.Function):
                 rng_f = capture_rng(devices) if plan.f_needs[k].random else None
                 y1 = x1 + _forward_one(plan, coupling.F, x2, k, "F", kept, batch)
                 rng_g = capture_rng(devices) if plan.g_needs[k].random else None
-                y2 = x2 + _forward_one(plan, coupling.G, y1, k, "G", kept, batch)
+                if coupling.G is None:  # a half coupling
+                    y2 = x2
+                    kept.append(None)
+                else:
+                    y2 = x2 + _forward_one(plan, coupling.G, y1, k, "G", kept, batch)
                 rng.append((rng_f, rng_g))
                 x1, x2 = y1, y2
         finally:
@@ -448,16 +460,19 @@ class ReversibleFunction(torch.autograd.Function):
 
                 g_casts, f_casts = _coupling_casts(plan, k, y1.device.type) if need_f and every_param \
                     else (None, None)  # else each function that runs directly casts its own
-                # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
-                g, grads = _step_back(plan, k, "G", coupling.G, y1, need_f, g_params, gy2, kept[2 * k + 1],
-                                      policy, rng_g, g_casts)
+                if coupling.G is None:  # a half coupling: x2 = y2, and dy1 is already total
+                    x2 = y2
+                else:
+                    # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
+                    g, grads = _step_back(plan, k, "G", coupling.G, y1, need_f, g_params, gy2,
+                                          kept[2 * k + 1], policy, rng_g, g_casts)
+                    x2 = y2 - g
+                    del g  # G's output is not needed while F is recomputed
+                    if need_f:
+                        gy1 = _add(gy1, grads[0])
+                        grads = grads[1:]
+                    _accumulate(param_grads, g_params, grads)
                 del g_casts
-                x2 = y2 - g
-                del g  # G's output is not needed while F is recomputed
-                if need_f:
-                    gy1 = _add(gy1, grads[0])
-                    grads = grads[1:]
-                _accumulate(param_grads, g_params, grads)
                 if not need_f:
                     break
 

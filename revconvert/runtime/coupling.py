@@ -18,13 +18,18 @@ class ReversibleCoupling(nn.Module):
     activations autograd stores; inside a :class:`ReversibleSegment` its activations are recomputed in
     the backward pass from the segment's output.
 
+    Without ``G`` it is a *half coupling*, ``y1 = x1 + F(x2)``, ``y2 = x2``: one residual function
+    instead of two, as invertible. ``convert(..., ConvertConfig(pair_blocks=True))`` ends a run of an
+    odd number of blocks (three or more) with one, so that each block becomes one function.
+
     Only the additive form is offered. The affine variant ``y2 = x2 * exp(s(y1)) + t(y1)`` needs a
     division in the inverse, whose rounding error is multiplied by ``exp(-s)`` and compounds over a
     long segment; it would not meet the exactness tests of the additive form, so it is left out.
 
     Args:
         F: residual function applied to ``x2``; must not modify its input in place.
-        G: residual function applied to ``y1``; must not modify its input in place.
+        G: residual function applied to ``y1``; must not modify its input in place. None: a half
+            coupling (``y2 = x2``).
         keep: inside a segment, which outputs of F and G to keep from the forward so the backward's
             recomputation skips those ops: None (recompute everything, the least memory),
             ``"spatial-convs"`` (keep the outputs of convolutions larger than 1x1: about half a
@@ -47,13 +52,14 @@ class ReversibleCoupling(nn.Module):
         >>> r1, r2 = coupling.eval().inverse(y1, y2)   # eval: BN uses the same (running) statistics
     """
 
-    def __init__(self, F: nn.Module, G: nn.Module, *, keep: str | KeepPolicy | None = None) -> None:  # noqa: N803
+    def __init__(self, F: nn.Module, G: nn.Module | None = None, *,  # noqa: N803
+                 keep: str | KeepPolicy | None = None) -> None:
         super().__init__()
         for name, fn in (("F", F), ("G", G)):
-            if not isinstance(fn, nn.Module):
+            if not isinstance(fn, nn.Module) and not (name == "G" and fn is None):
                 raise TypeError(
-                    f"ReversibleCoupling: {name} must be an nn.Module, got {type(fn).__name__}; "
-                    "wrap a function in a small nn.Module"
+                    f"ReversibleCoupling: {name} must be an nn.Module{' or None' if name == 'G' else ''}, "
+                    f"got {type(fn).__name__}; wrap a function in a small nn.Module"
                 )
         self.F = F
         self.G = G
@@ -67,10 +73,15 @@ class ReversibleCoupling(nn.Module):
     def extra_repr(self) -> str:
         return "" if self.keep is None else f"keep={getattr(self.keep, '__name__', self.keep)}"
 
+    @property
+    def functions(self) -> tuple[nn.Module, ...]:
+        """``(F, G)``, or ``(F,)`` for a half coupling."""
+        return (self.F,) if self.G is None else (self.F, self.G)
+
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(y1, y2) = (x1 + F(x2), x2 + G(y1))``."""
+        """Return ``(y1, y2) = (x1 + F(x2), x2 + G(y1))`` (``y2 = x2`` without G)."""
         y1 = x1 + self.F(x2)
-        y2 = x2 + self.G(y1)
+        y2 = x2 if self.G is None else x2 + self.G(y1)
         return y1, y2
 
     def inverse(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +90,6 @@ class ReversibleCoupling(nn.Module):
         The result equals the true input up to floating-point rounding, provided F and G compute the
         same functions as in the forward (same RNG draws, same normalisation statistics).
         """
-        x2 = y2 - self.G(y1)
+        x2 = y2 if self.G is None else y2 - self.G(y1)
         x1 = y1 - self.F(x2)
         return x1, x2

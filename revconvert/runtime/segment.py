@@ -128,7 +128,7 @@ class ReversibleSegment(nn.Module):
             if not isinstance(coupling, ReversibleCoupling):
                 raise TypeError(
                     f"ReversibleSegment: couplings[{k}] is a {type(coupling).__name__}, expected a "
-                    "ReversibleCoupling(F, G)"
+                    "ReversibleCoupling(F, G) (or ReversibleCoupling(F), a half coupling)"
                 )
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"ReversibleSegment: dim must be an int, got {dim!r}")
@@ -233,14 +233,15 @@ class ReversibleSegment(nn.Module):
                 rng_f = capture_rng(devices)
                 y1 = x1 + coupling.F(x2)
                 rng_g = capture_rng(devices)
-                y2 = x2 + coupling.G(y1)
+                y2 = x2 if coupling.G is None else x2 + coupling.G(y1)
                 states.append((rng_f, rng_g))
                 x1, x2 = y1, y2
             errors = []
             for k in reversed(range(len(self.couplings))):
                 coupling, (rng_f, rng_g) = self.couplings[k], states[k]
-                with replay_rng(rng_g):
-                    x2 = x2 - coupling.G(x1)
+                if coupling.G is not None:
+                    with replay_rng(rng_g):
+                        x2 = x2 - coupling.G(x1)
                 with replay_rng(rng_f):
                     x1 = x1 - coupling.F(x2)
                 true1, true2 = inputs[k]
