@@ -173,7 +173,8 @@ def _conversion_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--pair-blocks", action="store_true",
                     help="build each coupling from two consecutive blocks (F from one, G from the next) "
                          "instead of F and G both from one block: half the layers, so a step launches "
-                         "about half the kernels (faster where launches set the pace, as on GPUs)")
+                         "about half the kernels (faster where launches set the pace, as on GPUs); "
+                         "a run of odd length ends with a coupling of F alone")
 
 
 def _positive_int(text: str) -> int:
