@@ -179,3 +179,23 @@ def _meta_flops_and_bytes(fn, x, owner=None, *, ordinary: bool = False) -> tuple
             out = fn(x)
         out.sum().backward()
     return counter.get_total_flops(), sum(seen.values())
+
+
+class CountingBackend:
+    """A torch.compile backend that runs the captured graph as it is and counts graphs and calls."""
+
+    def __init__(self) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+        self.calls = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.graphs.append(gm)
+
+        def run(*args: object) -> object:
+            self.calls += 1
+            return gm.forward(*args)
+        return run
+
+    def targets(self) -> set[str]:
+        return {getattr(n.target, "__name__", str(n.target)) for gm in self.graphs for n in gm.graph.nodes
+                if n.op == "call_function"}

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import revconvert
-from conftest import layer_specs, sequential_of
+from conftest import CountingBackend, layer_specs, sequential_of
 from revconvert import ConvertConfig, ReversibleCoupling, ReversibleSegment
 from revconvert.runtime._direct import direct_call
 from revconvert.runtime._fused import _fusable, step_back
@@ -38,26 +38,6 @@ def _segment(depth: int = 3, c: int = 4, bias: bool = True) -> ReversibleSegment
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.bias, -0.5, 0.5)
     return seg
-
-
-class CountingBackend:
-    """A torch.compile backend that runs the captured graph as it is and counts graphs and calls."""
-
-    def __init__(self) -> None:
-        self.graphs: list[torch.fx.GraphModule] = []
-        self.calls = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        self.graphs.append(gm)
-
-        def run(*args: object) -> object:
-            self.calls += 1
-            return gm.forward(*args)
-        return run
-
-    def targets(self) -> set[str]:
-        return {getattr(n.target, "__name__", str(n.target)) for gm in self.graphs for n in gm.graph.nodes
-                if n.op == "call_function"}
 
 
 def _steps(model: nn.Module, x: torch.Tensor, n: int = 2, autocast: bool = False) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import OpCount, conv_bn
+from conftest import CountingBackend, OpCount, conv_bn
 from revconvert.runtime import ReversibleCoupling, ReversibleSegment, ordinary_autograd
 
 
@@ -103,12 +103,17 @@ def test_half_couplings_keeping_their_convolutions():
     assert count.ops[torch.ops.aten.convolution.default] == 2 * 4
 
 
-def test_compiled_segments_run_half_couplings_call_by_call():
+def test_a_compiled_half_coupling_is_two_calls_with_the_eager_gradients():
     seg = _mixed().double()
     seg.compile_options = {"backend": "aot_eager"}
     plan = seg.plan(1)
-    assert [f is None for f in plan.fused] == [True, False, True] and plan.g_calls[0] is None
+    assert all(f is not None for f in plan.fused) and plan.g_calls[0] is None and plan.fused[0].g_call is None
     _compare(seg, torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True), tol=1e-10)
+    # forward and F's backward step for each half coupling; forward, G's and F's steps for the full one
+    backend = CountingBackend()
+    seg.compile_options = {"backend": backend}
+    _step(seg, torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True))
+    assert backend.calls == 2 + 3 + 2
 
 
 def test_reconstruction_errors_of_half_couplings():

@@ -140,11 +140,14 @@ def make_plan(couplings: Sequence[ReversibleCoupling], dim: int, compile_options
 def _fused(coupling: ReversibleCoupling, f_needs: RecomputeNeeds, g_needs: RecomputeNeeds,
            options: dict | None) -> FusedCoupling | None:
     """Coupling ``coupling`` compiled as a whole, where ``options`` ask for compiling and it can be."""
-    if options is None or coupling.G is None or f_needs.random or g_needs.random or f_needs.other_buffers \
-            or g_needs.other_buffers:
-        return None  # a half coupling runs its F call by call
-    key = ("coupling", structure_key(coupling.F), structure_key(coupling.G), repr(sorted(options.items())))
-    return fused_coupling(direct_call(coupling.F), direct_call(coupling.G), key, options)
+    if options is None or f_needs.random or g_needs.random or f_needs.other_buffers or g_needs.other_buffers:
+        return None
+    g_call = None if coupling.G is None else direct_call(coupling.G)
+    if coupling.G is not None and g_call is None:
+        return None
+    key = ("coupling", structure_key(coupling.F), None if coupling.G is None else structure_key(coupling.G),
+           repr(sorted(options.items())))
+    return fused_coupling(direct_call(coupling.F), g_call, key, options)
 
 
 # What a half coupling's missing G needs.
@@ -451,8 +454,11 @@ class ReversibleFunction(torch.autograd.Function):
                 if fused is not None and every_param and chain[k] and kept[2 * k] is None \
                         and kept[2 * k + 1] is None and fused.usable(y1):
                     # G's step reconstructs x2 and adds G's input gradient to dy1; F's, x1 and dy2.
-                    x2, gy1, grads = fused.step("G", y1, y2, gy2, gy1)
-                    _accumulate(param_grads, g_params, grads)
+                    if coupling.G is None:  # a half coupling
+                        x2 = y2
+                    else:
+                        x2, gy1, grads = fused.step("G", y1, y2, gy2, gy1)
+                        _accumulate(param_grads, g_params, grads)
                     y1, gy2, grads = fused.step("F", x2, y1, gy1, gy2)
                     _accumulate(param_grads, f_params, grads)
                     y2 = x2

@@ -5,7 +5,7 @@ With ``ReversibleSegment(compile=...)`` the simple way to compile is per call of
 recomputation recording a graph, and that graph's compiled backward run by the autograd engine), six
 per coupling, each paying the compiled function's guards and wrappers on the host. Where F and G are
 Sequentials of standard layers (:func:`~._direct.direct_call`), this module compiles larger units
-instead, three calls per coupling:
+instead, three calls per coupling (two for a half coupling, ``ReversibleCoupling(F)``):
 
 - the forward ``y1 = x1 + F(x2); y2 = x2 + G(y1)`` under no_grad, the modules called as they are
   (running statistics updated by the norms' own code);
@@ -62,14 +62,17 @@ def _fusable(call: object) -> bool:
 
 class FusedCoupling:
     """What runs a coupling compiled (see the module docstring): ``forward(x1, x2)`` and
-    ``step("F" or "G", source, other, grad, acc)``; ``usable(x)`` says whether a call may use it now."""
+    ``step("F" or "G", source, other, grad, acc)``; ``usable(x)`` says whether a call may use it now.
+    ``g_call`` is None for a half coupling (F only): its forward is ``(x1 + F(x2), x2)`` and its
+    backward one step, F's."""
 
     __slots__ = ("f_call", "g_call", "norms", "forward_runner", "step_runner", "inductor")
 
-    def __init__(self, f_call: DirectSequential, g_call: DirectSequential,
+    def __init__(self, f_call: DirectSequential, g_call: DirectSequential | None,
                  forward_runner: Callable, step_runner: Callable, inductor: bool = False) -> None:
         self.f_call, self.g_call = f_call, g_call
-        self.norms = tuple(m for call in (f_call, g_call) for m in call.layers if isinstance(m, nn.BatchNorm2d))
+        calls = (f_call,) if g_call is None else (f_call, g_call)
+        self.norms = tuple(m for call in calls for m in call.layers if isinstance(m, nn.BatchNorm2d))
         self.forward_runner, self.step_runner = forward_runner, step_runner
         self.inductor = inductor  # compiled by inductor (torch.compile's default backend)
 
@@ -86,9 +89,12 @@ class FusedCoupling:
         if self.inductor and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             return False
         return x.dim() == 4 and x.is_floating_point() and type(x) is torch.Tensor \
-            and all(m.training for m in self.norms) and not self.f_call.observed() and not self.g_call.observed()
+            and all(m.training for m in self.norms) and not self.f_call.observed() \
+            and (self.g_call is None or not self.g_call.observed())
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.g_call is None:
+            return self.forward_runner(self.f_call.module, x1, x2), x2
         return self.forward_runner(self.f_call.module, self.g_call.module, x1, x2)
 
     def step(self, name: str, source: torch.Tensor, other: torch.Tensor, grad: torch.Tensor,
@@ -108,6 +114,10 @@ def _coupling_forward(F: nn.Module, G: nn.Module, x1: torch.Tensor,  # noqa: N80
                       x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y1 = x1 + F(x2)
     return y1, x2 + G(y1)
+
+
+def _half_forward(F: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:  # noqa: N803
+    return x1 + F(x2)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -189,14 +199,16 @@ def _copy(fn: Callable, name: str) -> Callable:
 
 
 def fused_coupling(f_call: object, g_call: object, key: tuple, options: dict) -> FusedCoupling | None:
-    """A :class:`FusedCoupling` for calls that allow it (see the module docstring), else None.
-    Couplings with the same ``key`` (their structure and the compile options) share compiled code."""
-    if not (_fusable(f_call) and _fusable(g_call)):
+    """A :class:`FusedCoupling` for calls that allow it (see the module docstring), else None;
+    ``g_call`` None: a half coupling. Couplings with the same ``key`` (their structure and the
+    compile options) share compiled code."""
+    if not _fusable(f_call) or (g_call is not None and not _fusable(g_call)):
         return None
     runners = _RUNNERS.get(key)
     if runners is None:
         index = len(_RUNNERS)
+        forward = _half_forward if g_call is None else _coupling_forward
         runners = _RUNNERS[key] = (
-            torch.compile(_copy(_coupling_forward, f"revconvert_coupling_{index}"), **options),
+            torch.compile(_copy(forward, f"revconvert_coupling_{index}"), **options),
             torch.compile(_copy(step_back, f"revconvert_step_back_{index}"), **options))
     return FusedCoupling(f_call, g_call, *runners, inductor=options.get("backend", "inductor") == "inductor")

@@ -86,7 +86,8 @@ class ReversibleSegment(nn.Module):
             as ``{"mode": "max-autotune-no-cudagraphs"}``): fused norm-activation kernels, fewer
             launches. A coupling whose F and G are Sequentials of convolutions, batch norms and ReLUs
             runs as three compiled calls per training step (its forward, and one backward step per
-            function: recomputation, reconstruction and gradients in one graph); other F and G run
+            function: recomputation, reconstruction and gradients in one graph; two for a half
+            coupling); other F and G run
             compiled call by call, in the forward and the recomputation. F or G that draw random
             numbers (dropout) and couplings that keep outputs stay eager. Each structure compiles on
             first use.
