@@ -53,7 +53,8 @@ def test_f_comes_from_one_block_and_g_from_the_next():
     assert seg.source_blocks == tuple(f"blocks.{i}" for i in range(5))
     summary = converted.revconvert_summary
     assert summary.couplings == {seg_name: 3 for seg_name in summary.segments}
-    assert "3  blocks.0 .. blocks.4" in str(summary)
+    assert summary.half_couplings == {seg_name: 1 for seg_name in summary.segments}
+    assert "3 (1 half)  blocks.0 .. blocks.4" in str(summary)
     default = _segment(revconvert.convert(MixedKernels(), (1, 3, 8, 8)))
     assert [(_kernels(c.F), _kernels(c.G)) for c in default.couplings] == [({k}, {k}) for k in (3, 5, 7, 3, 5)]
 
@@ -184,3 +185,14 @@ def test_paired_with_checkpointed_stored_parts_and_kept_outputs_is_exact():
     pairs, _ = grads_against_ordinary(converted, torch.randn(2, 3, 8, 8, dtype=torch.float64))
     for got, want in pairs:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_summary_pickled_before_the_coupling_counts_still_loads_and_prints():
+    import pickle
+
+    summary = revconvert.convert(MixedKernels(), (1, 3, 8, 8), config=PAIR).revconvert_summary
+    old_state = {k: v for k, v in vars(summary).items() if k not in ("couplings", "half_couplings")}
+    old = type(summary).__new__(type(summary))
+    old.__setstate__(old_state)  # what unpickling a summary saved by an older version does
+    assert old.couplings == {} and old.half_couplings == {}
+    assert "5  blocks.0 .. blocks.4" in str(pickle.loads(pickle.dumps(old)))  # one coupling per block assumed

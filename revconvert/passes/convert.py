@@ -466,6 +466,8 @@ def convert(model: nn.Module, example_input: Any = None, *, config: ConvertConfi
         model=report.model, blocks=len(report.blocks), converted_blocks=converted_blocks,
         segments={name: [b.name for b in blocks] for name, blocks in analysis.runs.items()},
         couplings={name: len(gm.get_submodule(name).couplings) for name in analysis.runs},
+        half_couplings={name: half for name in analysis.runs
+                        if (half := sum(c.G is None for c in gm.get_submodule(name).couplings))},
         stored_reasons=stored, params_before=params_before,
         params_after=sum(p.numel() for p in gm.parameters()),
         not_selected=[b.name for b in report.blocks if b.reversible and not b.selected],

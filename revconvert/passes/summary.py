@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import torch.fx as fx
@@ -33,6 +33,15 @@ class ConversionSummary:
     param_mismatch: dict[str, float] = field(default_factory=dict)
     # segment -> its number of couplings (fewer than its blocks with ConvertConfig(pair_blocks=True))
     couplings: dict[str, int] = field(default_factory=dict)
+    # segment -> how many of its couplings are half couplings, F only (a paired run of odd length ends with one)
+    half_couplings: dict[str, int] = field(default_factory=dict)
+
+    def __setstate__(self, state: dict) -> None:
+        # summaries pickled by older versions (inside a saved model) lack the fields added since
+        for f in fields(self):
+            if f.name not in state and f.default_factory is not MISSING:
+                state[f.name] = f.default_factory()
+        self.__dict__.update(state)
 
     @property
     def param_ratio(self) -> float:
@@ -45,7 +54,8 @@ class ConversionSummary:
                  f"{format_count(self.params_before)} -> {format_count(self.params_after)} "
                  f"({self.param_ratio:.3f}x)"]
         if self.segments:
-            rows = [(name, self.couplings.get(name, len(blocks)),
+            rows = [(name, f"{self.couplings.get(name, len(blocks))}"
+                           f"{f' ({self.half_couplings[name]} half)' if self.half_couplings.get(name) else ''}",
                      blocks[0] if len(blocks) == 1 else f"{blocks[0]} .. {blocks[-1]}")
                     for name, blocks in self.segments.items()]
             lines += ["", render_table(("segment", "couplings", "replaces"), rows, align="lrl")]
@@ -106,4 +116,5 @@ def combine_summaries(previous: ConversionSummary, new: ConversionSummary,
         checkpointed={**previous.checkpointed, **new.checkpointed},
         param_mismatch={**previous.param_mismatch, **new.param_mismatch},
         couplings={**previous.couplings, **new.couplings},
+        half_couplings={**previous.half_couplings, **new.half_couplings},
         conversions=previous.conversions + new.conversions)
