@@ -272,7 +272,10 @@ def test_a_cuda_training_step_never_synchronises():
     import torchvision
 
     model = torchvision.models.resnet18(num_classes=10).cuda()
-    for config in (ConvertConfig(), ConvertConfig(checkpoint_stored=True, keep="spatial-convs")):
+    resnet34 = torchvision.models.resnet34(num_classes=10).cuda()  # paired: odd runs end in half couplings
+    for model, config in ((model, ConvertConfig()),
+                          (model, ConvertConfig(checkpoint_stored=True, keep="spatial-convs")),
+                          (resnet34, ConvertConfig(pair_blocks=True))):
         converted = revconvert.convert(model, (2, 3, 64, 64), config=config).cuda()
         x = torch.randn(2, 3, 64, 64, device="cuda")
         converted(x).sum().backward()  # warm-up: plans and lazy initialisation
