@@ -86,13 +86,16 @@ def _random_residual(rng: torch.Generator, kind: str, c: int, hidden: int) -> nn
     hidden=st.integers(1, 6),
     batch=st.integers(1, 3),
     seed=st.integers(0, 2**16),
+    halves=st.integers(0, 2**16),
 )
-def test_random_couplings_float64_match_ordinary_autograd(kind, depth, half, hidden, batch, seed):
+def test_random_couplings_float64_match_ordinary_autograd(kind, depth, half, hidden, batch, seed, halves):
     rng = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    # bit k of ``halves`` set: coupling k is a half coupling (F only)
     couplings = [
-        ReversibleCoupling(_random_residual(rng, kind, half, hidden), _random_residual(rng, kind, half, hidden))
-        for _ in range(depth)
+        ReversibleCoupling(_random_residual(rng, kind, half, hidden),
+                           None if halves >> k & 1 else _random_residual(rng, kind, half, hidden))
+        for k in range(depth)
     ]
     segment = ReversibleSegment(couplings).double()
     shape = (batch, 2 * half) if kind == "mlp" else (batch, 2 * half, 4, 3)
