@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import revconvert
 from revconvert.memory.plan import _Planner
 from revconvert.memory.tracker import AllocationTracker, storage_bytes
-from revconvert.passes.recompute import FlopCount
+from revconvert._ops import FlopCount
 
 
 @dataclass

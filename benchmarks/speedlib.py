@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.resnet import Bottleneck, ResNet
 
 import revconvert
+from revconvert._ops import launches_kernel  # the same definition as memory_profile's step_ops
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from compare import Method  # noqa: E402 - (name, model, context), the same record compare.py uses
@@ -30,8 +31,6 @@ from compare import Method  # noqa: E402 - (name, model, context), the same reco
 __all__ = ["LAUNCH_CALLS", "GraphedSegments", "GraphedStep", "Method", "NarrowResNet", "OpCounter", "Row", "Target", "backward_step", "count_launches", "count_ops", "cpu_clock", "cuda_clock",
            "error_line", "flops_of", "gpu_table", "median", "ops_breakdown", "ops_table", "ratio", "targets_table",
            "time_interleaved", "timed_table", "train_step", "where_table"]
-
-aten = torch.ops.aten
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -207,17 +206,6 @@ def flops_of(method: Method, x: torch.Tensor) -> int:
     with FlopCounterMode(display=False) as counter:
         train_step(method, x)
     return counter.get_total_flops()
-
-
-# Ops that dispatch but allocate or alias without running a kernel. Views and aliases (``view``,
-# ``t``, ``expand``, ``detach``, ``alias``, ``split``...) are recognised by their schema
-# (``OpOverload.is_view``); these have no alias annotation but launch nothing either.
-NO_KERNEL = frozenset({aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
-                       aten.new_empty_strided, aten._unsafe_view, aten.lift_fresh})
-
-
-def launches_kernel(func: torch._ops.OpOverload) -> bool:
-    return not func.is_view and func.overloadpacket not in NO_KERNEL
 
 
 _PACKAGE = os.path.dirname(revconvert.__file__) + os.sep

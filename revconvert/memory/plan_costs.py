@@ -39,10 +39,11 @@ import torch.fx as fx
 from torch import nn
 
 from .._loss import training_loss
+from .._ops import FlopCount
 from ..analysis.audit import analyze
 from ..analysis.tracing import meta_copy
 from ..passes.convert import ConvertConfig, convert, coupling_groups
-from ..passes.recompute import FlopCount, drop_batch_norms, plan_recompute
+from ..passes.recompute import drop_batch_norms, plan_recompute
 from ..runtime._keep import KEEP_POLICIES
 from .segments import segmentation
 from .step import StepTimeline

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._format import format_bytes, render_table
+from .._format import format_bytes, format_count, render_table
 
 __all__ = ["SegmentMemory", "MemoryBreakdown", "MemoryProfile", "format_profile"]
 
@@ -58,6 +58,11 @@ class MemoryBreakdown:
         cuda_peak_bytes: ``torch.cuda.max_memory_allocated`` for the step, measured on CUDA only,
             counted like ``peak_bytes`` (the model's own tensors included).
         source: "estimate" (fake tensors) or "measurement" (real tensors).
+        step_flops: FLOPs of the step's forward and backward (``torch.utils.flop_counter``'s
+            formulas: convolutions and matmuls), the recomputations included; None if not counted.
+        step_ops: kernel-launching aten ops of the step's forward and backward (views and
+            allocations excluded; ``revconvert._ops``): on a GPU, the kernels the step launches,
+            which set its time where kernels are short. The same on fake tensors as on real ones.
     """
 
     activation_bytes: int
@@ -72,6 +77,8 @@ class MemoryBreakdown:
     optimizer: str | None = None
     cuda_peak_bytes: int | None = None
     source: str = "estimate"
+    step_flops: int | None = None
+    step_ops: int | None = None
 
     def segment(self, name: str) -> SegmentMemory:
         """The segment called ``name``; ``KeyError`` lists the names there are."""
@@ -98,7 +105,9 @@ class MemoryBreakdown:
         if self.cuda_peak_bytes is not None:
             totals.append(("peak (torch.cuda)", format_bytes(self.cuda_peak_bytes)))
         parts = [(f"  {k}", format_bytes(v)) for k, v in self.peak_composition.items() if v]
-        return "\n".join([table, "", render_table(["total", self.source], totals + parts)])
+        cost = [] if self.step_flops is None else [
+            ("step FLOPs", format_count(self.step_flops)), ("step kernel launches", str(self.step_ops))]
+        return "\n".join([table, "", render_table(["total", self.source], totals + parts + cost)])
 
 
 def _ratio(new: float, old: float) -> float | None:
@@ -141,10 +150,12 @@ class MemoryProfile:
     @property
     def ratios(self) -> dict[str, float | None]:
         """converted / original for each total (None without a conversion or for 0 / 0)."""
-        keys = ("activation_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "peak_bytes")
+        keys = ("activation_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "peak_bytes", "step_flops",
+                "step_ops")
         if self.converted is None:
             return {k: None for k in keys}
-        return {k: _ratio(getattr(self.converted, k), getattr(self.original, k)) for k in keys}
+        return {k: None if getattr(self.original, k) is None or getattr(self.converted, k) is None
+                else _ratio(getattr(self.converted, k), getattr(self.original, k)) for k in keys}
 
     def rows(self) -> list[tuple[str, SegmentMemory | None, SegmentMemory | None]]:
         """Segments aligned by name: (name, original's, converted's), in execution order."""
@@ -215,4 +226,11 @@ def format_profile(profile: MemoryProfile) -> str:
     total_table = render_table(["total", "original", "converted", "ratio"], totals, align="lrrr")
     note = ("activations: bytes autograd saves for backward (each storage once, parameters excluded); "
             "transient: extra peak of a reversible segment's backward (one coupling recomputed).")
-    return "\n".join([title, "", seg_table, "", total_table, "", note])
+    parts = [title, "", seg_table, "", total_table]
+    if orig.step_flops is not None and conv.step_flops is not None:
+        cost = [("FLOPs", format_count(orig.step_flops), format_count(conv.step_flops), _fmt_ratio(r["step_flops"])),
+                ("kernel launches", str(orig.step_ops), str(conv.step_ops), _fmt_ratio(r["step_ops"]))]
+        parts += ["", render_table(["step cost", "original", "converted", "ratio"], cost, align="lrrr")]
+        note += (" step cost: forward and backward, recomputations included; kernel launches: aten ops that "
+                 "run a kernel (where kernels are short, as on GPUs at moderate batches, step time follows them).")
+    return "\n".join([*parts, "", note])

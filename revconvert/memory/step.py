@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from .._loss import training_loss
+from .._ops import FlopCount
 from .report import MemoryBreakdown, SegmentMemory
 from .segments import Segmentation, SegmentInfo
 from .tracker import AllocationTracker, SavedTensorCounter, Window, storage_bytes
@@ -170,20 +171,22 @@ def run_step(seg: Segmentation, res: StepResources, *, timeline: StepTimeline | 
         forward_opened.append(tracker.open_window(name))
 
     interp.on_enter = on_enter
+    cost = FlopCount()  # of forward and backward; not of the optimizer step, which the estimate models
     try:
         with tracker, counter:
-            output = interp.run(*res.inputs)
-            interp.env.clear()  # the interpreter keeps the output's value; a training loop would not
-            counter.segment = "(loss)"
-            loss = training_loss(output)
-            counter.segment = None  # the backward's recomputation saves tensors only transiently
-            del output
-            if forward_opened:
-                tracker.close_window(forward_opened[-1])
-            timeline.forward_peak, timeline.forward_end = tracker.peak, tracker.live
-            tracker.phase = "backward"
-            loss.backward()
-            del loss
+            with cost:
+                output = interp.run(*res.inputs)
+                interp.env.clear()  # the interpreter keeps the output's value; a training loop would not
+                counter.segment = "(loss)"
+                loss = training_loss(output)
+                counter.segment = None  # the backward's recomputation saves tensors only transiently
+                del output
+                if forward_opened:
+                    tracker.close_window(forward_opened[-1])
+                timeline.forward_peak, timeline.forward_end = tracker.peak, tracker.live
+                tracker.phase = "backward"
+                loss.backward()
+                del loss
             if current:
                 tracker.close_window(current.pop())
             after_backward = tracker.live_by_phase
@@ -234,6 +237,8 @@ def run_step(seg: Segmentation, res: StepResources, *, timeline: StepTimeline | 
         input_bytes=resident[INPUT],
         peak_composition=composition,
         optimizer=res.optimizer_name,
+        step_flops=cost.total,
+        step_ops=cost.ops,
     )
 
 

@@ -18,16 +18,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 from .._loss import training_loss
+from .._ops import FlopCount
 from ..analysis.hooks import no_global_hooks
 from ..analysis.tracing import meta_copy
 from ..runtime import ReversibleSegment, ordinary_autograd
 from ..runtime._keep import KeepPolicy, recording, replaying
 
-__all__ = ["CouplingCost", "FlopCount", "RecomputePlan", "drop_batch_norms", "plan_recompute"]
+__all__ = ["CouplingCost", "RecomputePlan", "drop_batch_norms", "plan_recompute"]
 
 
 @dataclass(frozen=True)
@@ -90,26 +89,6 @@ class RecomputePlan:
     @property
     def met(self) -> bool:
         return self.overhead <= self.budget + 1e-12
-
-
-class FlopCount(TorchDispatchMode):
-    """FLOPs of the ops ``torch.utils.flop_counter`` knows (convolutions, matmuls), nothing else.
-
-    The same per-op formulas as ``FlopCounterMode``, without its module tracking and decompositions,
-    which make batch norm on meta tensors a hundred times slower.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - dispatch protocol
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        count = flop_registry.get(func._overloadpacket)
-        if count is not None:
-            self.total += count(*args, **kwargs, out_val=out)
-        return out
 
 
 def _step_cost(model: nn.Module, args: Sequence[Any]) -> tuple[int, int]:
