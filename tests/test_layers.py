@@ -1,6 +1,6 @@
 """The package's import graph: acyclic, and each layer imports only the layers below it.
 
-Layers, bottom to top: base helpers (errors, formatting, the training loss), ``runtime`` (what a
+Layers, bottom to top: base helpers (errors, formatting, the training loss, op counting), ``runtime`` (what a
 converted model executes), ``analysis`` (tracing, discovery, rules, audit), ``passes`` (surgery,
 conversion, checkpointing, planning), ``memory``, the package facade, the command line.
 """
@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "revconvert"
 
-BASE = {"revconvert.errors", "revconvert._format", "revconvert._loss"}
+BASE = {"revconvert.errors", "revconvert._format", "revconvert._loss", "revconvert._ops"}
 LAYERS = ("base", "runtime", "analysis", "passes", "memory", "facade", "cli")
 
 
