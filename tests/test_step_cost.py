@@ -55,3 +55,15 @@ def test_pairing_shows_as_fewer_kernel_launches_at_the_same_flops():
     assert "step cost" in text and "kernel launches" in text
     assert f"{paired.ratios['step_ops']:.2f}x" in text
     assert paired.to_dict()["converted"]["step_ops"] == paired.converted.step_ops
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_estimated_step_cost_is_the_real_steps_on_cuda():
+    # cuDNN's batch norm and convolution ops replace the CPU ones: the estimate for "cuda" must count them
+    model = tv_model("resnet50").train()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    config = ConvertConfig(pair_blocks=True)
+    profile = memory_profile(model, (3, 64, 64), 2, config=config, device="cuda")
+    converted = revconvert.convert(model, (2, 3, 64, 64), config=config).train().cuda()
+    for estimate, real in ((profile.original, copy.deepcopy(model).cuda()), (profile.converted, converted)):
+        assert (estimate.step_flops, estimate.step_ops) == _real_step_cost(real, x)
