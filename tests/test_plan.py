@@ -279,5 +279,10 @@ def test_paired_plan_fits_as_measured():
                 if isinstance(m, revconvert.ReversibleSegment)]
     assert segments and all(len(s.couplings) == (len(s.source_blocks) + 1) // 2 for s in segments)
     assert config_from_dict(json.loads(json.dumps(plan.to_dict()))) == plan.config
+    # kernel launches of the planned and the original step, as a real step counts them
+    converted = revconvert.convert(model, x, config=plan.config)
+    assert plan.ops == revconvert.measure_memory(converted, x, optimizer="sgd-momentum").step_ops
+    assert plan.original_ops == revconvert.measure_memory(model, x, optimizer="sgd-momentum").step_ops
+    assert f"kernel launches {plan.ops_ratio:.2f}x" in str(plan) and plan.to_dict()["ops"] == plan.ops
     with pytest.raises(TypeError, match="pair_blocks"):
         revconvert.plan_memory(model, budget, input_size=64, batch_size=2, pair_blocks="yes")

@@ -208,7 +208,7 @@ class _Planner:
             fwd_converted=forward_flops(self.units, self.model, example, converted, self.trace_options),
             keep_saved_flops=keep_flops, keep_bytes=keep_bytes,
             original_flops=step_flops(self.model, example, None, self.trace_options),
-            batch=batch, input_bytes=original.input_bytes)
+            batch=batch, input_bytes=original.input_bytes, original_ops=original.step_ops)
 
     # -- planning ----------------------------------------------------------------------------------
     def plan(self, budget: int, batch: int, max_flops_ratio: float | None,
@@ -279,7 +279,8 @@ class _Planner:
                           original_peak_bytes=cal.original_peak, flops=flops, original_flops=cal.original_flops,
                           model_peak_bytes=int(space.peak_of(pick)), parts=parts, batch_size=batch,
                           input_size=self.shape, dtype=str(self.dtype).removeprefix("torch."),
-                          optimizer=self.optimizer, model_name=model_name(self.model))
+                          optimizer=self.optimizer, model_name=model_name(self.model),
+                          ops=breakdown.step_ops, original_ops=cal.original_ops)
 
     def largest_batch(self, budget: int, max_flops_ratio: float) -> MemoryPlan:
         """The largest batch whose plan fits within the FLOP limit.

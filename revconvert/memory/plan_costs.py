@@ -150,6 +150,7 @@ class Calibration:
     keep_bytes: dict[str, list[int]] = field(default_factory=dict)
     batch: int = 1
     input_bytes: int = 0
+    original_ops: int | None = None  # kernel launches of the original's step (do not depend on the batch)
 
     def scaled(self, batch: int) -> Calibration:
         """The calibration as if measured at ``batch``: activation-sized numbers grow with the batch,

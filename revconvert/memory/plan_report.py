@@ -90,6 +90,9 @@ class MemoryPlan:
         flops: FLOPs of the planned model's step (forward + backward, counted on meta tensors).
         original_flops: FLOPs of the original model's step.
         model_peak_bytes: the planner's composed estimate of ``peak_bytes``, before the check.
+        ops, original_ops: kernel-launching aten ops of the planned and the original model's step
+            (``MemoryBreakdown.step_ops``, from the plan's check): what the step's time follows
+            where kernels are short (a GPU at moderate batches), which FLOPs do not show.
         parts: one row per part of the model, in execution order.
         batch_size, input_size, dtype, optimizer, model_name: what was planned for.
     """
@@ -107,6 +110,8 @@ class MemoryPlan:
     dtype: str = "float32"
     optimizer: str | None = None
     model_name: str = ""
+    ops: int | None = None
+    original_ops: int | None = None
 
     @property
     def fits(self) -> bool:
@@ -119,6 +124,11 @@ class MemoryPlan:
         return self.flops / self.original_flops if self.original_flops else 1.0
 
     @property
+    def ops_ratio(self) -> float | None:
+        """Kernel launches of the plan's step over the original's (None if not counted)."""
+        return self.ops / self.original_ops if self.ops is not None and self.original_ops else None
+
+    @property
     def peak_ratio(self) -> float:
         """Estimated peak of the plan over that of the original model."""
         return self.peak_bytes / self.original_peak_bytes if self.original_peak_bytes else 1.0
@@ -129,7 +139,9 @@ class MemoryPlan:
                 f"optimizer {self.optimizer or 'none'}; budget {format_bytes(self.budget_bytes)}\n"
                 f"plan peak {format_bytes(self.peak_bytes)} ({self.peak_ratio:.2f}x the original's "
                 f"{format_bytes(self.original_peak_bytes)}): {verdict}; step FLOPs {self.flops_ratio:.3f}x "
-                f"the original's{'; couplings of two blocks each (pair_blocks)' if self.config.pair_blocks else ''}")
+                f"the original's"
+                f"{'' if self.ops_ratio is None else f', kernel launches {self.ops_ratio:.2f}x'}"
+                f"{'; couplings of two blocks each (pair_blocks)' if self.config.pair_blocks else ''}")
         rows = [(p.name, p.decision, format_bytes(p.original_saved_bytes), format_bytes(p.saved_bytes),
                  f"{p.extra_flops:+.3f}") for p in self.parts]
         table = render_table(("part", "decision", "saved (original)", "saved (plan)", "extra FLOPs"), rows,
@@ -143,6 +155,7 @@ class MemoryPlan:
             "peak_bytes": self.peak_bytes, "original_peak_bytes": self.original_peak_bytes,
             "model_peak_bytes": self.model_peak_bytes, "fits": self.fits, "flops": self.flops,
             "original_flops": self.original_flops, "flops_ratio": self.flops_ratio,
+            "ops": self.ops, "original_ops": self.original_ops, "ops_ratio": self.ops_ratio,
             "config": config_to_dict(self.config), "parts": [p.to_dict() for p in self.parts],
         }
 
