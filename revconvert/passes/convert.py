@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -296,9 +297,11 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
     nodes = {n.name: n for n in gm.graph.nodes}
     mismatched: dict[str, float] = {}
     plans = {b.name: plan_channels(gm, b, nodes) for blocks in analysis.runs.values() for b in blocks}
-    groups = {seg: coupling_groups(blocks, config.pair_blocks) for seg, blocks in analysis.runs.items()}
-    functions = {b.name: 1 if len(group) == 2 or half_coupling(group, analysis.runs[seg], config.pair_blocks) else 2
-                 for seg, seg_groups in groups.items() for group in seg_groups for b in group}
+    # per run, per coupling: the blocks its F and its G are rebuilt from (G None: a half coupling)
+    sources = {seg: [(group[0], None if half_coupling(group, blocks, config.pair_blocks) else group[-1])
+                     for group in coupling_groups(blocks, config.pair_blocks)]
+               for seg, blocks in analysis.runs.items()}
+    functions = Counter(b.name for run in sources.values() for fg in run for b in fg if b is not None)
     chosen = _choose_widths(plans, functions, config, params_before)
 
     def function(block: ResidualBlock) -> nn.Module:
@@ -311,8 +314,7 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
         return build_residual_function(gm, block, plan, widths, pre_activation=pre, zero_init=config.zero_init)
 
     for seg_name, blocks in analysis.runs.items():
-        couplings = [ReversibleCoupling(function(group[0]), None if half_coupling(group, blocks, config.pair_blocks)
-                                        else function(group[-1])) for group in groups[seg_name]]
+        couplings = [ReversibleCoupling(function(f), None if g is None else function(g)) for f, g in sources[seg_name]]
         last = blocks[-1]
         exit_act = None
         if last.post_op and config.post_activation == "move":
@@ -320,7 +322,8 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
         segment = ReversibleSegment(couplings, dim=1, exit_activation=exit_act, compile=config.compile)
         segment.use_reversible_backward = config.memory_saving
         segment.source_blocks = tuple(b.name for b in blocks)
-        segment.coupling_blocks = tuple(tuple(b.name for b in group) for group in groups[seg_name])
+        segment.coupling_blocks = tuple(tuple(dict.fromkeys(b.name for b in fg if b is not None))
+                                        for fg in sources[seg_name])
         # The rebuilt layers are copies of the originals: they carry their requires_grad and their
         # train/eval mode (a norm kept in eval mode to freeze its statistics stays so); train() on the
         # segment must not reset those modes.
