@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import revconvert
+from conftest import grads_against_ordinary
 
 
 class Block(nn.Module):
@@ -77,13 +76,7 @@ def test_random_residual_nets_convert_exactly(net_and_n, seed, pair):
     converted = revconvert.convert(net, (2, 3, 6, 6), config=config).double()
     segments = [m for m in converted.modules() if isinstance(m, revconvert.ReversibleSegment)]
     assert len(segments) == 1 and len(segments[0].couplings) == ((n + 1) // 2 if pair else n)
-    reference = copy.deepcopy(converted)
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    converted(x1).square().sum().backward()
-    with revconvert.ordinary_autograd():
-        reference(x2).square().sum().backward()
-    pairs = [(x1.grad, x2.grad)] + [(p.grad, q.grad) for p, q in zip(converted.parameters(), reference.parameters())]
+    pairs, _ = grads_against_ordinary(converted, torch.randn(2, 3, 6, 6, dtype=torch.float64))
     # A conv bias in front of a train-mode BatchNorm has a gradient that is zero up to rounding;
     # measure each tensor against its own scale, but no finer than the gradients' overall scale.
     floor = 1e-4 * max(want.abs().max().item() for _, want in pairs)
