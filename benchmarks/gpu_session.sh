@@ -44,19 +44,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(cuda_tests speed_b96 speed_eager exactness exactness_paired)  # plan, speed_compile: by name
+[[ ${#steps[@]} -gt 0 ]] || steps=(speed_eager cuda_tests exactness_paired speed_compile)  # plan, speed_b96, exactness: by name
 for name in "${steps[@]}"; do
     case $name in
-    speed_eager) step speed_eager 160 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
-        --compile-backend none --cuda-graphs --graph-segments --autograd-backward --count-launches --repeats 7 \
-        --json "$out/speed_eager.json" ;;
-    cuda_tests) step cuda_tests 150 "$py" -m pytest -q -k cuda tests -p no:cacheprovider ;;
+    speed_eager) step speed_eager 130 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
+        --compile-backend none --cuda-graphs --count-launches --repeats 7 --json "$out/speed_eager.json" \
+        --variants original ckpt-sequential memory-saving ordinary paired "graphed original" \
+        "graphed ckpt-sequential" "graphed memory-saving" "graphed paired" ;;
+    cuda_tests) step cuda_tests 140 "$py" -m pytest -q -k cuda tests -p no:cacheprovider ;;
     plan) step plan 240 "$py" benchmarks/plan.py --device cuda --models resnet152 --batch 64 --size 224 \
         --budgets 0.65 0.4 --compile-budgets 0.2 --reps 3 --json "$out/plan.json" ;;
-    speed_compile) step speed_compile 420 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes bfloat16 \
+    speed_compile) step speed_compile 300 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes bfloat16 \
         --compile-dtypes bfloat16 --compile-fg --repeats 5 --json "$out/speed_compile.json" \
-        --variants original memory-saving paired "compiled original" "memory-saving F/G compiled" \
-        "compiled memory-saving F/G" "compiled paired F/G" ;;
+        --variants original paired "compiled original" "paired F/G compiled" "compiled paired F/G" ;;
     speed_b96) step speed_b96 110 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --keep-through-modules --graph-segments \
         --dtypes bfloat16 --compile-backend none --cuda-graphs --repeats 5 --json "$out/speed_b96.json" ;;
     exactness) step exactness 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 ;;
