@@ -88,6 +88,7 @@ from speedlib import (  # noqa: E402
     cuda_clock,
     error_line,
     flops_of,
+    grad_difference,
     median,
     ratio,
     time_interleaved,

@@ -175,3 +175,37 @@ def test_count_launches_counts_kernels_and_a_cuda_graph_replay_as_one() -> None:
     with torch.cuda.graph(graph):
         static.copy_((x * 2).relu_())
     assert count_launches(graph.replay) == 1
+
+
+def _unbound_globals(path: pathlib.Path) -> set[str]:
+    """Names that a function of ``path`` reads as globals but the module never binds (nor builtins)."""
+    import builtins
+    import symtable
+
+    source = path.read_text()
+    top = symtable.symtable(source, str(path), "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    bound |= {t.get_name() for t in top.get_children()}  # module-level def and class
+    bound |= set(dir(builtins)) | {"__file__", "__name__"}
+    missing: set[str] = set()
+
+    def walk(table: symtable.SymbolTable) -> None:
+        for s in table.get_symbols():
+            if s.is_referenced() and (s.is_global() or table is top) and not s.is_assigned() \
+                    and s.get_name() not in bound:
+                missing.add(f"{table.get_name()}: {s.get_name()}")
+        for child in table.get_children():
+            walk(child)
+
+    walk(top)
+    return missing
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (pathlib.Path(__file__).resolve().parents[1]
+                                                             / "benchmarks").glob("*.py")))
+def test_benchmark_script_reads_no_unbound_global(script: str) -> None:
+    # A benchmark's GPU-only paths run nowhere in this suite: a name lost in a refactor (speed.py
+    # --graph-segments calling grad_difference after it moved to speedlib) shows only on a device
+    # machine, at the cost of its lease. Every global a function reads must be bound in the module.
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / script
+    assert _unbound_globals(path) == set()
