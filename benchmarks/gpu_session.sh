@@ -57,6 +57,9 @@ for name in "${steps[@]}"; do
     speed_compile) step speed_compile 300 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes bfloat16 \
         --compile-dtypes bfloat16 --compile-fg --repeats 5 --json "$out/speed_compile.json" \
         --variants original paired "compiled original" "paired F/G compiled" "compiled paired F/G" ;;
+    speed_compile_paired) step speed_compile_paired 200 "$py" benchmarks/speed.py --device cuda --suites gpu \
+        --dtypes bfloat16 --compile-dtypes bfloat16 --repeats 5 --json "$out/speed_compile_paired.json" \
+        --variants original paired "compiled original" "compiled paired" ;;
     speed_b96) step speed_b96 110 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --keep-through-modules --graph-segments \
         --dtypes bfloat16 --compile-backend none --cuda-graphs --repeats 5 --json "$out/speed_b96.json" ;;
     exactness) step exactness 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 ;;
