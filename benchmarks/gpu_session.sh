@@ -1,30 +1,32 @@
 #!/usr/bin/env bash
-# One prepared GPU check, sized for a 15-minute device lease: a single call of about 6 minutes (limits add up to 480 s)
-# (a machine start of under a minute to 2, then the default steps: cuda_tests, speed_b96,
-# speed_eager, exactness, exactness_paired, in order of what the open issues need most). Each step runs under its own time limit so one slow step cannot eat the others, and
-# writes its log and JSON under $OUT (or ./gpu_out), at most 8 files:
+# One prepared GPU check, sized for a 15-minute device lease: a single call of about 6 minutes
+# (limits add up to 590 s; on an H200 the default steps took 362 s). A machine start takes under a
+# minute to 2, then the default steps run in order of what the open issues need most: speed_eager,
+# cuda_tests, exactness_paired, speed_compile. Each step runs under its own time limit so one slow
+# step cannot eat the others, and writes its log and JSON under $OUT (or ./gpu_out):
+#   speed_eager: issue 11's GPU suite, resnet152 32x3x224x224, float32 and bf16 autocast: eager rows
+#      (original, checkpoint_sequential, memory-saving, ordinary autograd, paired
+#      (ConvertConfig(pair_blocks=True))), time and peak memory; original, checkpoint_sequential,
+#      memory-saving and paired again with the whole step captured in a CUDA graph (launch
+#      overhead gone); each variant's kernel launches in one profiled step (--count-launches);
 #   cuda_tests: pytest -k cuda (autocast exactness, no device synchronisation, CUDA-graph capture,
 #      the direct backward against cuDNN's norms, compiled couplings under inductor, estimate vs the
-#      CUDA allocator);
-#   speed_eager: issue 11's GPU suite, resnet152 32x3x224x224, float32 and bf16 autocast: eager rows
-#      (original, checkpoint_sequential, memory-saving, ordinary autograd, keep, paired (ConvertConfig(pair_blocks=True)), and memory-saving
-#      with the backward through autograd: the direct backward's A/B), time and peak memory, and the
-#      first four again with the whole step captured in a CUDA graph (launch overhead gone), and
-#      memory-saving with only its reversible segments captured (--graph-segments, an experiment),
-#      and each variant's kernel launches in one profiled step (--count-launches);
+#      CUDA allocator, step cost on CUDA);
+#   exactness, exactness_paired: whole-model exactness per precision (cuda_check.py), default
+#      (only when named) and paired (--pair-blocks) conversion;
+#   speed_compile: bf16, torch.compile'd original against paired with compiled couplings, with and
+#      without an outer torch.compile (inductor compiles each model for ~100 s on a 16-core host);
+#   speed_compile_paired (only when named, ~200 s): bf16, torch.compile of the paired conversion
+#      (segments as graph breaks, run eagerly) against the compiled original;
+#   speed_b96 (only when named): the eager and graphed suite at batch 96, bf16: a step less bound
+#      by kernel launches, where keep keeps every 3x3 convolution (with its A/B: kept outputs
+#      through the module calls), and memory-saving with only its reversible segments captured
+#      (--graph-segments, the experiment of docs/cuda_graphs.md);
 #   plan (only when named): issue 15's plan table on the GPU (estimated vs max_memory_allocated
-#      peaks), resnet152 at 64x224 (measured on an H200; resnet50's on an H100);
-#   speed_b96: the eager and graphed suite at batch 96, bf16: a step less bound by kernel launches,
-#      where keep keeps every 3x3 convolution (with its A/B: kept outputs through the module calls);
-#   exactness, exactness_paired: whole-model exactness per precision (cuda_check.py), default and
-#      paired (--pair-blocks) conversion;
-#   speed_compile (only when named, ~6 minutes): bf16, torch.compile'd original against memory-saving
-#      and paired with compiled couplings, with and without an outer torch.compile (inductor compiles each model
-#      for ~2 minutes on a 16-core host; the per-call path's A/B, --per-call-compile, was measured
-#      on an H100 already: 4.21x the compiled original).
+#      peaks), resnet152 at 64x224 (measured on an H200; resnet50's on an H100).
 #
 #   bash benchmarks/gpu_session.sh                          # the default steps, on the device machine
-#   bash benchmarks/gpu_session.sh speed_compile            # only these steps
+#   bash benchmarks/gpu_session.sh speed_b96 speed_compile_paired   # only these steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"
