@@ -288,6 +288,9 @@ def _run(args: argparse.Namespace) -> int:
         out = {"audit": report.to_dict(), "conversion": summary.to_dict(), "memory": profile.to_dict()}
         text = ["== Audit ==", report.summary(), "", "== Conversion ==", str(summary), "",
                 f"== Memory (batch {args.batch_size}, {'x'.join(map(str, shape))}) ==", str(profile)]
+        hint = None if args.pair_blocks else _pairing_hint(summary)
+        if hint:
+            text += ["", hint]
         if args.memory:
             plan = _make_plan(args, model, shape, args.batch_size)
             out["plan"] = plan.to_dict()
@@ -304,6 +307,22 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         print(f"plot written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _pairing_hint(summary: Any) -> str | None:
+    """One line on what ``--pair-blocks`` would change for this conversion, or None where it would
+    change nothing (every run a single block, which stays a full coupling)."""
+    from .passes.convert import coupling_groups  # lazy: keeps torch out of the CLI start-up
+
+    now = sum(summary.couplings.get(seg, len(blocks)) for seg, blocks in summary.segments.items())
+    paired = sum(len(coupling_groups(blocks, True)) for blocks in summary.segments.values())
+    if paired >= now:
+        return None
+    return (f"hint: --pair-blocks builds each coupling from two blocks (F from one, G from the next): "
+            f"{paired} coupling{'s' if paired != 1 else ''} instead of {now}, the layers of paired blocks run once instead of twice, so a step "
+            f"launches fewer kernels at about the same memory (run report again with it to see the step cost). "
+            f"Where launches set the pace, as on GPUs, that is faster: resnet152 at batch 32 on an H200 took "
+            f"1.27x-1.35x the original's step time with it, 2.2x-2.4x without (README, Speed).")
 
 
 def _make_plan(args: argparse.Namespace, model: Any, shape: tuple[int, ...], batch: int | None) -> Any:

@@ -488,3 +488,19 @@ def test_convert_pair_blocks(tmp_path, capsys):
     (tmp_path / "plan.json").write_text("{}")
     assert main(["convert", "resnet18", "-o", str(out), "--plan", str(tmp_path / "plan.json"), "--pair-blocks"]) == 2
     assert "--pair-blocks" in capsys.readouterr().err
+
+
+def test_report_hints_at_pair_blocks_only_where_pairing_changes_the_conversion(cli):
+    # TinyNet's run of two blocks: two couplings by default, one paired
+    out = cli("report", "mymodels:TinyNet", "--input-size", "16", "--batch-size", "2")
+    assert out.returncode == 0, out.stderr
+    hints = [line for line in out.stdout.splitlines() if line.startswith("hint: --pair-blocks")]
+    assert len(hints) == 1 and "1 coupling instead of 2" in hints[0], out.stdout
+    # already paired, or a run of one block (which stays a full coupling either way): no hint
+    for argv in (("mymodels:TinyNet", "--pair-blocks"), ("mymodels:one_block",)):
+        out = cli("report", *argv, "--input-size", "16", "--batch-size", "2")
+        assert out.returncode == 0, out.stderr
+        assert "--pair-blocks" not in out.stdout.replace("(pair_blocks)", ""), (argv, out.stdout)
+    # JSON stays data only
+    out = cli("report", "mymodels:TinyNet", "--input-size", "16", "--batch-size", "2", "--json")
+    assert "hint" not in json.loads(out.stdout)
