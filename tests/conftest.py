@@ -131,6 +131,14 @@ class OpCount(TorchDispatchMode):
         self.ops[func] += 1
         return func(*args, **(kwargs or {}))
 
+    @property
+    def by_name(self) -> Counter:
+        """The same counts by op name, overloads merged (``"convolution"``, ``"add_"``)."""
+        names: Counter = Counter()
+        for func, n in self.ops.items():
+            names[func._overloadpacket.__name__] += n
+        return names
+
 
 def tv_model(name: str) -> torch.nn.Module:
     import torchvision

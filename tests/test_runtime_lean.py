@@ -15,26 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import revconvert
 import revconvert.runtime._function as function
 import revconvert.runtime._keep as keep_module
-from conftest import conv_bn
+from conftest import OpCount, conv_bn
 from revconvert import ConvertConfig, ReversibleCoupling, ReversibleSegment
 from revconvert.runtime._state import autocast_as, capture_autocast, module_generation
-
-
-class OpCounter(TorchDispatchMode):
-    """aten ops by name, as dispatched (forward and backward)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        self.counts[func._overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _segment(depth: int = 3, c: int = 8, dropout: float = 0.0) -> ReversibleSegment:
@@ -48,9 +35,9 @@ def _segment(depth: int = 3, c: int = 8, dropout: float = 0.0) -> ReversibleSegm
 
 
 def _step_counts(seg: nn.Module, x: torch.Tensor) -> collections.Counter[str]:
-    with OpCounter() as counter:
+    with OpCount() as counter:
         seg(x).sum().backward()
-    return counter.counts
+    return counter.by_name
 
 
 def test_the_memory_saving_step_adds_only_the_recomputation():
