@@ -294,7 +294,8 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
                Method("paired", paired, null)]
     if args.graph_segments:
         # only the reversible segments captured (speedlib.GraphedSegments): an experiment
-        methods.append(Method("graphed segments, memory-saving", GraphedSegments(converted), null))
+        methods += [Method("graphed segments, memory-saving", GraphedSegments(converted), null),
+                    Method("graphed segments, paired", GraphedSegments(paired), null)]
     if args.cuda_graphs:
         # the whole step captured once and replayed (speedlib.GraphedStep): launch overhead gone
         methods += [Method(f"graphed {m.name}", GraphedStep(m.model), m.context) for m in methods
@@ -377,9 +378,11 @@ def gpu_suite(args: argparse.Namespace) -> list[Row]:
                 continue
             live.append(m)
             print(f"{suite} {m.name}: warm in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-            if isinstance(m.model, GraphedSegments):  # the experiment's gradients against the eager segments'
-                eager = next(e for e in methods if e.name == "memory-saving")
-                row.note = f"gradient vs memory-saving: {grad_difference(m, eager, x, amp):.1e} relative L2"
+            # the experiment's gradients against the eager segments' (the row its name ends with)
+            eager_name = m.name.rpartition(", ")[2]
+            eager = next((e for e in methods if e.name == eager_name), None)
+            if isinstance(m.model, GraphedSegments) and eager is not None:
+                row.note = f"gradient vs {eager_name}: {grad_difference(m, eager, x, amp):.1e} relative L2"
                 print(f"{suite} {m.name}: {row.note}", file=sys.stderr, flush=True)
         errors: dict[str, str] = {}
         times = time_interleaved(live, lambda m: train_step(m, x, amp_dtype=amp), repeats=args.gpu_repeats,
@@ -447,9 +450,10 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence
                            ratio(gpu, "paired", "ckpt-sequential", "time_s"), 1.0, strict=True),
                     Target(f"gpu {dtype}: paired / original peak memory",
                            ratio(gpu, "paired", "original", "peak_bytes"), 0.55)]
-        if any(r.name == "graphed segments, memory-saving" for r in gpu):
-            out.append(Target(f"gpu {dtype}: graphed segments, memory-saving / original time (eager around them)",
-                              ratio(gpu, "graphed segments, memory-saving", "original", "time_s"), 1.6))
+        for name in ("graphed segments, memory-saving", "graphed segments, paired"):
+            if any(r.name == name for r in gpu):
+                out.append(Target(f"gpu {dtype}: {name} / original time (eager around them)",
+                                  ratio(gpu, name, "original", "time_s"), 1.6))
         if any(r.name == "graphed memory-saving" for r in gpu):
             if any(r.name == "graphed paired" for r in gpu):
                 out.append(Target(f"gpu {dtype}: graphed paired / graphed original time (CUDA graphs)",
