@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import revconvert
 from revconvert import ConvertConfig, ConversionError, ReversibleSegment
 from conftest import RESNET_FAMILY, assert_unchanged, grads_against_ordinary, saved_bytes, snapshot, tv_model
-from toy_models import CifarResNet, DropoutBlockNet, FunctionalResNet, PreActResNet, UntraceableNet
+from toy_models import CifarResNet, DropoutBlockNet, FunctionalResNet, PreActResNet, TreeNet, UntraceableNet
 
 
 def _segments(model):
@@ -300,6 +300,33 @@ def test_handwritten_styles_convert(factory, shape):
     with revconvert.ordinary_autograd():
         ref(x2).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["default", "paired"])
+def test_a_segment_may_start_where_another_ends(pair):
+    # DLA's trees (timm's dla34 crashed with KeyError: 'reversible_2'): tree1's output feeds tree2 and
+    # the root, so each is a segment of its own and tree2's input is tree1's segment output
+    torch.manual_seed(0)
+    model = TreeNet().double().eval()
+    converted = revconvert.convert(model, (2, 3, 16, 16), config=revconvert.ConvertConfig(pair_blocks=pair))
+    assert list(converted.revconvert_summary.segments.values()) == [["tree1"], ["tree2"]]
+    # wiring: with their last norm zeroed, the original blocks are the identity on their (post-ReLU)
+    # input, as the freshly converted couplings are, so both models compute the same function
+    reference = copy.deepcopy(model)
+    for block in (reference.tree1, reference.tree2):
+        nn.init.zeros_(block.bn2.weight)
+        nn.init.zeros_(block.bn2.bias)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(x), reference(x), rtol=0, atol=0)
+    # and the reversible backward of the chained segments is exact
+    with torch.no_grad():
+        for p in converted.parameters():
+            if p.dim() and not p.any():
+                p.uniform_(0.5, 1.5)
+    pairs, _ = grads_against_ordinary(converted.train(), x)
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_dropout_blocks_recompute_the_same_masks():

@@ -243,3 +243,21 @@ class LibraryNormNet(nn.Module):
         for b in self.blocks:
             x = F.relu(x + b(x))
         return x.mean((2, 3))
+
+
+class TreeNet(nn.Module):
+    """DLA's tree: the first block's output feeds the second block *and* the aggregation, so each
+    block is a reversible segment of its own and the second starts where the first ends."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.tree1, self.tree2 = ShortcutBlock(c, c), ShortcutBlock(c, c)
+        self.root = nn.Sequential(nn.Conv2d(2 * c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a = self.tree1(x)
+        b = self.tree2(a)
+        return self.head(self.root(torch.cat([b, a], 1)).mean((2, 3)))

@@ -313,12 +313,17 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
             pre = out_of_place_copy(gm, nodes[block.post_op])
         return build_residual_function(gm, block, plan, widths, pre_activation=pre, zero_init=config.zero_init)
 
+    # Every coupling is built from the untouched graph first: a segment may start where an earlier
+    # one ends (a tree whose first block's output feeds the next block and an aggregation, as in
+    # DLA), and rewriting the earlier one replaces the node the later one's branch reads.
+    built = {seg: [ReversibleCoupling(function(f), None if g is None else function(g)) for f, g in sources[seg]]
+             for seg in analysis.runs}
+    exits = {seg: out_of_place_copy(gm, nodes[blocks[-1].post_op])
+             if blocks[-1].post_op and config.post_activation == "move" else None
+             for seg, blocks in analysis.runs.items()}
+    replaced: dict[str, fx.Node] = {}  # a block output an earlier segment replaced -> that segment's node
     for seg_name, blocks in analysis.runs.items():
-        couplings = [ReversibleCoupling(function(f), None if g is None else function(g)) for f, g in sources[seg_name]]
-        last = blocks[-1]
-        exit_act = None
-        if last.post_op and config.post_activation == "move":
-            exit_act = out_of_place_copy(gm, nodes[last.post_op])
+        couplings, exit_act, last = built[seg_name], exits[seg_name], blocks[-1]
         segment = ReversibleSegment(couplings, dim=1, exit_activation=exit_act, compile=config.compile)
         segment.use_reversible_backward = config.memory_saving
         segment.source_blocks = tuple(b.name for b in blocks)
@@ -334,11 +339,12 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
             m.training = mode
         gm.add_submodule(seg_name, segment)
 
-        entry, exit_node = nodes[blocks[0].fork], nodes[last.output]
+        entry, exit_node = replaced.get(blocks[0].fork, nodes[blocks[0].fork]), nodes[last.output]
         with gm.graph.inserting_before(exit_node):
             new = gm.graph.call_module(seg_name, (entry,))
         new.meta["val"] = exit_node.meta.get("val")
         exit_node.replace_all_uses_with(new)
+        replaced[exit_node.name] = new
         order = {n: i for i, n in enumerate(nodes)}
         owned = {n for b in blocks for n in b.nodes}
         dead = {u.name for n in owned for u in nodes[n].users if u.name not in owned and not u.users}
