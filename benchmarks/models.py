@@ -32,6 +32,7 @@ MODELS = [
     "tv:regnet_y_400mf", "tv:convnext_tiny", "tv:shufflenet_v2_x1_0", "tv:vit_b_16", "tv:swin_t",
     "timm:resnet50", "timm:resnetv2_50", "timm:seresnet50", "timm:mobilenetv2_100", "timm:efficientnet_b0",
     "timm:convnext_atto", "timm:rexnet_100", "timm:ghostnet_100", "timm:mixnet_s", "timm:cspresnet50",
+    "timm:cspdarknet53", "timm:regnetz_b16", "timm:dla34",
 ]
 
 
