@@ -346,3 +346,35 @@ def test_audit_traces_a_copy_even_when_code_reads_buffer_values():
     (block,) = revconvert.audit(model, (1, 3, 8, 8)).blocks
     assert block.reversible
     assert not model.scale.is_meta
+
+
+def _zero_branches(model: nn.Module, example: tuple[int, ...], blocks: list[str]) -> None:
+    """Zero, in ``model`` itself, the scale that zero-init zeros in F and G (the surgery's own walk
+    back from each block's branch output), so that each block named in ``blocks`` adds nothing."""
+    from revconvert.analysis.audit import analyze
+    from revconvert.passes.surgery import _zero_last
+
+    analysis = analyze(model, example, share_modules=True)
+    nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
+    for name in blocks:
+        _zero_last(analysis.graph_module, nodes[analysis.blocks[name].branch_output])
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["default", "paired"])
+@pytest.mark.parametrize("lib,name", [("torchvision", "resnet18"), *((lib, n) for lib, n, _ in FAMILIES)],
+                         ids=["torchvision-resnet18", *(f"{lib}-{n}" for lib, n, _ in FAMILIES)])
+def test_a_fresh_conversion_computes_the_original_with_its_converted_branches_zeroed(lib, name, pair):
+    # The rewrite's wiring, whatever the branch holds: a fresh conversion's couplings are the
+    # identity (the activation after each add moved to the segment's exit), so in eval mode the
+    # converted model is the original whose converted blocks add zero, to the last bit. A segment
+    # fed from a tensor of another value (a segment fed the value before its block's input fails
+    # 12 of these 20 cases), a stored part lost or changed, or a segment's output not reaching its
+    # readers shows. An exit activation lost does not (the input is post-ReLU already at the
+    # identity start): test_convert.test_activation_moves_to_front_and_exit covers that.
+    model = build(lib, name).double().eval()
+    converted = revconvert.convert(model, (2, 3, 64, 64), config=revconvert.ConvertConfig(pair_blocks=pair)).eval()
+    zeroed = copy.deepcopy(model)
+    _zero_branches(zeroed, (2, 3, 64, 64), converted.revconvert_summary.converted_blocks)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():  # (timm starts its last norms at zero already: zeroing changes nothing there)
+        torch.testing.assert_close(converted(x), zeroed(x), rtol=0, atol=0)
