@@ -320,9 +320,10 @@ def _pairing_hint(summary: Any) -> str | None:
         return None
     return (f"hint: --pair-blocks builds each coupling from two blocks (F from one, G from the next): "
             f"{paired} coupling{'s' if paired != 1 else ''} instead of {now}, the layers of paired blocks run "
-            f"once instead of twice, so a step launches fewer kernels at about the same memory (run report again with it to see the step cost). "
-            f"Where launches set the pace, as on GPUs, that is faster: resnet152 at batch 32 on an H200 took "
-            f"1.27x-1.35x the original's step time with it, 2.2x-2.4x without (README, Speed).")
+            f"once instead of twice, so a step launches fewer kernels at about the same memory (run report "
+            f"again with it to see the step cost). Where launches set the pace, as on GPUs, that is faster: "
+            f"resnet152 at batch 32 on an H200 took 1.27x-1.35x the original's step time with it, 2.2x-2.4x "
+            f"without (README, Speed).")
 
 
 def _make_plan(args: argparse.Namespace, model: Any, shape: tuple[int, ...], batch: int | None) -> Any:

@@ -15,6 +15,7 @@ from revconvert import ConvertConfig
 from revconvert._ops import launches_kernel
 from revconvert.memory import measure_memory, memory_profile
 
+
 def _real_step_cost(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """FLOPs (``FlopCounterMode``) and kernel-launching aten ops (counted per op by ``OpCount``), of
     one real ``sum()`` training step of copies of ``model``."""
