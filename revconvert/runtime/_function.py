@@ -368,133 +368,156 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a + b
 
 
+@dataclass
+class ForwardRecord:
+    """What :func:`run_forward` leaves for :func:`run_backward` besides the output: per coupling the
+    RNG states F and G drew from (None where they draw nothing), the kept outputs (``kept[2k]`` for
+    F, ``kept[2k + 1]`` for G), the keep policies, the CUDA devices whose generators matter, and the
+    autocast state."""
+
+    rng: list[tuple[RNGState | None, RNGState | None]]
+    kept: list[Kept | None]
+    policies: list[KeepPolicy | None]
+    devices: tuple[int, ...]
+    autocast: AutocastState
+
+
+def run_forward(plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor, ForwardRecord]:
+    """The segment's forward without history: its output, and what the backward needs to replay it."""
+    # Detach before chunking: views of a Function input made here would require grad without a
+    # grad_fn, which breaks tools that hook module outputs (torch.utils.module_tracker).
+    x = x.detach()
+    devices = (x.device.index or 0,) if x.device.type == "cuda" else ()
+    rng: list[tuple[RNGState | None, RNGState | None]] = []
+    kept: list[Kept | None] = []  # coupling k: kept[2k] for F, kept[2k + 1] for G
+    x1, x2 = x.chunk(2, plan.dim)
+    batch = ForwardBatch(plan.direct, autocast_dtype(x.device.type))  # casts and counters, once
+    try:
+        for k, coupling in enumerate(plan.couplings):
+            fused = plan.fused[k]
+            if fused is not None and coupling.keep is None and fused.usable(x2):
+                x1, x2 = fused.forward(x1, x2)
+                kept += [None, None]
+                rng.append((None, None))
+                continue
+            rng_f = capture_rng(devices) if plan.f_needs[k].random else None
+            y1 = x1 + _forward_one(plan, coupling.F, x2, k, "F", kept, batch)
+            rng_g = capture_rng(devices) if plan.g_needs[k].random else None
+            if coupling.G is None:  # a half coupling
+                y2 = x2
+                kept.append(None)
+            else:
+                y2 = x2 + _forward_one(plan, coupling.G, y1, k, "G", kept, batch)
+            rng.append((rng_f, rng_g))
+            x1, x2 = y1, y2
+    finally:
+        batch.finish()
+    del batch  # the casts
+    y = torch.cat((x1, x2), plan.dim)
+    return y, ForwardRecord(rng, kept, [c.keep for c in plan.couplings], devices, capture_autocast())
+
+
+def run_backward(plan: Plan, record: ForwardRecord, y: torch.Tensor, grad_y: torch.Tensor,
+                 needs: Sequence[bool]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """Algorithm 1 over the segment: the gradients of its input and of ``plan.params`` from its output
+    ``y`` and the output's gradient. ``needs``: ``needs_input_grad`` of the input followed by the
+    params'. The record's kept outputs must hold their saved tensors (:meth:`Kept.refill`)."""
+    needs_param = needs[1:]
+    # chain[k]: does anything upstream of coupling k (its input or earlier parameters) need a grad?
+    chain, upstream = [], needs[0]
+    for k in range(len(plan.couplings)):
+        chain.append(upstream)
+        upstream = upstream or any(needs_param[i] for i in plan.f_index[k] + plan.g_index[k])
+    every_param = all(needs_param)  # the usual case: the index lists serve as they are
+    kept = record.kept
+    y1, y2 = y.detach().chunk(2, plan.dim)
+    gy1, gy2 = grad_y.chunk(2, plan.dim)
+    param_grads: list[torch.Tensor | None] = [None] * len(plan.params)
+
+    # One state for the whole walk: the callers' generators put back once at the end, norm
+    # statistics frozen, the forward's autocast state (entered only if it differs), grad mode on
+    # (the recomputations record graphs; the arithmetic below runs on tensors without history).
+    with restored_rng(record.devices, enabled=plan.random), frozen_running_stats(plan.norms), \
+            autocast_as(record.autocast), torch.enable_grad():
+        for k in reversed(range(len(plan.couplings))):
+            coupling = plan.couplings[k]
+            policy = record.policies[k]
+            rng_f, rng_g = record.rng[k]
+            f_params = plan.f_index[k] if every_param else [i for i in plan.f_index[k] if needs_param[i]]
+            g_params = plan.g_index[k] if every_param else [i for i in plan.g_index[k] if needs_param[i]]
+            need_f = chain[k] or bool(f_params)
+            fused = plan.fused[k]
+            if fused is not None and every_param and chain[k] and kept[2 * k] is None \
+                    and kept[2 * k + 1] is None and fused.usable(y1):
+                # G's step reconstructs x2 and adds G's input gradient to dy1; F's, x1 and dy2.
+                if coupling.G is None:  # a half coupling
+                    x2 = y2
+                else:
+                    x2, gy1, grads = fused.step("G", y1, y2, gy2, gy1)
+                    _accumulate(param_grads, g_params, grads)
+                y1, gy2, grads = fused.step("F", x2, y1, gy1, gy2)
+                _accumulate(param_grads, f_params, grads)
+                y2 = x2
+                continue
+
+            g_casts, f_casts = _coupling_casts(plan, k, y1.device.type) if need_f and every_param \
+                else (None, None)  # else each function that runs directly casts its own
+            if coupling.G is None:  # a half coupling: x2 = y2, and dy1 is already total
+                x2 = y2
+            else:
+                # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
+                g, grads = _step_back(plan, k, "G", coupling.G, y1, need_f, g_params, gy2,
+                                      kept[2 * k + 1], policy, rng_g, g_casts)
+                x2 = y2 - g
+                del g  # G's output is not needed while F is recomputed
+                if need_f:
+                    gy1 = _add(gy1, grads[0])
+                    grads = grads[1:]
+                _accumulate(param_grads, g_params, grads)
+            del g_casts
+            if not need_f:
+                break
+
+            # F: reconstruct x1 = y1 - F(x2) and back-propagate dy1 (now total) through F.
+            f, grads = _step_back(plan, k, "F", coupling.F, x2, chain[k], f_params, gy1, kept[2 * k],
+                                  policy, rng_f, f_casts)
+            del f_casts
+            x1 = y1 - f
+            del f
+            if chain[k]:
+                gy2 = _add(gy2, grads[0])
+                grads = grads[1:]
+            _accumulate(param_grads, f_params, grads)
+            if not chain[k]:
+                break
+            y1, y2 = x1, x2
+
+    grad_x = torch.cat((gy1, gy2), plan.dim) if needs[0] else None
+    return grad_x, param_grads
+
+
 class ReversibleFunction(torch.autograd.Function):
     """``y = segment(x)`` storing only ``y``; see the module docstring."""
 
     @staticmethod
     def forward(ctx, plan: Plan, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # Detach before chunking: views of a Function input made here would require grad without a
-        # grad_fn, which breaks tools that hook module outputs (torch.utils.module_tracker).
-        x = x.detach()
-        devices = (x.device.index or 0,) if x.device.type == "cuda" else ()
-        rng: list[tuple[RNGState | None, RNGState | None]] = []
-        kept: list[Kept | None] = []  # coupling k: kept[2k] for F, kept[2k + 1] for G
-        x1, x2 = x.chunk(2, plan.dim)
-        batch = ForwardBatch(plan.direct, autocast_dtype(x.device.type))  # casts and counters, once
-        try:
-            for k, coupling in enumerate(plan.couplings):
-                fused = plan.fused[k]
-                if fused is not None and coupling.keep is None and fused.usable(x2):
-                    x1, x2 = fused.forward(x1, x2)
-                    kept += [None, None]
-                    rng.append((None, None))
-                    continue
-                rng_f = capture_rng(devices) if plan.f_needs[k].random else None
-                y1 = x1 + _forward_one(plan, coupling.F, x2, k, "F", kept, batch)
-                rng_g = capture_rng(devices) if plan.g_needs[k].random else None
-                if coupling.G is None:  # a half coupling
-                    y2 = x2
-                    kept.append(None)
-                else:
-                    y2 = x2 + _forward_one(plan, coupling.G, y1, k, "G", kept, batch)
-                rng.append((rng_f, rng_g))
-                x1, x2 = y1, y2
-        finally:
-            batch.finish()
-        del batch  # the casts
-        y = torch.cat((x1, x2), plan.dim)
-        tensors = [t for record in kept if record is not None for t in record.saved()]
+        y, record = run_forward(plan, x)
+        tensors = [t for kept in record.kept if kept is not None for t in kept.saved()]
         ctx.save_for_backward(y, *tensors)
-        ctx.kept = [None if record is None else record.emptied() for record in kept]
-        ctx.policies = [c.keep for c in plan.couplings]
+        record.kept = [None if kept is None else kept.emptied() for kept in record.kept]
         ctx.plan = plan
-        ctx.rng = rng
-        ctx.devices = devices
-        ctx.autocast = capture_autocast()
+        ctx.record = record
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-        plan: Plan = ctx.plan
-        autocast: AutocastState = ctx.autocast
-        needs = ctx.needs_input_grad
-        needs_param = needs[2:]
-        # chain[k]: does anything upstream of coupling k (its input or earlier parameters) need a grad?
-        chain, upstream = [], needs[1]
-        for k in range(len(plan.couplings)):
-            chain.append(upstream)
-            upstream = upstream or any(needs_param[i] for i in plan.f_index[k] + plan.g_index[k])
-        every_param = all(needs_param)  # the usual case: the index lists serve as they are
-
         y, *tensors = ctx.saved_tensors
-        kept: list[Kept | None] = ctx.kept
+        record: ForwardRecord = ctx.record
         saved = iter(tensors)
-        for record in kept:  # hand each call its saved tensors back
-            if record is not None:
-                record.refill(saved)
-        y1, y2 = y.detach().chunk(2, plan.dim)
-        gy1, gy2 = grad_y.chunk(2, plan.dim)
-        param_grads: list[torch.Tensor | None] = [None] * len(plan.params)
-
-        # One state for the whole walk: the callers' generators put back once at the end, norm
-        # statistics frozen, the forward's autocast state (entered only if it differs), grad mode on
-        # (the recomputations record graphs; the arithmetic below runs on tensors without history).
-        with restored_rng(ctx.devices, enabled=plan.random), frozen_running_stats(plan.norms), \
-                autocast_as(autocast), torch.enable_grad():
-            for k in reversed(range(len(plan.couplings))):
-                coupling = plan.couplings[k]
-                policy = ctx.policies[k]
-                rng_f, rng_g = ctx.rng[k]
-                f_params = plan.f_index[k] if every_param else [i for i in plan.f_index[k] if needs_param[i]]
-                g_params = plan.g_index[k] if every_param else [i for i in plan.g_index[k] if needs_param[i]]
-                need_f = chain[k] or bool(f_params)
-                fused = plan.fused[k]
-                if fused is not None and every_param and chain[k] and kept[2 * k] is None \
-                        and kept[2 * k + 1] is None and fused.usable(y1):
-                    # G's step reconstructs x2 and adds G's input gradient to dy1; F's, x1 and dy2.
-                    if coupling.G is None:  # a half coupling
-                        x2 = y2
-                    else:
-                        x2, gy1, grads = fused.step("G", y1, y2, gy2, gy1)
-                        _accumulate(param_grads, g_params, grads)
-                    y1, gy2, grads = fused.step("F", x2, y1, gy1, gy2)
-                    _accumulate(param_grads, f_params, grads)
-                    y2 = x2
-                    continue
-
-                g_casts, f_casts = _coupling_casts(plan, k, y1.device.type) if need_f and every_param \
-                    else (None, None)  # else each function that runs directly casts its own
-                if coupling.G is None:  # a half coupling: x2 = y2, and dy1 is already total
-                    x2 = y2
-                else:
-                    # G: reconstruct x2 = y2 - G(y1) and back-propagate dy2 through G.
-                    g, grads = _step_back(plan, k, "G", coupling.G, y1, need_f, g_params, gy2,
-                                          kept[2 * k + 1], policy, rng_g, g_casts)
-                    x2 = y2 - g
-                    del g  # G's output is not needed while F is recomputed
-                    if need_f:
-                        gy1 = _add(gy1, grads[0])
-                        grads = grads[1:]
-                    _accumulate(param_grads, g_params, grads)
-                del g_casts
-                if not need_f:
-                    break
-
-                # F: reconstruct x1 = y1 - F(x2) and back-propagate dy1 (now total) through F.
-                f, grads = _step_back(plan, k, "F", coupling.F, x2, chain[k], f_params, gy1, kept[2 * k],
-                                      policy, rng_f, f_casts)
-                del f_casts
-                x1 = y1 - f
-                del f
-                if chain[k]:
-                    gy2 = _add(gy2, grads[0])
-                    grads = grads[1:]
-                _accumulate(param_grads, f_params, grads)
-                if not chain[k]:
-                    break
-                y1, y2 = x1, x2
-
-        grad_x = torch.cat((gy1, gy2), plan.dim) if needs[1] else None
+        for kept in record.kept:  # hand each call its saved tensors back
+            if kept is not None:
+                kept.refill(saved)
+        grad_x, param_grads = run_backward(ctx.plan, record, y, grad_y, ctx.needs_input_grad[1:])
         return (None, grad_x, *param_grads)
