@@ -98,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
                         "coupling of conv/norm/ReLU layers as three compiled calls per step, other F and G "
                         "call by call); compiles on the first training step. Not yet faster than eager "
                         "where measured (README, Speed)")
+    c.add_argument("--cuda-graphs", action="store_true",
+                   help="on CUDA, each reversible segment captures its training step as two CUDA graphs and "
+                        "replays them (ConvertConfig(cuda_graphs=True)): the same arithmetic without launching "
+                        "each kernel from the host; the graphs' memory is not in the memory estimate")
     c.add_argument("--plan", metavar="JSON",
                    help="convert as a plan written by revconvert plan -o says (sets the conversion options)")
     c.add_argument("--always-save", action="store_true",
@@ -264,7 +268,8 @@ def _run(args: argparse.Namespace) -> int:
             config = replace(config_from_dict(plan_data), **trace)
         else:
             config = replace(config, only=tuple(args.only) if args.only else None)
-        config = replace(config, width=args.width, width_multiple=args.width_multiple, compile=args.compile)
+        config = replace(config, width=args.width, width_multiple=args.width_multiple, compile=args.compile,
+                         cuda_graphs=args.cuda_graphs)
         converted = revconvert.convert(model, example, config=config)
         summary = converted.revconvert_summary
         written = bool(summary.converted_blocks) or args.always_save

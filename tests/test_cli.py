@@ -450,17 +450,17 @@ def test_convert_only_unknown_block(tmp_path, capsys):
     assert not (tmp_path / "c.pt").exists()
 
 
-def test_width_multiple_and_compile_flags(folder):
+def test_width_multiple_compile_and_cuda_graphs_flags(folder):
     proc = run(folder, "convert", "resnet18", "-o", "out.pt", "--width-multiple", "0")
     assert proc.returncode == 2 and "--width-multiple" in proc.stderr and "Traceback" not in proc.stderr
     proc = run(folder, "convert", "resnet50", "-o", "out.pt", "--input-size", "32", "--width-multiple", "16",
-               "--compile")
+               "--compile", "--cuda-graphs")
     assert proc.returncode == 0, proc.stderr
     import torch
 
     model = torch.load(folder / "out.pt", weights_only=False)
     segments = [m for m in model.modules() if type(m).__name__ == "ReversibleSegment"]
-    assert segments and all(m.compile_options == {} for m in segments)
+    assert segments and all(m.compile_options == {} and m.cuda_graphs for m in segments)
     widths = {m.out_channels for s in segments for m in s.modules() if isinstance(m, torch.nn.Conv2d)}
     assert all(w % 16 == 0 for w in widths), widths
 

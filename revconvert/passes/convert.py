@@ -109,6 +109,14 @@ class ConvertConfig:
             too. Not yet faster than eager where measured (call by call 4.2x the compiled original
             on an H100; as couplings about eager's time on CPUs, not yet measured on a GPU); see the
             README's Speed section.
+        cuda_graphs: on CUDA, each reversible segment captures its training forward and backward as
+            two CUDA graphs and replays them at later steps (``ReversibleSegment(cuda_graphs=True)``):
+            the same arithmetic, without the host launching each kernel, which sets the pace of a
+            converted step on a GPU at small and moderate batches. Runs eagerly, with a warning
+            naming why, where a graph cannot reproduce the eager step (not on CUDA, dropout in F
+            or G, ``keep``, ``recompute_budget``, ``compile``, hooks). Costs memory that
+            ``memory_profile`` does not include (the graphs' pool and static tensors, see the
+            README's Reversible runtime).
         leaf_modules, autowrap_functions, concrete_args: tracing options (see ``revconvert.audit``).
 
     Example:
@@ -130,6 +138,7 @@ class ConvertConfig:
     keep_blocks: tuple[str, ...] | None = None
     checkpoint_split: tuple[str, ...] = ()
     compile: bool | dict = field(default=False, hash=False)
+    cuda_graphs: bool = False
     leaf_modules: tuple[type | str, ...] = ()
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
     concrete_args: dict[str, Any] | None = field(default=None, hash=False)
@@ -150,6 +159,8 @@ class ConvertConfig:
         multiple = self.width_multiple
         if isinstance(multiple, bool) or not isinstance(multiple, int) or not 1 <= multiple <= 128:
             raise ValueError(f"ConvertConfig.width_multiple must be an integer from 1 to 128, got {multiple!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise TypeError(f"ConvertConfig.cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if not isinstance(self.pair_blocks, bool):
             raise TypeError(f"ConvertConfig.pair_blocks must be True or False, got {self.pair_blocks!r}")
         if self.post_activation not in _POST:
@@ -324,7 +335,8 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
     replaced: dict[str, fx.Node] = {}  # a block output an earlier segment replaced -> that segment's node
     for seg_name, blocks in analysis.runs.items():
         couplings, exit_act, last = built[seg_name], exits[seg_name], blocks[-1]
-        segment = ReversibleSegment(couplings, dim=1, exit_activation=exit_act, compile=config.compile)
+        segment = ReversibleSegment(couplings, dim=1, exit_activation=exit_act, compile=config.compile,
+                                    cuda_graphs=config.cuda_graphs)
         segment.use_reversible_backward = config.memory_saving
         segment.source_blocks = tuple(b.name for b in blocks)
         segment.coupling_blocks = tuple(tuple(dict.fromkeys(b.name for b in fg if b is not None))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ._function import Plan, ReversibleFunction, check_compile_options, make_plan
+from ._graphs import GraphedFunction, SegmentGraphs
 from ._state import capture_rng, cuda_devices_of, frozen_running_stats, module_generation, recompute_needs, \
     replay_rng
 from .coupling import ReversibleCoupling
@@ -91,9 +92,19 @@ class ReversibleSegment(nn.Module):
             compiled call by call, in the forward and the recomputation. F or G that draw random
             numbers (dropout) and couplings that keep outputs stay eager. Each structure compiles on
             first use.
+        cuda_graphs: on CUDA, capture the segment's training forward and backward once as two CUDA
+            graphs and replay them at every later step (two launches instead of one per kernel;
+            see ``runtime/_graphs.py``). The same arithmetic; a new input shape, autocast state,
+            train/eval mode or ``requires_grad`` captures again. Where a graph cannot reproduce the
+            eager step (not on CUDA, dropout, ``keep``, ``compile``, hooks, ...) the segment runs
+            eagerly and says why in a warning. Costs memory the estimate does not include: the
+            graphs' pool (one coupling's working set, the segment's output and its parameters'
+            gradients) and a copy of the input and of the output's gradient.
 
     Attributes:
         use_reversible_backward: ``False`` makes this segment use ordinary autograd.
+        cuda_graphs: whether training steps on CUDA replay captured graphs; may be changed between
+            steps (see ``cuda_graphs`` above).
         compile_options: the ``torch.compile`` options F and G run with, or None (eager); may be
             changed between steps.
         apply_exit_activation: ``False`` leaves ``exit_activation`` to the caller, which calls
@@ -122,6 +133,7 @@ class ReversibleSegment(nn.Module):
         dim: int = 1,
         exit_activation: nn.Module | None = None,
         compile: bool | Mapping[str, Any] = False,  # noqa: A002 - the natural name, as torch's
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         couplings = list(couplings)
@@ -144,11 +156,16 @@ class ReversibleSegment(nn.Module):
         self.use_reversible_backward: bool = True
         self.apply_exit_activation: bool = True
         self.compile_options: dict[str, Any] | None = _compile_options(compile)
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"ReversibleSegment: cuda_graphs must be a bool, got {cuda_graphs!r}")
+        self.cuda_graphs: bool = cuda_graphs
         self._plan: Plan | None = None
+        self._graphs: SegmentGraphs | None = None
 
     def __getstate__(self) -> dict:
-        # The plan holds references to modules and parameters; copies and pickles make their own.
-        return {**self.__dict__, "_plan": None}
+        # The plan and the captured graphs hold references to modules, parameters and device memory;
+        # copies and pickles make their own.
+        return {**self.__dict__, "_plan": None, "_graphs": None}
 
     def plan(self, dim: int) -> Plan:
         """The Function's plan for this segment, made once and remade only when a module changed
@@ -161,7 +178,8 @@ class ReversibleSegment(nn.Module):
         return plan
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, use_reversible_backward={self.use_reversible_backward}"
+        graphs = ", cuda_graphs=True" if getattr(self, "cuda_graphs", False) else ""
+        return f"dim={self.dim}, use_reversible_backward={self.use_reversible_backward}{graphs}"
 
     def _split_dim(self, x: torch.Tensor) -> int:
         if not isinstance(x, torch.Tensor):
@@ -193,7 +211,7 @@ class ReversibleSegment(nn.Module):
         """Run the couplings on the halves of ``x`` and return one tensor of the same shape."""
         dim = self._split_dim(x)
         if self._wants_reversible(x, dim):
-            y = _apply_reversible(self.plan(dim), x)
+            y = _apply_reversible(self, self.plan(dim), x)
             act = self.exit_activation if self.apply_exit_activation else None
             if act is None:
                 return y
@@ -271,5 +289,12 @@ def _max_abs(t: torch.Tensor) -> float:
 # torch.compile cannot trace the Function (module calls and RNG stashing inside forward); dynamo runs
 # it eagerly instead, breaking the graph at each segment. Gradients are unchanged.
 @torch.compiler.disable
-def _apply_reversible(plan: Plan, x: torch.Tensor) -> torch.Tensor:
+def _apply_reversible(segment: ReversibleSegment, plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    if getattr(segment, "cuda_graphs", False):  # absent in segments pickled by older versions
+        graphs = segment.__dict__.get("_graphs")
+        if graphs is None:
+            graphs = segment.__dict__["_graphs"] = SegmentGraphs()
+        step = graphs.step_for(segment, plan, x)
+        if step is not None:
+            return GraphedFunction.apply(step, x, *plan.params)
     return ReversibleFunction.apply(plan, x, *plan.params)
