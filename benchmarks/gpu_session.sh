@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # One prepared GPU check, sized for a 15-minute device lease: a single call of about 6 minutes
 # (limits add up to 590 s). A machine start takes under a minute to 2, then the default steps run
-# in order of what issue 11 still needs: speed_eager, speed_b96, cuda_tests, speed_compile_paired.
+# in order of what issue 11 still needs: speed_eager, cuda_tests, speed_b96, speed_compile_paired.
 # Each step runs under its own time limit so one slow step cannot eat the others, and writes its
 # log and JSON under $OUT (or ./gpu_out):
 #   speed_eager: issue 11's GPU suite, resnet152 32x3x224x224, float32 and bf16 autocast: eager rows
 #      (original, checkpoint_sequential, memory-saving, ordinary autograd, paired
 #      (ConvertConfig(pair_blocks=True))), time and peak memory; original, checkpoint_sequential,
 #      memory-saving and paired again with the whole step captured in a CUDA graph (launch
-#      overhead gone); paired with only its reversible segments captured (--graph-segments, the
-#      experiment of docs/cuda_graphs.md); each variant's kernel launches in one profiled step
-#      (--count-launches);
+#      overhead gone); memory-saving and paired converted with ConvertConfig(cuda_graphs=True)
+#      (--segment-graphs: each segment replays its captured graphs; first run on a GPU, with their
+#      gradients against the eager rows and the memory the graphs hold); each variant's kernel
+#      launches in one profiled step (--count-launches);
 #   cuda_tests: pytest -k cuda (autocast exactness, no device synchronisation, CUDA-graph capture,
+#      cuda_graphs against eager in float64 and bf16 and without synchronisation,
 #      the direct backward against cuDNN's norms, compiled couplings under inductor, estimate vs the
 #      CUDA allocator, step cost on CUDA);
 #   exactness, exactness_paired: whole-model exactness per precision (cuda_check.py), default
@@ -19,12 +21,12 @@
 #   speed_compile (only when named): bf16, torch.compile'd original against paired with compiled
 #      couplings, with and without an outer torch.compile (inductor compiles each model for ~100 s
 #      on a 16-core host);
-#   speed_compile_paired (~190 s): bf16, torch.compile of the paired conversion (segments as graph
+#   speed_compile_paired (~160 s): bf16, torch.compile of the paired conversion (segments as graph
 #      breaks, run eagerly) against the compiled original;
 #   speed_b96: the eager and graphed suite at batch 96, bf16: a step less bound
 #      by kernel launches, where keep keeps every 3x3 convolution (with its A/B: kept outputs
-#      through the module calls), and the reversible segments alone captured
-#      (--graph-segments), default and paired conversion;
+#      through the module calls), and cuda_graphs=True (--segment-graphs), default and paired
+#      conversion;
 #   plan (only when named): issue 15's plan table on the GPU (estimated vs max_memory_allocated
 #      peaks), resnet152 at 64x224 (measured on an H200; resnet50's on an H100).
 #
@@ -49,24 +51,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(speed_eager speed_b96 cuda_tests speed_compile_paired)  # others by name
+[[ ${#steps[@]} -gt 0 ]] || steps=(speed_eager cuda_tests speed_b96 speed_compile_paired)  # others by name
 for name in "${steps[@]}"; do
     case $name in
-    speed_eager) step speed_eager 150 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
-        --compile-backend none --cuda-graphs --graph-segments --count-launches --repeats 7 \
+    speed_eager) step speed_eager 170 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
+        --compile-backend none --cuda-graphs --segment-graphs --count-launches --repeats 7 \
         --json "$out/speed_eager.json" --variants original ckpt-sequential memory-saving ordinary paired \
-        "graphed original" "graphed ckpt-sequential" "graphed memory-saving" "graphed paired" \
-        "graphed segments, paired" ;;
+        "memory-saving, cuda_graphs" "paired, cuda_graphs" \
+        "graphed original" "graphed ckpt-sequential" "graphed memory-saving" "graphed paired" ;;
     cuda_tests) step cuda_tests 120 "$py" -m pytest -q -k cuda tests -p no:cacheprovider ;;
     plan) step plan 240 "$py" benchmarks/plan.py --device cuda --models resnet152 --batch 64 --size 224 \
         --budgets 0.65 0.4 --compile-budgets 0.2 --reps 3 --json "$out/plan.json" ;;
     speed_compile) step speed_compile 300 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes bfloat16 \
         --compile-dtypes bfloat16 --compile-fg --repeats 5 --json "$out/speed_compile.json" \
         --variants original paired "compiled original" "paired F/G compiled" "compiled paired F/G" ;;
-    speed_compile_paired) step speed_compile_paired 220 "$py" benchmarks/speed.py --device cuda --suites gpu \
-        --dtypes bfloat16 --compile-dtypes bfloat16 --repeats 5 --json "$out/speed_compile_paired.json" \
+    speed_compile_paired) step speed_compile_paired 190 "$py" benchmarks/speed.py --device cuda --suites gpu \
+        --dtypes bfloat16 --compile-dtypes bfloat16 --repeats 4 --json "$out/speed_compile_paired.json" \
         --variants original paired "compiled original" "compiled paired" ;;
-    speed_b96) step speed_b96 100 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --keep-through-modules --graph-segments \
+    speed_b96) step speed_b96 110 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --keep-through-modules --segment-graphs \
         --dtypes bfloat16 --compile-backend none --cuda-graphs --repeats 5 --json "$out/speed_b96.json" ;;
     exactness) step exactness 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 ;;
     exactness_paired) step exactness_paired 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 \

@@ -292,6 +292,14 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
                Method("ordinary", converted, revconvert.ordinary_autograd),
                Method("keep", keep, null),
                Method("paired", paired, null)]
+    if args.segment_graphs:
+        # the feature: ConvertConfig(cuda_graphs=True), the same weights as the eager rows
+        for name, config in (("memory-saving, cuda_graphs", revconvert.ConvertConfig(cuda_graphs=True)),
+                             ("paired, cuda_graphs", revconvert.ConvertConfig(cuda_graphs=True, pair_blocks=True))):
+            torch.manual_seed(0)
+            model = revconvert.convert(original, shape, config=config).to(device).train()
+            model.load_state_dict((paired if config.pair_blocks else converted).state_dict())
+            methods.append(Method(name, model, null))
     if args.graph_segments:
         # only the reversible segments captured (speedlib.GraphedSegments): an experiment
         methods += [Method("graphed segments, memory-saving", GraphedSegments(converted), null),
@@ -343,6 +351,14 @@ def compiled(model: torch.nn.Module, backend: str) -> torch.nn.Module:
         return _Raises(exc)
 
 
+def _reserved() -> int:
+    """CUDA memory reserved once the cache's unused blocks are released: live tensors and the
+    private pools of captured graphs."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved()
+
+
 def gpu_suite(args: argparse.Namespace) -> list[Row]:
     """Per precision: warm-up (compiles), one step for the peak, then interleaved timed steps."""
     methods = gpu_methods(args)
@@ -358,6 +374,7 @@ def gpu_suite(args: argparse.Namespace) -> list[Row]:
             row = Row(suite, m.name)
             rows.append(row)
             t0 = time.perf_counter()
+            held = _reserved() if m.name.endswith("cuda_graphs") else None
             try:
                 for i in range(args.warmup):
                     train_step(m, x, amp_dtype=amp)
@@ -367,6 +384,10 @@ def gpu_suite(args: argparse.Namespace) -> list[Row]:
                     train_step(m, x, amp_dtype=amp)
                 else:
                     row.peak_bytes = peak_bytes(m, x, amp)
+                if held is not None:  # what the captured graphs hold between steps counts too
+                    held = _reserved() - held
+                    row.peak_bytes += held
+                    row.note = f"peak includes {held / 2**20:.0f} MiB the graphs hold (reserved)"
                 if args.count_launches and x.device.type == "cuda":
                     row.launches = count_launches(lambda: train_step(m, x, amp_dtype=amp))  # noqa: B023
             except Exception as exc:  # noqa: BLE001 - a failed variant is a row, not a crash
@@ -378,12 +399,14 @@ def gpu_suite(args: argparse.Namespace) -> list[Row]:
                 continue
             live.append(m)
             print(f"{suite} {m.name}: warm in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-            if isinstance(m.model, GraphedSegments):
-                # the experiment's gradients against the eager segments' (the row its name ends with)
-                eager_name = m.name.rpartition(", ")[2]
+            if isinstance(m.model, GraphedSegments) or held is not None:
+                # gradients against the eager segments' (the row the experiment's name ends with, the
+                # row the feature's name starts with)
+                eager_name = m.name.rpartition(", ")[2] if held is None else m.name.partition(", ")[0]
                 eager = next((e for e in methods if e.name == eager_name), None)
                 if eager is not None:
-                    row.note = f"gradient vs {eager_name}: {grad_difference(m, eager, x, amp):.1e} relative L2"
+                    note = f"gradient vs {eager_name}: {grad_difference(m, eager, x, amp):.1e} relative L2"
+                    row.note = note if row.note is None else f"{row.note}; {note}"
                     print(f"{suite} {m.name}: {row.note}", file=sys.stderr, flush=True)
         errors: dict[str, str] = {}
         times = time_interleaved(live, lambda m: train_step(m, x, amp_dtype=amp), repeats=args.gpu_repeats,
@@ -451,6 +474,14 @@ def targets(rows: Sequence[Row], dtypes: Sequence[str], compile_dtypes: Sequence
                            ratio(gpu, "paired", "ckpt-sequential", "time_s"), 1.0, strict=True),
                     Target(f"gpu {dtype}: paired / original peak memory",
                            ratio(gpu, "paired", "original", "peak_bytes"), 0.55)]
+        for name in ("memory-saving, cuda_graphs", "paired, cuda_graphs"):
+            if any(r.name == name for r in gpu):
+                out += [Target(f"gpu {dtype}: {name} / original time, eager",
+                               ratio(gpu, name, "original", "time_s"), 1.6),
+                        Target(f"gpu {dtype}: {name} / ckpt-sequential time",
+                               ratio(gpu, name, "ckpt-sequential", "time_s"), 1.0, strict=True),
+                        Target(f"gpu {dtype}: {name} / original peak memory (graphs' memory included)",
+                               ratio(gpu, name, "original", "peak_bytes"), 0.55)]
         for name in ("graphed segments, memory-saving", "graphed segments, paired"):
             if any(r.name == name for r in gpu):
                 out.append(Target(f"gpu {dtype}: {name} / original time (eager around them)",
@@ -524,6 +555,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--graph-segments", action="store_true",
                    help="gpu suite: also memory-saving with only its reversible segments captured in CUDA graphs "
                         "(torch.cuda.make_graphed_callables; an experiment: what per-segment capture would give)")
+    p.add_argument("--segment-graphs", action="store_true",
+                   help="gpu suite: also memory-saving and paired converted with ConvertConfig(cuda_graphs=True) "
+                        "(each segment replays captured CUDA graphs); their peak includes what the graphs hold")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="gpu suite: also each eager variant's whole step captured in a CUDA graph and replayed")
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
@@ -538,6 +572,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                 f"torch.version.cuda={torch.version.cuda}); use --device cpu, or --gpu-suite for a CPU smoke run")
     if args.cuda_graphs and not cuda:
         p.error("--cuda-graphs needs --device cuda")
+    if args.segment_graphs and not cuda:
+        p.error("--segment-graphs needs --device cuda")
     if args.graph_segments and not cuda:
         p.error("--graph-segments needs --device cuda")
     if args.gpu_suite:

@@ -102,6 +102,12 @@ def test_the_prepared_gpu_session_uses_only_options_its_scripts_have() -> None:
                                   cwd=root, check=True).stdout
         for option in re.findall(r"(--[a-z][a-z0-9-]*)", args):
             assert option in helptext, f"{path} has no {option}"
+    # and only variant names speed.py makes (a "graphed X" row is X captured whole)
+    source = (root / "benchmarks" / "speed.py").read_text()
+    for listed in re.findall(r"--variants ((?:[^;]|\\\n)*);;", script):
+        for name in re.findall(r'"([^"]+)"|(\S+)', listed.replace("\\\n", " ")):
+            name = (name[0] or name[1]).removeprefix("graphed ")
+            assert f'"{name}"' in source, f"speed.py makes no variant {name!r}"
 
 
 def test_widths_benchmark_measures_the_widths_each_multiple_gives_resnet50() -> None:
