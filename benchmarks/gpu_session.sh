@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU check, sized for a 15-minute device lease: a single call of about 6 minutes
-# (limits add up to 590 s). A machine start takes under a minute to 2, then the default steps run
-# in order of what issue 11 still needs: speed_eager, cuda_tests, speed_b96, speed_compile_paired.
+# One prepared GPU check, sized for a 15-minute device lease: a single call of at most 9 minutes
+# (the default steps' limits add up to 550 s, under the device's 600 s per call). A machine start
+# takes under a minute to 2, then the default steps run in order of what issue 11 still needs:
+# speed_eager, cuda_tests, speed_compile_paired; speed_b96 (110 s) by name if time is left.
 # Each step runs under its own time limit so one slow step cannot eat the others, and writes its
 # log and JSON under $OUT (or ./gpu_out):
 #   speed_eager: issue 11's GPU suite, resnet152 32x3x224x224, float32 and bf16 autocast: eager rows
@@ -21,9 +22,10 @@
 #   speed_compile (only when named): bf16, torch.compile'd original against paired with compiled
 #      couplings, with and without an outer torch.compile (inductor compiles each model for ~100 s
 #      on a 16-core host);
-#   speed_compile_paired (~160 s): bf16, torch.compile of the paired conversion (segments as graph
-#      breaks, run eagerly) against the compiled original;
-#   speed_b96: the eager and graphed suite at batch 96, bf16: a step less bound
+#   speed_compile_paired (~230 s): bf16, torch.compile of the paired conversion (segments as graph
+#      breaks, run eagerly; and with cuda_graphs=True, replaying their graphs) against the compiled
+#      original;
+#   speed_b96 (only when named): the eager and graphed suite at batch 96, bf16: a step less bound
 #      by kernel launches, where keep keeps every 3x3 convolution (with its A/B: kept outputs
 #      through the module calls), and cuda_graphs=True (--segment-graphs), default and paired
 #      conversion;
@@ -51,7 +53,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(speed_eager cuda_tests speed_b96 speed_compile_paired)  # others by name
+[[ ${#steps[@]} -gt 0 ]] || steps=(speed_eager cuda_tests speed_compile_paired)  # others by name
 for name in "${steps[@]}"; do
     case $name in
     speed_eager) step speed_eager 170 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes float32 bfloat16 \
@@ -65,9 +67,10 @@ for name in "${steps[@]}"; do
     speed_compile) step speed_compile 300 "$py" benchmarks/speed.py --device cuda --suites gpu --dtypes bfloat16 \
         --compile-dtypes bfloat16 --compile-fg --repeats 5 --json "$out/speed_compile.json" \
         --variants original paired "compiled original" "paired F/G compiled" "compiled paired F/G" ;;
-    speed_compile_paired) step speed_compile_paired 190 "$py" benchmarks/speed.py --device cuda --suites gpu \
-        --dtypes bfloat16 --compile-dtypes bfloat16 --repeats 4 --json "$out/speed_compile_paired.json" \
-        --variants original paired "compiled original" "compiled paired" ;;
+    speed_compile_paired) step speed_compile_paired 260 "$py" benchmarks/speed.py --device cuda --suites gpu \
+        --dtypes bfloat16 --compile-dtypes bfloat16 --repeats 4 --segment-graphs \
+        --json "$out/speed_compile_paired.json" \
+        --variants original paired "compiled original" "compiled paired" "compiled paired, cuda_graphs" ;;
     speed_b96) step speed_b96 110 "$py" benchmarks/speed.py --device cuda --suites gpu --gpu-batch 96 --keep-through-modules --segment-graphs \
         --dtypes bfloat16 --compile-backend none --cuda-graphs --repeats 5 --json "$out/speed_b96.json" ;;
     exactness) step exactness 30 "$py" benchmarks/cuda_check.py --model resnet50 --batch 8 --size 128 ;;

@@ -1,6 +1,6 @@
 """``cuda_graphs``: a segment's training step captured as two graphs and replayed.
 
-On a CPU the orchestration runs against :class:`FakeBackend`, which has a CUDA graph's static-memory
+On a CPU the orchestration runs against ``conftest.FakeGraphBackend``, which has a CUDA graph's static-memory
 semantics: a capture runs nothing that stays (its outputs hold garbage until the first replay, and the
 runtime puts back what it changed), and a replay recomputes the captured function and writes the result
 into the captured outputs, so whatever holds those tensors sees them change. The CUDA tests at the end
@@ -19,44 +19,11 @@ import torch
 from torch import nn
 
 import revconvert
-from conftest import conv_bn
+from conftest import FakeGraphBackend as FakeBackend, conv_bn
 from revconvert.runtime import ReversibleCoupling, ReversibleSegment, keep_spatial_convolutions
 from revconvert.runtime import _graphs
 
 CUDA = torch.cuda.is_available()
-
-
-class FakeGraph:
-    def __init__(self, fn, outputs, backend):
-        self.fn, self.outputs, self.backend = fn, outputs, backend
-
-    def replay(self) -> None:
-        self.backend.replays += 1
-        with torch.no_grad():
-            for out, new in zip(self.outputs, self.fn()):
-                if out is not None:
-                    out.copy_(new)
-
-
-class FakeBackend:
-    def __init__(self):
-        self.captures = self.replays = 0
-        self.capturing_now = False
-
-    def warmup(self, device):
-        return contextlib.nullcontext()
-
-    def capture(self, fn, device):
-        self.captures += 1
-        outputs = fn()
-        with torch.no_grad():
-            for out in outputs:  # a real capture computes nothing
-                if out is not None:
-                    out.fill_(float("nan"))
-        return FakeGraph(fn, outputs, self), outputs
-
-    def capturing(self, device):
-        return self.capturing_now
 
 
 @pytest.fixture
@@ -381,3 +348,75 @@ def test_memory_profile_estimates_the_eager_step_without_capturing(fake):
     eager = revconvert.memory_profile(model, batch_size=2, input_size=32)
     assert graphed.converted.peak_bytes == eager.converted.peak_bytes
     assert fake.captures == 0
+
+
+def test_reset_cuda_graphs_captures_again(fake):
+    graphed = segment_of()
+    train_steps(graphed, batches(2))
+    graphed.reset_cuda_graphs()
+    train_steps(graphed, batches(1))
+    assert fake.captures == 4
+
+
+def test_a_stream_already_capturing_runs_eagerly_without_a_warning(fake):
+    """A user who captures a whole step themselves: the segment runs inside their graph."""
+    graphed, eager = segment_of(), segment_of(graphs=False)
+    fake.capturing_now = True
+    xs = batches(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = train_steps(graphed, xs)
+    assert torch.equal(out[0][1], train_steps(eager, xs)[0][1])
+    assert fake.captures == 0
+
+
+def test_bf16_autocast_replays_the_eager_casts(fake):
+    """Captured with autocast's weight cache off, replayed under the caller's: the same bits."""
+    graphed, eager = segment_of().float(), segment_of(graphs=False).float()
+    xs = [x.float() for x in batches(3)]
+    outs = []
+    for model in (graphed, eager):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(train_steps(model, xs))
+    for (y, gx), (y_ref, gx_ref) in zip(*outs):
+        assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    assert_same_state(graphed, eager)
+    assert fake.captures == 2
+
+
+def _converted(config, model):
+    torch.manual_seed(0)
+    return revconvert.convert(model, torch.randn(1, 3, 32, 32, dtype=torch.float64), config=config)
+
+
+@pytest.mark.parametrize("options", [{"pair_blocks": True}, {"checkpoint_stored": True}], ids=str)
+def test_conversion_options_replay_like_eager(fake, options):
+    """resnet50 paired (runs of 3 and 5 blocks end with half couplings) and with checkpointed stored
+    parts (the exit activation runs in the next checkpointed part)."""
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=4).double()
+    graphed = _converted(revconvert.ConvertConfig(cuda_graphs=True, **options), model)
+    eager = _converted(revconvert.ConvertConfig(**options), model)
+    eager.load_state_dict(graphed.state_dict())
+    xs = [torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2)]
+    for (y, gx), (y_ref, gx_ref) in zip(train_steps(graphed, xs), train_steps(eager, xs)):
+        assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    assert_same_state(graphed, eager)
+    assert fake.captures == 2 * sum(isinstance(m, ReversibleSegment) for m in graphed.modules())
+
+
+def test_under_torch_compile_the_segments_replay(fake):
+    """torch.compile(converted): the segment is a graph break, and the graph break replays."""
+    import torchvision
+    model = torchvision.models.resnet18(num_classes=4).double()
+    graphed = _converted(revconvert.ConvertConfig(cuda_graphs=True), model)
+    eager = _converted(revconvert.ConvertConfig(), model)
+    eager.load_state_dict(graphed.state_dict())
+    torch._dynamo.reset()
+    xs = [torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2)]
+    for (y, gx), (y_ref, gx_ref) in zip(train_steps(torch.compile(graphed, backend="eager"), xs),
+                                        train_steps(eager, xs)):
+        assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    segments = sum(isinstance(m, ReversibleSegment) for m in graphed.modules())
+    assert fake.captures == 2 * segments and fake.replays == 4 * segments

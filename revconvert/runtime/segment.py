@@ -177,6 +177,15 @@ class ReversibleSegment(nn.Module):
             plan = self._plan = make_plan(self.couplings, dim, options)
         return plan
 
+    def reset_cuda_graphs(self) -> None:
+        """Drop the captured CUDA graphs (``cuda_graphs``); the next training step captures again.
+
+        A captured step sees changes to parameters' and buffers' values, and to modules' plain
+        attributes (``momentum``, ``eps``, ...); call this after a change it cannot see, e.g. a
+        module attribute that holds an object.
+        """
+        self._graphs = None
+
     def extra_repr(self) -> str:
         graphs = ", cuda_graphs=True" if getattr(self, "cuda_graphs", False) else ""
         return f"dim={self.dim}, use_reversible_backward={self.use_reversible_backward}{graphs}"
