@@ -225,8 +225,9 @@ def test_a_failed_capture_runs_that_input_eagerly(fake):
 def test_no_cuda_device_warns_and_runs_eagerly():
     graphed, eager = segment_of(), segment_of(graphs=False)
     xs = batches(1)
-    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device") as record:
         out = train_steps(graphed, xs)
+    assert record[0].filename == __file__  # the caller's line that ran the model
     assert torch.equal(out[0][1], train_steps(eager, xs)[0][1])
 
 

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -80,28 +82,35 @@ class GraphBackend(Protocol):
 
 
 class CudaBackend:
-    """``torch.cuda.CUDAGraph``: warm-ups on a side stream, every capture in one memory pool per
-    device (safe here: each graph's static inputs are written just before it replays and its outputs
-    copied just after, and graphs never replay concurrently)."""
+    """``torch.cuda.CUDAGraph``: warm-ups and captures on one side stream per device (as
+    ``torch.cuda.make_graphed_callables`` does: some libraries' handles are per stream), every
+    capture in one memory pool per device (safe here: each graph's static inputs are written just
+    before it replays and its outputs copied just after, and graphs never replay concurrently)."""
 
     def __init__(self) -> None:
         self._pools: dict[int, Any] = {}
+        self._streams: dict[int, torch.cuda.Stream] = {}
+
+    def _side(self, device: torch.device) -> tuple[int, torch.cuda.Stream]:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._streams:
+            self._streams[index] = torch.cuda.Stream(index)
+            self._pools[index] = torch.cuda.graph_pool_handle()
+        return index, self._streams[index]
 
     @contextlib.contextmanager
     def warmup(self, device: torch.device) -> Iterator[None]:
-        current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
+        index, side = self._side(device)
+        current = torch.cuda.current_stream(index)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             yield
         current.wait_stream(side)
 
     def capture(self, fn: Callable[[], tuple], device: torch.device) -> tuple[Graph, tuple]:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in self._pools:
-            self._pools[index] = torch.cuda.graph_pool_handle()
+        index, side = self._side(device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(index), torch.cuda.graph(graph, pool=self._pools[index]):
+        with torch.cuda.device(index), torch.cuda.graph(graph, pool=self._pools[index], stream=side):
             outputs = fn()
         return graph, outputs
 
@@ -243,8 +252,20 @@ class SegmentGraphs:
     def _eager(self, reason: str) -> None:
         if reason not in self.warned:
             self.warned.add(reason)
-            warnings.warn(f"ReversibleSegment(cuda_graphs=True) runs eagerly: {reason}", stacklevel=5)
+            warnings.warn(f"ReversibleSegment(cuda_graphs=True) runs eagerly: {reason}", stacklevel=_caller_level())
         return None
+
+
+_INSIDE = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside revconvert and torch, seen from the caller: the
+    line of the caller's code that ran the model."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _refusal(plan: Plan, modules: Sequence[nn.Module]) -> str | None:
