@@ -421,3 +421,11 @@ def test_under_torch_compile_the_segments_replay(fake):
         assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
     segments = sum(isinstance(m, ReversibleSegment) for m in graphed.modules())
     assert fake.captures == 2 * segments and fake.replays == 4 * segments
+
+
+@pytest.mark.parametrize("options", [{"compile": True}, {"keep": "spatial-convs"}], ids=str)
+def test_options_that_would_leave_every_segment_eager_are_refused(options):
+    name = next(iter(options))
+    with pytest.raises(ValueError, match=f"cuda_graphs=True with {name}=.*every segment would run eagerly"):
+        revconvert.ConvertConfig(cuda_graphs=True, **options)
+    revconvert.ConvertConfig(cuda_graphs=True, keep="spatial-convs", recompute_budget=0.2)  # some couplings keep

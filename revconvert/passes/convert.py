@@ -116,7 +116,8 @@ class ConvertConfig:
             naming why, where a graph cannot reproduce the eager step (not on CUDA, dropout in F
             or G, ``keep``, ``recompute_budget``, ``compile``, hooks). Costs memory that
             ``memory_profile`` does not include (the graphs' pool and static tensors, see the
-            README's Reversible runtime).
+            README's "CUDA graphs"). With ``compile``, or ``keep`` alone, every segment would run
+            eagerly: refused.
         leaf_modules, autowrap_functions, concrete_args: tracing options (see ``revconvert.audit``).
 
     Example:
@@ -193,6 +194,12 @@ class ConvertConfig:
         object.__setattr__(self, "checkpoint_split", split)
         if self.select is not None and not callable(self.select):
             raise TypeError("ConvertConfig.select must be a callable taking a block name")
+        if self.cuda_graphs and (self.compile is not False or (self.keep is not None and self.recompute_budget is None
+                                                                and self.keep_blocks is None)):
+            option = "compile" if self.compile is not False else "keep"
+            raise ValueError(f"ConvertConfig: cuda_graphs=True with {option}={getattr(self, option)!r}: every segment "
+                             f"would run eagerly (a segment that compiles its couplings or keeps outputs is not "
+                             f"captured). Choose one of them")
 
 
 def _names_or_bool(value: Any, what: str = "checkpoint_stored") -> bool | tuple[str, ...]:
