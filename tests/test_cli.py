@@ -454,15 +454,22 @@ def test_width_multiple_compile_and_cuda_graphs_flags(folder):
     proc = run(folder, "convert", "resnet18", "-o", "out.pt", "--width-multiple", "0")
     assert proc.returncode == 2 and "--width-multiple" in proc.stderr and "Traceback" not in proc.stderr
     proc = run(folder, "convert", "resnet50", "-o", "out.pt", "--input-size", "32", "--width-multiple", "16",
-               "--compile", "--cuda-graphs")
+               "--compile")
     assert proc.returncode == 0, proc.stderr
     import torch
 
     model = torch.load(folder / "out.pt", weights_only=False)
     segments = [m for m in model.modules() if type(m).__name__ == "ReversibleSegment"]
-    assert segments and all(m.compile_options == {} and m.cuda_graphs for m in segments)
+    assert segments and all(m.compile_options == {} and not m.cuda_graphs for m in segments)
     widths = {m.out_channels for s in segments for m in s.modules() if isinstance(m, torch.nn.Conv2d)}
     assert all(w % 16 == 0 for w in widths), widths
+    proc = run(folder, "convert", "resnet18", "-o", "graphs.pt", "--input-size", "32", "--cuda-graphs")
+    assert proc.returncode == 0, proc.stderr
+    segments = [m for m in torch.load(folder / "graphs.pt", weights_only=False).modules()
+                if type(m).__name__ == "ReversibleSegment"]
+    assert segments and all(m.cuda_graphs and m.compile_options is None for m in segments)
+    proc = run(folder, "convert", "resnet18", "-o", "both.pt", "--compile", "--cuda-graphs")
+    assert proc.returncode == 2 and "cuda_graphs=True with compile" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_plan_mistakes_are_checked_before_any_work(folder):
