@@ -85,7 +85,13 @@ class CudaBackend:
     """``torch.cuda.CUDAGraph``: warm-ups and captures on one side stream per device (as
     ``torch.cuda.make_graphed_callables`` does: some libraries' handles are per stream), every
     capture in one memory pool per device (safe here: each graph's static inputs are written just
-    before it replays and its outputs copied just after, and graphs never replay concurrently)."""
+    before it replays and its outputs copied just after, and graphs never replay concurrently).
+
+    Captures restrict only this thread (``capture_error_mode="thread_local"``): they happen lazily,
+    in the middle of training, where other threads use CUDA (a DataLoader's pin-memory thread
+    allocates pinned memory), which the default mode would let break the capture and poison that
+    thread. Work issued on the capturing stream is captured whichever thread issues it.
+    """
 
     def __init__(self) -> None:
         self._pools: dict[int, Any] = {}
@@ -103,14 +109,17 @@ class CudaBackend:
         index, side = self._side(device)
         current = torch.cuda.current_stream(index)
         side.wait_stream(current)
-        with torch.cuda.stream(side):
-            yield
-        current.wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                yield
+        finally:  # also after a failure: what follows (putting the buffers back) must come after it
+            current.wait_stream(side)
 
     def capture(self, fn: Callable[[], tuple], device: torch.device) -> tuple[Graph, tuple]:
         index, side = self._side(device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(index), torch.cuda.graph(graph, pool=self._pools[index], stream=side):
+        with torch.cuda.device(index), torch.cuda.graph(graph, pool=self._pools[index], stream=side,
+                                                             capture_error_mode="thread_local"):
             outputs = fn()
         return graph, outputs
 
