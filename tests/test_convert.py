@@ -258,6 +258,30 @@ def test_couplings_start_as_identity():
     assert not torch.allclose(off.get_submodule("layer3.rev_1_5")(x), x)
 
 
+class _TwoPathBlock(nn.Module):
+    """A RepVGG-style branch: two conv-norm paths added up (timm's RepViT, RepGhost), plus a layer
+    scale path through a multiplication."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.conv1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.gamma = nn.Parameter(torch.ones(c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.conv(x) + self.gamma * self.conv1(torch.relu(x)))
+
+
+def test_couplings_start_as_identity_when_the_branch_adds_up_paths():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _TwoPathBlock(8), _TwoPathBlock(8)).eval()
+    converted = revconvert.convert(model, (1, 3, 16, 16)).eval()
+    (seg,) = _segments(converted).values()
+    x = torch.randn(2, 8, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(seg(x), x)  # every path of each sum starts at zero, not only the widest
+
+
 def test_activation_moves_to_front_and_exit():
     converted = revconvert.convert(tv_model("resnet18"), (1, 3, 64, 64))
     seg = converted.get_submodule("layer1.rev_0_1")

@@ -370,10 +370,10 @@ def _as_sequential(fn: fx.GraphModule) -> nn.Sequential | None:
     return None
 
 
-def _zero_last(fn: fx.GraphModule, out: fx.Node) -> None:
+def _zero_last(fn: fx.GraphModule, out: fx.Node, seen: set[fx.Node] | None = None) -> None:
     """Start the residual function at zero so the coupling starts as the identity map: zero the
     last scale on the way back from the output (a norm's weight, layer scale, else the last
-    convolution or Linear), through parameter-free and element-wise nodes."""
+    convolution or Linear), through parameter-free and element-wise nodes, on every path of a sum."""
     node = out
     while True:
         if node.op == "get_attr":
@@ -401,8 +401,19 @@ def _zero_last(fn: fx.GraphModule, out: fx.Node) -> None:
             while node.op != "get_attr":
                 node = node.all_input_nodes[0]
             continue
+        if node.op in ("call_function", "call_method") and node.target in _SUMS:
+            # paths added up (RepViT's conv + conv1): each must start at zero; each node once
+            seen = set() if seen is None else seen
+            for operand in tensors:
+                if operand not in seen:
+                    seen.add(operand)
+                    _zero_last(fn, operand, seen)
+            return
         # follow the widest operand (``x * gate``: x)
         node = max(tensors, key=lambda a: math.prod(getattr(_val_of(a), "shape", (0,))))
+
+
+_SUMS = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_", "sub", "sub_")
 
 
 def _val_of(node: fx.Node) -> Any:
