@@ -286,3 +286,56 @@ def test_paired_plan_fits_as_measured():
     assert f"kernel launches {plan.ops_ratio:.2f}x" in str(plan) and plan.to_dict()["ops"] == plan.ops
     with pytest.raises(TypeError, match="pair_blocks"):
         revconvert.plan_memory(model, budget, input_size=64, batch_size=2, pair_blocks="yes")
+
+
+class _ScaledBlock(torch.nn.Module):
+    """ConvNeXt's layer scale as timm writes it: the parameter reshaped where it is used, an
+    expression of parameters alone that fx places among the block's nodes."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.norm = torch.nn.BatchNorm2d(c)
+        self.gamma = torch.nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.conv(x)).mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+def _scaled_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _ScaledBlock(8), _ScaledBlock(8),
+                               torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), _ScaledBlock(16), _ScaledBlock(16),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4))
+
+
+# the stem convolution, a run of two blocks, the strided convolution between the runs, a run, the head
+SCALED_NET_SEGMENTS = [("stem", "stored"), ("rev_1_2", "reversible"), ("stored_0", "stored"),
+                       ("rev_4_5", "reversible"), ("head", "stored")]
+
+
+def test_parameter_expressions_between_blocks_make_no_part_of_their_own():
+    """They go with their user: a part of parameter reads alone has nothing to checkpoint, and plan_memory
+    used to hand such parts to checkpoint_stored, which refused them (timm's ConvNeXt, DLA)."""
+    report = revconvert.audit(_scaled_net(), (2, 3, 16, 16))
+    assert [(s.name, s.kind) for s in report.segments] == SCALED_NET_SEGMENTS
+    plan = revconvert.plan_memory(_scaled_net(), "1MiB", input_size=(3, 16, 16), batch_size=8)
+    converted = revconvert.convert(_scaled_net(), (8, 3, 16, 16), config=plan.config)
+    converted(torch.randn(8, 3, 16, 16)).sum().backward()
+
+
+def test_a_model_cut_into_too_many_parts_is_refused_before_any_calibration(monkeypatch):
+    """Each combination of choices is a row of tensors: DLA's 16 parts made 854 million and ran the host
+    out of memory. The space is counted from the parts alone, before anything is converted."""
+    import revconvert.memory.plan as plan_module
+
+    layers = [torch.nn.Conv2d(3, 8, 3, padding=1)]
+    for _ in range(7):  # the stem, seven runs of one block with a stored convolution between them, the head
+        layers += [_ScaledBlock(8), torch.nn.Conv2d(8, 8, 3, padding=1)]
+    model = torch.nn.Sequential(*layers)
+    calibrated = []
+    monkeypatch.setattr(plan_module._Planner, "calibrate", lambda self, batch: calibrated.append(batch))
+    with pytest.raises(ValueError, match=r"15 parts to decide about \(7 runs of convertible blocks, 7 stored "
+                                         r"parts\), [\d,]+ combinations, more than"):
+        revconvert.plan_memory(model, "1MiB", input_size=(3, 8, 8), batch_size=2)
+    assert not calibrated

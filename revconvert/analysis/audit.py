@@ -266,6 +266,7 @@ def analyze(model: nn.Module, example_input: Any = None, *,
             current.clear()
 
     block_segment: dict[str, str] = {}
+    deselected: set[str] = set()  # eligible blocks left stored by ``select``
     for _, kind, unit in units:
         if kind == "segment":
             close_run()
@@ -291,6 +292,8 @@ def analyze(model: nn.Module, example_input: Any = None, *,
             current.append(b)
         else:
             close_run()
+            if not violations[b.name]:
+                deselected.add(b.name)
             segments.append(SegmentPlan(b.name, "stored", (b.name,)))
             for n in b.nodes:
                 node_segment[n] = b.name
@@ -301,8 +304,19 @@ def analyze(model: nn.Module, example_input: Any = None, *,
             block_segment[b.name] = name
 
     # Code outside every block: before the first -> stem, after the last -> head; in between ->
-    # the following stored segment, else a stored segment of its own.
+    # the following stored segment, else a stored segment of its own. Not a checkpointed part, nor
+    # a block that ``select`` left stored, which the original's plan has as reversible: the gap
+    # keeps the name it has in the original's plan (a memory plan's calibrations convert the same
+    # model with different parts converted and checkpointed, and their rows must line up).
+    # Parameter expressions (a get_attr, ConvNeXt's ``gamma.reshape``) go with their first user, so
+    # that they never make a part of their own.
     kinds = {s.name: s.kind for s in segments}
+    checkpointed = {s.name for s in segments if s.checkpointed}
+    constant: set[str] = set()  # nodes computed from parameters and constants only
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" or (n.op.startswith("call_") and n.all_input_nodes
+                                  and all(a.name in constant for a in n.all_input_nodes)):
+            constant.add(n.name)
     if not segments:
         for n in nodes:
             node_segment[n] = "model"
@@ -314,10 +328,12 @@ def analyze(model: nn.Module, example_input: Any = None, *,
         pending: list[str] = []
         gap_segments: list[tuple[int, SegmentPlan]] = []
         for i, n in enumerate(names):
+            if n in constant and n not in node_segment and first < i < last:
+                continue
             if n in node_segment and i > first:
                 if pending:
                     target = node_segment[n]
-                    if kinds[target] != "stored":
+                    if kinds[target] != "stored" or target in checkpointed or target in deselected:
                         target = _free_name(f"stored_{len(gap_segments)}", kinds)
                         gap_segments.append((order[pending[0]], SegmentPlan(target, "stored")))
                     for p in pending:
@@ -332,6 +348,10 @@ def analyze(model: nn.Module, example_input: Any = None, *,
                 node_segment[n] = "head"
             else:
                 pending.append(n)
+        for n in reversed(names):  # parameter expressions between blocks: their first user's part
+            if n not in node_segment:
+                users = sorted(nodes[n].users, key=lambda u: order[u.name])
+                node_segment[n] = node_segment.get(users[0].name, "head") if users else "head"
         seg_first = {}
         for n, s in node_segment.items():
             seg_first.setdefault(s, order[n])

@@ -59,6 +59,8 @@ from .step import StepTimeline
 __all__ = ["plan_memory", "MAX_CANDIDATES"]
 
 MAX_CANDIDATES = 500_000
+#: The most combinations searched when thinning cannot reach ``MAX_CANDIDATES``; more are refused.
+MAX_SPACE = 4 * MAX_CANDIDATES
 """Above this many combinations the keep counts of the longest runs are thinned to a grid."""
 
 _VERIFY_ROUNDS = 6   # rounds to find a first verified fit
@@ -168,6 +170,7 @@ class _Planner:
         self.trace_options = trace_options
         self.base = ConvertConfig(pair_blocks=pair_blocks, **trace_options)
         self.units = find_units(model, (2, *shape), trace_options, pairs=pair_blocks)
+        _options(self.units)  # refuse a space too large to search before calibrating
 
     # -- measuring ---------------------------------------------------------------------------------
     def estimate(self, config: ConvertConfig | None, batch: int,
@@ -334,19 +337,42 @@ class _Planner:
         return dataclasses.replace(plan, original_peak_bytes=original.peak_bytes - original.param_bytes)
 
 
+def _options(units: Sequence[Unit]) -> list[list[Choice]]:
+    """Each unit's choices, the keep counts of the longest runs thinned to a coarser grid until the
+    space is small enough (heuristic). A space that stays too large is refused: each combination is a
+    row of tensors, and a model cut into many short parts would run the host out of memory."""
+    options = []
+    for u in units:
+        opts = [Choice(c) for c in u.classes() if c != "VK"]
+        if u.kind == RUN:
+            opts += [Choice("V", m) for m in range(1, len(u.couplings) + 1)]
+        options.append(opts)
+    while math.prod(len(o) for o in options) > MAX_CANDIDATES:
+        i = max(range(len(options)), key=lambda k: len(options[k]))
+        opts = options[i]
+        keeps = [c for c in opts if c.cls == "V" and c.keep]
+        if len(keeps) < 3:
+            break
+        thinned = keeps[1::2] if keeps[-1] in keeps[1::2] else keeps[1::2] + [keeps[-1]]
+        options[i] = [c for c in opts if not (c.cls == "V" and c.keep)] + thinned
+    combinations = math.prod(len(o) for o in options)
+    if combinations > MAX_SPACE:
+        raise ValueError(
+            f"plan_memory: the model has {len(units)} parts to decide about "
+            f"({sum(u.kind == RUN for u in units)} runs of convertible blocks, "
+            f"{sum(u.kind == STORED for u in units)} stored parts), {combinations:,} combinations, more than the "
+            f"planner's exhaustive search covers ({MAX_SPACE:,}). Models cut into many short parts (DLA's trees, "
+            f"EfficientFormerV2) cannot be planned yet: choose the conversion by hand "
+            f"(ConvertConfig(only=..., checkpoint_stored=..., keep=...)) and check it with revconvert.memory_profile")
+    return options
+
+
 class _Space:
     """Every combination of choices (one row each), with its composed peak and FLOPs ratio (tensors)."""
 
     def __init__(self, cal: Calibration, keep: str) -> None:
         self.cal = cal
-        units = cal.units
-        self.options: list[list[Choice]] = []
-        for u in units:
-            opts = [Choice(c) for c in u.classes() if c != "VK"]
-            if u.kind == RUN:
-                opts += [Choice("V", m) for m in range(1, len(u.couplings) + 1)]
-            self.options.append(opts)
-        self._thin()
+        self.options = _options(cal.units)
         sizes = [len(o) for o in self.options]
         self.sizes = sizes
         self.index = torch.stack(torch.meshgrid(*[torch.arange(s) for s in sizes], indexing="ij"),
@@ -354,16 +380,6 @@ class _Space:
         self._compose()
         self.correction = torch.zeros_like(self.peak)  # what verifications taught (see learn)
 
-    def _thin(self) -> None:
-        """Keep counts of the longest run on a coarser grid until the space is small enough (heuristic)."""
-        while math.prod(len(o) for o in self.options) > MAX_CANDIDATES:
-            i = max(range(len(self.options)), key=lambda k: len(self.options[k]))
-            opts = self.options[i]
-            keeps = [c for c in opts if c.cls == "V" and c.keep]
-            if len(keeps) < 3:
-                break
-            thinned = keeps[1::2] if keeps[-1] in keeps[1::2] else keeps[1::2] + [keeps[-1]]
-            self.options[i] = [c for c in opts if not (c.cls == "V" and c.keep)] + thinned
 
     # a unit's numbers under one choice, given its neighbours' classes
     def _sample(self, i: int, prev: Choice | None, cur: Choice, nxt: Choice | None) -> list[float]:
