@@ -202,8 +202,13 @@ def probe_one(spec: str, size: int, pair: bool) -> dict:
     pairs = [(x1.grad, x2.grad)] + [(p.grad, q.grad) for p, q in zip(converted.parameters(), reference.parameters())]
     out["grad_error"] = _relative_error(pairs)
     del reference
+    # zeroed on a scratch copy, whose trace shares its modules: tracing runs their Python code, which may
+    # cache values (EfficientFormer's attention biases, then fx proxies) that a second trace trips on
+    scratch = copy.deepcopy(model).eval()
+    activations = _zero_branches(scratch, shape, summary.converted_blocks)
     zeroed = copy.deepcopy(model).eval()
-    activations = _zero_branches(zeroed, shape, summary.converted_blocks)
+    zeroed.load_state_dict(scratch.state_dict())
+    del scratch
     # converted from the zeroed model: a module called both in a converted block and in stored code
     # (CoaT's shared position encodings) is zeroed on both sides
     fresh = revconvert.convert(zeroed, shape, config=config).eval()
