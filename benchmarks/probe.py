@@ -202,8 +202,8 @@ def probe_one(spec: str, size: int, pair: bool) -> dict:
     pairs = [(x1.grad, x2.grad)] + [(p.grad, q.grad) for p, q in zip(converted.parameters(), reference.parameters())]
     out["grad_error"] = _relative_error(pairs)
     del reference
-    # zeroed on a scratch copy, whose trace shares its modules: tracing runs their Python code, which may
-    # cache values (EfficientFormer's attention biases, then fx proxies) that a second trace trips on
+    # zeroed on a scratch copy, whose trace shares its modules (tracing runs their Python code), and
+    # copied over by state dict: the model that is converted again has only been deep-copied
     scratch = copy.deepcopy(model).eval()
     activations = _zero_branches(scratch, shape, summary.converted_blocks)
     zeroed = copy.deepcopy(model).eval()

@@ -208,3 +208,31 @@ def test_report_renders_and_serialises():
     data = json.loads(json.dumps(report.to_dict()))
     assert data["num_blocks"] == 8 and data["num_reversible"] == 5
     assert data["reasons"] == {"projection-shortcut": 3}
+
+
+class _CachingNet(torch.nn.Module):
+    """Caches a parameter expression in eval mode, as timm's EfficientFormer caches attention biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.bias = torch.nn.Parameter(torch.ones(1, 4, 1, 1))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and "bias" not in self.cache:
+            self.cache["bias"] = self.bias * 2
+        bias = self.cache["bias"] if not self.training else self.bias * 2
+        return x + self.conv(x) + bias
+
+
+def test_a_trace_of_the_model_itself_leaves_no_proxy_in_its_modules():
+    # convert traces its own copy with shared modules; a module cache must not keep an fx proxy, which
+    # a later trace or an eval forward of the same object would trip on
+    from revconvert.analysis.audit import analyze
+
+    model = _CachingNet().eval()
+    analyze(model, (1, 4, 8, 8), share_modules=True)
+    assert model.cache == {}
+    revconvert.audit(model, (1, 4, 8, 8))  # traces again
+    assert model(torch.randn(1, 4, 8, 8)).shape == (1, 4, 8, 8)

@@ -9,10 +9,11 @@ of the caller runs (see :mod:`revconvert.analysis.hooks`): modules are traced th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -284,7 +285,8 @@ def _trace(model: nn.Module, args: tuple[Any, ...], leaf_modules: Iterable[type 
     root = model if share_modules else meta_copy(model)
     try:
         try:
-            graph = tracer.trace(root, concrete_args=concrete_args)
+            with _no_proxies_left(root if share_modules else None):
+                graph = tracer.trace(root, concrete_args=concrete_args)
         except Exception:
             if share_modules:
                 raise
@@ -315,6 +317,31 @@ def _trace(model: nn.Module, args: tuple[Any, ...], leaf_modules: Iterable[type 
     except _Unbatched as e:
         raise ValueError(e.message) from None
     return gm
+
+
+@contextlib.contextmanager
+def _no_proxies_left(model: nn.Module | None) -> Iterator[None]:
+    """Trace ``model`` itself without leaving fx proxies in its modules: tracing runs their Python
+    code, and a module that caches values (timm's EfficientFormer keeps its attention biases in a
+    dict in eval mode) would keep a proxy, which a later trace or forward of the module trips on.
+    Attributes set to a proxy get their old value back; proxies put in a dict attribute are removed."""
+    if model is None:
+        yield
+        return
+    saved = [(m.__dict__, dict(m.__dict__)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for attrs, before in saved:
+            for key, value in list(attrs.items()):
+                if isinstance(value, fx.Proxy):
+                    if key in before:
+                        attrs[key] = before[key]
+                    else:
+                        del attrs[key]
+                elif type(value) is dict and value is before.get(key):
+                    for k in [k for k, v in value.items() if isinstance(v, fx.Proxy)]:
+                        del value[k]
 
 
 def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
