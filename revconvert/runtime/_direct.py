@@ -51,7 +51,7 @@ autograd graph, and on a GPU their host time costs more than the convolutions it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.modules.module as module_state
@@ -81,10 +81,23 @@ def direct_call(module: nn.Module) -> DirectSequential | None:
     return DirectSequential(module, layers)
 
 
-def _replaced(attrs: dict) -> bool:
+def call_replaced(attrs: dict) -> bool:
     """Whether a module (given its ``__dict__``) has its call replaced: an instance ``forward`` or
     ``Module.compile()``."""
     return "forward" in attrs or attrs.get("_compiled_call_impl") is not None
+
+
+def hook_dicts(modules: Iterable[nn.Module]) -> tuple[dict, ...]:
+    """The hook dicts of ``modules`` themselves (registering a hook inserts into them), so that checking
+    them per call is one pass over a tuple instead of four attribute reads per module."""
+    return tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                                              m._backward_pre_hooks))
+
+
+def global_module_hooks() -> bool:
+    """Whether a global module hook is registered (``register_module_forward_hook``, ...)."""
+    return bool(module_state._global_forward_hooks or module_state._global_forward_pre_hooks
+                or module_state._global_backward_hooks or module_state._global_backward_pre_hooks)
 
 
 class DirectSequential:
@@ -105,10 +118,7 @@ class DirectSequential:
         self.params = tuple(module.parameters())
         self._kinds = tuple(_KINDS[type(m)] for m in layers)
         every = (module, *layers)
-        # The hook dicts themselves (registering a hook inserts into them), so that checking them
-        # per call is one pass over a tuple instead of four attribute reads per module.
-        self._hook_dicts = tuple(d for m in every for d in (m._forward_hooks, m._forward_pre_hooks,
-                                                             m._backward_hooks, m._backward_pre_hooks))
+        self._hook_dicts = hook_dicts(every)
         self._attrs = tuple(m.__dict__ for m in every)
         position = {id(p): i for i, p in enumerate(self.params)}
         # per layer: where its weight and bias go among the parameter gradients (-1: none)
@@ -117,10 +127,8 @@ class DirectSequential:
 
     def observed(self) -> bool:
         """Whether a hook, tracer or torch-function mode could see the module calls."""
-        return bool(module_state._global_forward_hooks or module_state._global_forward_pre_hooks
-                    or module_state._global_backward_hooks or module_state._global_backward_pre_hooks
-                    or torch._C._get_tracing_state() or torch._C._len_torch_function_stack()
-                    or any(self._hook_dicts) or any(map(_replaced, self._attrs)))
+        return bool(global_module_hooks() or torch._C._get_tracing_state() or torch._C._len_torch_function_stack()
+                    or any(self._hook_dicts) or any(map(call_replaced, self._attrs)))
 
     def __call__(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         """``module(x)``; ``batch``: the segment forward's shared casts and counters (:class:`ForwardBatch`)."""

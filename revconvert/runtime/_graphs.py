@@ -40,6 +40,7 @@ captured outputs, the static-memory semantics of a CUDA graph.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import operator
 import os
 import sys
@@ -51,11 +52,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.nn.modules import module as module_state
 from torch.nn.modules.batchnorm import _NormBase
 
+from ._direct import call_replaced, global_module_hooks, hook_dicts
 from ._function import DOUBLE_BACKWARD_MESSAGE, ForwardRecord, Plan, run_backward, run_forward
-from ._state import capture_autocast
+from ._state import autocast_as, capture_autocast
 
 #: Eager runs before a capture (CUDA graphs need the kernels' lazy initialisation, e.g. cuDNN's
 #: algorithm choice, done outside the capture).
@@ -186,6 +187,7 @@ class SegmentGraphs:
         self._buffer_dicts: tuple[dict, ...] = ()
         self._settings: tuple[tuple[Callable[[dict], Any], dict], ...] = ()
         self._hook_dicts: tuple[dict, ...] = ()
+        self._attrs: tuple[dict, ...] = ()
         self._refusal: str | None = None
 
     def _prepare(self, segment: nn.Module, plan: Plan) -> None:
@@ -204,8 +206,8 @@ class SegmentGraphs:
             if names:
                 settings.append((operator.itemgetter(*names), m.__dict__))
         self._settings = tuple(settings)
-        self._hook_dicts = tuple(d for m in self._modules for d in (
-            m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks))
+        self._hook_dicts = hook_dicts(self._modules)
+        self._attrs = tuple(m.__dict__ for m in self._modules)
         self._refusal = _refusal(plan, self._modules)
 
     def step_for(self, segment: nn.Module, plan: Plan, x: torch.Tensor) -> CapturedStep | None:
@@ -221,7 +223,7 @@ class SegmentGraphs:
             return self._eager(self._refusal)
         if backend.capturing(x.device):
             return None
-        if any(self._hook_dicts) or _global_hooks() or any("forward" in m.__dict__ for m in self._modules):
+        if any(self._hook_dicts) or global_module_hooks() or any(map(call_replaced, self._attrs)):
             return self._eager("a module in it has hooks or a replaced forward, which a graph would skip")
         buffers = tuple(b for d in self._buffer_dicts for b in d.values() if b is not None)
         identity = self._identity((*plan.params, *buffers))
@@ -290,27 +292,11 @@ def _refusal(plan: Plan, modules: Sequence[nn.Module]) -> str | None:
     return None
 
 
-def _global_hooks() -> bool:
-    return bool(module_state._global_forward_hooks or module_state._global_forward_pre_hooks
-                or module_state._global_backward_hooks or module_state._global_backward_pre_hooks)
-
-
 def _observed() -> bool:
     """Whether something watches the ops, which a replay would bypass."""
     return bool(torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
                 or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
                 or torch._C._get_tracing_state())
-
-
-@contextlib.contextmanager
-def _uncached_autocast() -> Iterator[None]:
-    """The current autocast state with its weight cache off: a cached cast made during a capture
-    would outlive it (the eager casts of a segment's direct calls do not use the cache)."""
-    with contextlib.ExitStack() as stack:
-        for device_type, enabled, dtype in capture_autocast().settings:
-            if enabled:
-                stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=False))
-        yield
 
 
 def _capture(backend: GraphBackend, plan: Plan, x: torch.Tensor, needs: tuple[bool, ...],
@@ -320,7 +306,10 @@ def _capture(backend: GraphBackend, plan: Plan, x: torch.Tensor, needs: tuple[bo
     with torch.no_grad():
         snapshot = [b.clone() for b in buffers]
     try:
-        with torch.no_grad(), _uncached_autocast():
+        # the current autocast state with its weight cache off: a cached cast made during a capture
+        # would outlive it (the eager casts of a segment's direct calls do not use the cache)
+        uncached = dataclasses.replace(capture_autocast(), cache_enabled=False)
+        with torch.no_grad(), autocast_as(uncached):
             static_x = torch.empty_like(x)
             static_x.copy_(x)  # real values: the warm-ups run
             with backend.warmup(x.device):
