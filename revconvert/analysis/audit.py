@@ -20,6 +20,7 @@ from torch import nn
 from .._format import format_count, render_table
 from ..runtime import ReversibleSegment
 from ..runtime.checkpoint import CheckpointedRun
+from .channels import param_expressions
 from .graph import ResidualBlock, find_residual_blocks
 from .rules import BlockContext, Violation, check_block
 from .tracing import model_name, tensor_shape, trace
@@ -312,11 +313,7 @@ def analyze(model: nn.Module, example_input: Any = None, *,
     # that they never make a part of their own.
     kinds = {s.name: s.kind for s in segments}
     checkpointed = {s.name for s in segments if s.checkpointed}
-    constant: set[str] = set()  # nodes computed from parameters and constants only
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" or (n.op.startswith("call_") and n.all_input_nodes
-                                  and all(a.name in constant for a in n.all_input_nodes)):
-            constant.add(n.name)
+    constant = param_expressions(gm.graph)
     if not segments:
         for n in nodes:
             node_segment[n] = "model"

@@ -120,3 +120,14 @@ def param_expression(node: fx.Node) -> bool:
         return True
     return node.op in ("call_function", "call_method") and bool(node.all_input_nodes) and \
         all(param_expression(i) for i in node.all_input_nodes)
+
+
+def param_expressions(graph: fx.Graph) -> set[str]:
+    """The names of the nodes of ``graph`` for which :func:`param_expression` holds, in one pass
+    (asking it node by node walks back through every node's inputs)."""
+    found: set[str] = set()
+    for node in graph.nodes:
+        if node.op == "get_attr" or (node.op in ("call_function", "call_method") and node.all_input_nodes
+                                     and all(i.name in found for i in node.all_input_nodes)):
+            found.add(node.name)
+    return found
