@@ -296,7 +296,6 @@ def gpu_methods(args: argparse.Namespace) -> list[Method]:
         # the feature: ConvertConfig(cuda_graphs=True), the same weights as the eager rows
         for name, config in (("memory-saving, cuda_graphs", revconvert.ConvertConfig(cuda_graphs=True)),
                              ("paired, cuda_graphs", revconvert.ConvertConfig(cuda_graphs=True, pair_blocks=True))):
-            torch.manual_seed(0)
             model = revconvert.convert(original, shape, config=config).to(device).train()
             model.load_state_dict((paired if config.pair_blocks else converted).state_dict())
             methods.append(Method(name, model, null))

@@ -59,9 +59,9 @@ from .step import StepTimeline
 __all__ = ["plan_memory", "MAX_CANDIDATES"]
 
 MAX_CANDIDATES = 500_000
-#: The most combinations searched when thinning cannot reach ``MAX_CANDIDATES``; more are refused.
-MAX_SPACE = 4 * MAX_CANDIDATES
 """Above this many combinations the keep counts of the longest runs are thinned to a grid."""
+MAX_SPACE = 4 * MAX_CANDIDATES
+"""The most combinations searched when thinning cannot reach ``MAX_CANDIDATES``; more are refused."""
 
 _VERIFY_ROUNDS = 6   # rounds to find a first verified fit
 _CHEAPER_TRIES = 3   # cheaper candidates verified after it
@@ -379,7 +379,6 @@ class _Space:
                                  dim=-1).reshape(-1, len(sizes))
         self._compose()
         self.correction = torch.zeros_like(self.peak)  # what verifications taught (see learn)
-
 
     # a unit's numbers under one choice, given its neighbours' classes
     def _sample(self, i: int, prev: Choice | None, cur: Choice, nxt: Choice | None) -> list[float]:
