@@ -9,7 +9,6 @@ replay real graphs.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import pickle
 import warnings
