@@ -282,6 +282,43 @@ def test_couplings_start_as_identity_when_the_branch_adds_up_paths():
         assert torch.equal(seg(x), x)  # every path of each sum starts at zero, not only the widest
 
 
+class _RootLayerScale(nn.Module):
+    """Layer scales owned by the model, not the blocks: ``h + self.gammas[i] * self.bodies[i](h)``.
+    The last one is also read by the head, outside every block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.bodies = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                                  nn.Conv2d(8, 8, 3, padding=1)) for _ in range(2))
+        self.gamma0 = nn.Parameter(torch.full((8, 1, 1), 0.5))
+        self.gamma1 = nn.Parameter(torch.full((8, 1, 1), 0.25))
+        self.register_buffer("bias0", torch.zeros(8, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + (self.gamma0 * self.bodies[0](h) + self.bias0)
+        h = h + self.gamma1 * self.bodies[1](h)
+        return (h * self.gamma1).mean((2, 3))
+
+
+def test_tensors_only_the_replaced_blocks_read_do_not_stay_behind():
+    # gamma0 and bias0 went into the couplings as resized copies; left at the root they would be
+    # parameters without a gradient (DDP refuses those); gamma1 is still read by the head
+    model = _RootLayerScale()
+    converted = revconvert.convert(model, (1, 3, 8, 8))
+    assert len(converted.revconvert_summary.converted_blocks) == 2
+    names = {n for n, _ in converted.named_parameters()}
+    assert "gamma1" in names and "gamma0" not in names and "bias0" not in dict(converted.named_buffers())
+    assert hasattr(model, "gamma0") and hasattr(model, "bias0")  # the caller's model keeps its own
+    with torch.no_grad():
+        for p in converted.parameters():
+            if not p.any():
+                p.fill_(0.1)
+    converted(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert all(p.grad is not None for p in converted.parameters())
+
+
 def test_activation_moves_to_front_and_exit():
     converted = revconvert.convert(tv_model("resnet18"), (1, 3, 64, 64))
     seg = converted.get_submodule("layer1.rev_0_1")

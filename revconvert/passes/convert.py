@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.audit import Analysis, analyze
-from ..analysis.channels import ChannelPlan
+from ..analysis.channels import ChannelPlan, resolve_attr
 from ..analysis.graph import ResidualBlock
 from ..analysis.hooks import copy_sharing_hooks, module_hooks, no_global_hooks
 from ..analysis.ops import mutated_inputs
@@ -322,6 +322,10 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
     functions = Counter(b.name for run in sources.values() for fg in run for b in fg if b is not None)
     chosen = _choose_widths(plans, functions, config, params_before)
 
+    # parameters and buffers the graph reads directly (layer scale): those only the replaced blocks
+    # read are dropped at the end
+    read_directly = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+
     def function(block: ResidualBlock) -> nn.Module:
         plan, widths = plans[block.name], chosen[block.name]
         if config.width == "match-params" and abs(widths.ratio - 1) > 0.1:
@@ -374,10 +378,47 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
     _eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
     attach_checkpointed_modules(gm)  # re-converting: runs of the model name their modules only inside
+    _drop_orphaned_tensors(gm, read_directly)
     gm.recompile()
     for n in gm.graph.nodes:
         n.meta["revconvert"] = {"segment": analysis.node_segment.get(n.name, "head")}
     return [b.name for blocks in analysis.runs.values() for b in blocks], mismatched
+
+
+def _drop_orphaned_tensors(gm: fx.GraphModule, targets: set[str]) -> None:
+    """Remove the parameters and buffers in ``targets`` that nothing reads any more.
+
+    A block may read a tensor its module does not own (``h + self.gamma * self.body(h)`` at the
+    root): its couplings got resized copies, and the original would stay behind unused, which an
+    optimizer would carry and DDP would refuse as a parameter without a gradient. A tensor stays if
+    a graph of the model still reads it, or if a module that owns it still runs (it may read it
+    in its own code)."""
+    graphs = [m for m in gm.modules() if isinstance(m, fx.GraphModule)]
+    # by identity: the couplings' functions and checkpointed runs name tensors relative to themselves
+    read = set()
+    for g in graphs:
+        for n in g.graph.nodes:
+            if n.op == "get_attr":
+                try:
+                    read.add(id(resolve_attr(g, n.target)))
+                except AttributeError:
+                    pass
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for target in sorted(targets - {n.target for n in gm.graph.nodes if n.op == "get_attr"}):
+        path, _, name = target.rpartition(".")
+        atoms = path.split(".") if path else []
+        if any(".".join(atoms[:i]) in called for i in range(1, len(atoms) + 1)):
+            continue
+        try:
+            owner = gm.get_submodule(path)
+        except AttributeError:
+            continue  # gone with its module
+        if id(getattr(owner, name, None)) in read:
+            continue
+        if name in owner._parameters:
+            del owner._parameters[name]
+        elif name in owner._buffers:
+            del owner._buffers[name]
 
 
 def _apply_keep(gm: fx.GraphModule, analysis: Analysis, example_input: Any,
