@@ -28,6 +28,7 @@ FAMILIES = [
     ("timm", "mobilenetv2_100", 10),            # BatchNormAct2d with ReLU6 and Identity activations
     ("timm", "efficientnet_b0", 9),             # BatchNormAct2d with SiLU, SE, DropPath
     ("timm", "convnext_atto", 12),              # nn.Identity shortcut, gamma.reshape(1, -1, 1, 1)
+    ("timm", "convnextv2_atto", 12),            # GRN: .norm over space, a mean over the channels, addcmul
 ]
 
 
@@ -301,7 +302,114 @@ class _ReduceFirst(_IdentityShortcut):
 def test_channel_axis_comes_from_the_first_layer_that_has_one():
     report = revconvert.audit(_ReduceFirst(nn.Identity()), (1, 3, 8, 7))
     (block,) = report.blocks  # W = 7 is odd; the channels (8, by the convolutions) are not
+    assert block.reversible, block.message
+    converted = revconvert.convert(_ReduceFirst(nn.Identity()), (1, 3, 8, 7))
+    (coupling,) = [m for m in converted.modules() if isinstance(m, ReversibleCoupling)]
+    assert getattr(coupling.F, "0").in_channels == 4  # the 8 channels split in two
+
+
+class _ChannelStats(_IdentityShortcut):
+    """Statistics over the channels inside the branch, as ConvNeXt-V2's global response norm takes
+    them (here channels first): a channel mean kept as one broadcast channel is fine at any width."""
+
+    def __init__(self, keepdim: bool = True) -> None:
+        super().__init__(nn.Identity())
+        self.keepdim = keepdim
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.shift = nn.Parameter(torch.linspace(-0.1, 0.1, 8))
+
+    def forward(self, x):
+        h = self.stem(x)
+        b = self.body[2](self.body[1](self.body[0](h)))
+        g = b.norm(p=2, dim=(2, 3), keepdim=True)
+        mean = g.mean(dim=1, keepdim=self.keepdim)
+        n = g / (mean if self.keepdim else mean[:, None]) + 1e-6
+        b = b + torch.addcmul(self.shift.view(1, -1, 1, 1), self.gain.view(1, -1, 1, 1), b * n)
+        return h + self.body[4](self.body[3](b))
+
+
+def test_a_mean_over_the_channels_kept_as_one_channel_converts_exactly():
+    converted = revconvert.convert(_ChannelStats().double(), (2, 3, 8, 8))
+    assert converted.revconvert_summary.converted_blocks == ["body"]
+    (coupling,) = [m for m in converted.modules() if isinstance(m, ReversibleCoupling)]
+    inner = getattr(coupling.F, "0").out_channels
+    assert coupling.F.gain.shape == coupling.F.shift.shape == (inner,)  # resized with their width
+    with torch.no_grad():
+        for p in converted.parameters():
+            if p.dim() and not p.any():
+                nn.init.uniform_(p, 0.5, 1.0)
+    assert _gradients_match(converted.train(), torch.randn(2, 3, 8, 8, dtype=torch.float64)) <= 1e-8
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["default", "paired"])
+def test_poolformer_converts_every_block_exactly(pair):
+    # timm's MetaFormer: GroupNorm(1, C), pooling - x, and Scale's scale.view(C, 1, 1). Paired, a
+    # coupling's F is a pooling block, whose only parameters are per channel (no inner width):
+    # reported as a mismatch, while the model keeps its parameter count
+    model = build("timm", "poolformer_s12").double()
+    converted = revconvert.convert(model, (2, 3, 64, 64), config=revconvert.ConvertConfig(pair_blocks=pair))
+    summary = converted.revconvert_summary
+    assert len(summary.converted_blocks) == 24 and 0.99 <= summary.param_ratio <= 1.01
+    assert set(summary.param_mismatch) == (set(summary.converted_blocks[::2]) if pair else set())
+    with torch.no_grad():
+        for p in converted.parameters():
+            if p.dim() and not p.any():
+                nn.init.uniform_(p, 0.5, 1.0)
+    assert _gradients_match(converted.train(), torch.randn(2, 3, 64, 64, dtype=torch.float64)) <= 1e-8
+
+
+class _WrittenWidth(_IdentityShortcut):
+    """A layer scale reshaped with its channel count written out (timm's metaformer ``Scale``:
+    ``scale.view(dim, 1, 1)``) and a squared ReLU (``relu(x) ** 2``, StarReLU's)."""
+
+    def __init__(self, shape: tuple[int, ...] = (8, 1, 1)) -> None:
+        super().__init__(nn.Identity())
+        self.shape = shape
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x):
+        h = self.stem(x)
+        b = self.body[1](self.body[0](h)) ** 2
+        return h + self.scale.view(self.shape) * self.body[4](self.body[3](b))
+
+
+def test_a_written_out_channel_count_of_a_parameter_follows_the_new_width():
+    converted = revconvert.convert(_WrittenWidth().double(), (2, 3, 8, 8))
+    assert converted.revconvert_summary.converted_blocks == ["body"]
+    (coupling,) = [m for m in converted.modules() if isinstance(m, ReversibleCoupling)]
+    assert coupling.F.scale.shape == (4,)  # the outer width, halved
+    assert "view((-1, 1, 1))" in coupling.F.code
+    with torch.no_grad():
+        for p in converted.parameters():
+            if p.dim() and not p.any():
+                nn.init.uniform_(p, 0.5, 1.0)
+    assert _gradients_match(converted.train(), torch.randn(2, 3, 8, 8, dtype=torch.float64)) <= 1e-8
+    # beside a -1 it could not become one: the block stays stored, saying why
+    (block,) = revconvert.audit(_WrittenWidth(shape=(8, -1, 1)), (1, 3, 8, 8)).blocks
+    assert block.reason == "unsupported-layer" and "channel count 8 written" in block.message
+
+
+def test_a_reduction_over_the_channels_without_keepdim_stays_stored():
+    (block,) = revconvert.audit(_ChannelStats(keepdim=False), (1, 3, 8, 8)).blocks
     assert block.reason == "unsupported-layer" and "reduces over the channels" in block.message
+
+
+class _ConvOnChannelMean(_IdentityShortcut):
+    """A spatial gate from a one-channel map (CBAM's kind): that layer has no width to follow."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Identity())
+        self.gate = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        b = self.body(h)
+        return h + b * torch.sigmoid(self.gate(b.mean(1, keepdim=True)))
+
+
+def test_a_layer_on_a_channel_mean_stays_stored_with_its_reason():
+    (block,) = revconvert.audit(_ConvOnChannelMean(), (1, 3, 8, 8)).blocks
+    assert block.reason == "unsupported-layer" and "reduced over the channels" in block.message
 
 
 @pytest.mark.parametrize("config", [dict(checkpoint_stored=True), dict(keep="spatial-convs"),

@@ -20,23 +20,35 @@ from .channels import OUTER, WIDTH_ATTRS, ChannelPlan, Failure, ModulePlan, para
 from .graph import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, ResidualBlock
 from .ops import CONV_TYPES, DROPOUT_TYPES, describe_op
 
-__all__ = ["plan_channels"]
+__all__ = ["plan_channels", "REDUCED", "REWRITABLE_RESHAPES"]
 
 _BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
                      operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul,
-                     torch.div, torch.maximum, torch.minimum}
-_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum"}
+                     torch.div, torch.maximum, torch.minimum, operator.pow, torch.pow}
+_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum", "pow"}
+# element-wise over three broadcast operands (timm's GlobalResponseNorm: addcmul(bias, weight, x * n))
+_TERNARY_FUNCTIONS = {torch.addcmul, torch.addcdiv}
+_TERNARY_METHODS = {"addcmul", "addcdiv", "addcmul_", "addcdiv_"}
 _UNARY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout,
                     torch.neg, operator.neg, torch.exp, torch.abs, torch.square, torch.sqrt, torch.rsqrt}
 _UNARY_METHODS = {"contiguous", "clone", "neg", "exp", "abs", "square", "sqrt", "rsqrt", "float", "to",
                   "type_as", "detach"}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+# vector norms over some dimensions (``x.norm(p=2, dim=(1, 2), keepdim=True)``): the dimensions
+# and keepdim come third and fourth, after the input and the order
+_NORM_FUNCTIONS = {torch.norm, torch.linalg.vector_norm}
+_NORM_METHODS = {"norm"}
+#: The group of a tensor reduced over the channels with ``keepdim=True`` (a channel mean, as in
+#: ConvNeXt-V2's GRN): one channel at every width, which broadcasts; not a width group.
+REDUCED = -1
 _POOL_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
                    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
                    F.max_pool1d, F.max_pool2d, F.max_pool3d}
 _RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+#: Reshapes of a per-channel parameter whose one written-out channel count is rewritten as -1.
+REWRITABLE_RESHAPES = ("view", "reshape", torch.reshape)
 _PARAM_FREE_SHAPED = (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
                       nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd, nn.Flatten)
 # torch norms that act on dimension 1 and on the last dimension(s); subclasses from other
@@ -58,6 +70,8 @@ class _Groups:
         return len(self.parent) - 1
 
     def find(self, g: int) -> int:
+        if g == REDUCED:
+            return g
         while self.parent[g] != g:
             self.parent[g] = self.parent[self.parent[g]]
             g = self.parent[g]
@@ -136,6 +150,8 @@ class _Propagation:
                 raise _Located(stop.code, name, stop.detail) from None
         out = self.nodes[self.block.branch_output]
         axis, group = self.channel(out)
+        if group == REDUCED:
+            raise _Located("unsupported-layer", out.name, "the branch output is reduced over the channels")
         if axis != self.axis:
             raise _Located("unsupported-layer", out.name, f"the branch output's channels are on dimension "
                                                          f"{axis}, not {self.axis}")
@@ -161,8 +177,12 @@ class _Propagation:
                 self.no_literal_width(node, tensors[0])
                 return self.same(node, tensors[0])  # arithmetic with a number
             return self.visit_binary(node, tensors)
+        if (is_fn and fn in _TERNARY_FUNCTIONS) or (is_method and fn in _TERNARY_METHODS):
+            return self.visit_binary(node, tensors)
         if (is_fn and fn in _REDUCE_FUNCTIONS) or (is_method and fn in _REDUCE_METHODS):
-            return self.visit_reduce(node)
+            return self.visit_reduce(node, 1)
+        if (is_fn and fn in _NORM_FUNCTIONS) or (is_method and fn in _NORM_METHODS):
+            return self.visit_reduce(node, 2)
         if is_fn and fn in _POOL_FUNCTIONS:
             return self.channels_kept(node, self.first(node), need_axis=1)
         if (is_fn and fn in (torch.permute,)) or (is_method and fn == "permute"):
@@ -193,7 +213,8 @@ class _Propagation:
         width = self.width(inp)
         literals = [a for a in node.args[1:] if isinstance(a, int) and not isinstance(a, bool)]
         literals += [d for a in node.args[1:] if isinstance(a, (tuple, list)) for d in a if isinstance(d, int)]
-        if width > 1 and width in literals and node.target not in (operator.mul, operator.truediv, "mul", "div"):
+        if width > 1 and width in literals and node.target not in (operator.mul, operator.truediv, "mul", "div",
+                                                                   operator.pow, torch.pow, "pow"):
             raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} has the channel count {width} "
                                              f"written into its arguments")
 
@@ -205,6 +226,11 @@ class _Propagation:
         axis, group = self.channel(inp)
         shape, out = _shape(inp), _shape(node)
         name = describe_op(self.gm, node)
+        if group == REDUCED:
+            if list(mod.parameters()) or list(mod.buffers()) or out != shape or len(node.all_input_nodes) != 1:
+                raise _Stop("unsupported-layer", f"{name} acts on a tensor reduced over the channels")
+            self.modules[node.name] = ("copy", group, group, (), ())
+            return axis, group
         if isinstance(mod, (*CONV_TYPES, nn.Linear)):
             other = [n for n, _ in [*mod.named_parameters(), *mod.named_buffers()] if n not in ("weight", "bias")]
             if other:  # e.g. a scaled weight-standardised conv's gain: not resized with the weight
@@ -301,6 +327,9 @@ class _Propagation:
             if p != pos:
                 raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} combines tensors whose channels "
                                                  f"are on different dimensions")
+        # tensors reduced over the channels tie no width (only they may make a one-channel result)
+        carriers = [c for c in carriers if c[1] != REDUCED] or carriers
+        for p, g, t in carriers:
             self.groups.union(carriers[0][1], g)
         axis, group = nd - pos, carriers[0][1]
         width = out[axis]
@@ -327,7 +356,10 @@ class _Propagation:
                             f"{t.name} is computed from parameters by {describe_op(self.gm, root)}")
             literals = [a for a in root.args[1:] if isinstance(a, int)]
             literals += [x for a in root.args[1:] if isinstance(a, (tuple, list)) for x in a if isinstance(x, int)]
-            if width > 1 and width in literals:
+            # one size written out (timm's Scale: ``scale.view(dim, 1, 1)``) the rebuilt branch
+            # writes as -1 (surgery.width_free_reshape); anything more would not follow the width
+            rewritable = root.target in REWRITABLE_RESHAPES and literals.count(width) == 1 and -1 not in literals
+            if width > 1 and width in literals and not rewritable:
                 raise _Stop("unsupported-layer", f"{describe_op(self.gm, root)} has the channel count {width} "
                                                  f"written into its arguments")
             root = root.all_input_nodes[0]
@@ -343,12 +375,17 @@ class _Propagation:
             raise _Stop("unsupported-layer", f"parameter {root.target} is used at two widths")
         self.attrs[str(root.target)] = template
 
-    def visit_reduce(self, node: fx.Node) -> tuple[int, int]:
+    def visit_reduce(self, node: fx.Node, at: int) -> tuple[int, int]:
+        """A reduction whose dimensions are argument ``at`` (or ``dim=``) and keepdim the next one.
+        Over other dimensions the channels stay; over the channels with ``keepdim=True`` the result
+        has one channel at any width (:data:`REDUCED`), which broadcasts back."""
         inp = self.first(node)
         axis, group = self.channel(inp)
         ndim = len(_shape(inp))
-        dims = _dims(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None), ndim)
-        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        dims = _dims(node.kwargs.get("dim", node.args[at] if len(node.args) > at else None), ndim)
+        keep = node.kwargs.get("keepdim", node.args[at + 1] if len(node.args) > at + 1 else False)
+        if dims is not None and axis in dims and keep is True:
+            return axis, REDUCED
         if dims is None or axis in dims:
             raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} reduces over the channels")
         return (axis if keep else axis - sum(d < axis for d in dims)), group

@@ -30,6 +30,7 @@ from torch import nn
 from ..analysis.channels import OUTER, ChannelPlan, ModulePlan, param_expression, resolve_attr
 from ..analysis.graph import ResidualBlock
 from ..analysis.ops import mutated_inputs
+from ..analysis.propagation import REWRITABLE_RESHAPES
 from ..errors import ConversionError
 from ..runtime._state import name_draws_random
 
@@ -327,6 +328,8 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, plan: Chan
             root[target] = _dropout_module(n)
             env[n.name] = graph.call_module(target, (args[0],))
         else:
+            if n.name in extra:
+                args = width_free_reshape(gm, n, plan, args)
             op, fn, kwargs = _out_of_place(n) if overwrites_input else (n.op, n.target, kwargs)
             if op == "call_method":
                 env[n.name] = graph.call_method(fn, args, kwargs)
@@ -345,6 +348,28 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, plan: Chan
     for n in fn.graph.nodes:  # the original's shapes served the zero-init walk only
         n.meta.pop("val", None)
     return _as_sequential(fn) or fn
+
+
+def width_free_reshape(gm: fx.GraphModule, node: fx.Node, plan: ChannelPlan, args: tuple) -> tuple:
+    """``args`` of a reshape of a resized per-channel parameter with its written-out channel count
+    as -1 (``scale.view(320, 1, 1)`` -> ``view(-1, 1, 1)``), which the new width then fills; the
+    propagation allows one such count per reshape (``REWRITABLE_RESHAPES``). Other nodes as they are."""
+    if node.target not in REWRITABLE_RESHAPES or not node.all_input_nodes:
+        return args
+    root = node.all_input_nodes[0]
+    while root.op != "get_attr" and root.all_input_nodes:
+        root = root.all_input_nodes[0]
+    template = plan.attrs.get(str(root.target)) if root.op == "get_attr" else None
+    if template is None:
+        return args
+    tensor = resolve_attr(gm, str(root.target))
+    widths = {tensor.shape[i] for i, d in enumerate(template) if not isinstance(d, int)}
+
+    def free(a: Any) -> Any:
+        if isinstance(a, (tuple, list)):
+            return type(a)(free(x) for x in a)
+        return -1 if isinstance(a, int) and not isinstance(a, bool) and a in widths else a
+    return (args[0], *(free(a) for a in args[1:]))
 
 
 def _as_sequential(fn: fx.GraphModule) -> nn.Sequential | None:
