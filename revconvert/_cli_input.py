@@ -40,6 +40,8 @@ def load_model(spec: str) -> Any:
     ``spec`` is one of:
 
     - a torchvision model name (``resnet50``), built with random weights;
+    - ``timm:NAME``: ``timm.create_model(NAME)`` with random weights, for any name timm lists
+      (``timm:convnextv2_atto``); an attribute of the ``timm`` package itself is taken first;
     - ``module:factory`` or ``package.module:factory``, imported with the current folder on
       ``sys.path`` (like ``python -m``); ``factory`` is a class, a function returning a module, or a
       module instance, and may be dotted (``zoo:Nets.small``);
@@ -53,6 +55,8 @@ def load_model(spec: str) -> Any:
         if not where or not attr:
             raise CLIError(f"model {spec!r}: expected module:factory or file.py:factory")
         module = _import_file(where, spec) if _looks_like_file(where) else _import_module(where, spec)
+        if where == "timm" and not hasattr(module, attr.split(".")[0]):
+            return _timm_model(module, attr, spec)
         return _call_factory(module, attr, spec)
     path = Path(spec)
     if path.suffix == ".py":
@@ -69,6 +73,19 @@ def load_model(spec: str) -> Any:
     import torchvision
 
     return torchvision.models.get_model(spec, weights=None)
+
+
+def _timm_model(timm: Any, name: str, spec: str) -> Any:
+    """``timm.create_model(name)`` with random weights (timm's model names are not attributes of
+    the package: ``timm:resnet50`` means the registered model)."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"closest: {', '.join(close)}" if close else "see timm.list_models()"
+        raise CLIError(f"timm has no model {name!r} ({hint})")
+    try:
+        return timm.create_model(name, pretrained=False)
+    except Exception as e:
+        raise CLIError(f"timm.create_model({name!r}) failed: {type(e).__name__}: {e}") from e
 
 
 def _torchvision_names() -> list[str]:

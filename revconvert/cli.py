@@ -33,6 +33,7 @@ Turn a residual network into a reversible one (RevNet) and estimate the memory i
 
 MODEL is one of:
   a torchvision model name          resnet50 (random weights; nothing is downloaded)
+  timm:NAME                         timm:convnextv2_atto (timm.create_model, random weights)
   module:factory                    mymodels:TinyNet (the current folder is on the import path)
   file.py:factory                   path/to/nets.py:make_net
   a saved model file                converted.pt, as written by revconvert convert or

@@ -422,6 +422,16 @@ def test_unknown_model_lists_closest(capsys):
     assert "unknown model 'resnet5O'" in err and "resnet50" in err
 
 
+def test_timm_models_by_their_registered_names(capsys):
+    pytest.importorskip("timm")
+    assert main(["audit", "timm:convnextv2_atto", "--input-size", "64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_blocks"] == 12 and data["num_reversible"] == 12
+    assert main(["audit", "timm:convnextv2_atoo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "timm has no model 'convnextv2_atoo'" in err and "convnextv2_atto" in err
+
+
 def test_import_path_failure_says_what_failed(capsys):
     assert main(["audit", "no_such_pkg.models:net"]) == 2
     assert "No module named 'no_such_pkg'" in capsys.readouterr().err
