@@ -29,6 +29,9 @@ FAMILIES = [
     ("timm", "efficientnet_b0", 9),             # BatchNormAct2d with SiLU, SE, DropPath
     ("timm", "convnext_atto", 12),              # nn.Identity shortcut, gamma.reshape(1, -1, 1, 1)
     ("timm", "convnextv2_atto", 12),            # GRN: .norm over space, a mean over the channels, addcmul
+    ("timm", "res2net50_14w_8s", 12),           # split into 8 pieces, each added to the last conv's output, cat
+    ("timm", "fasternet_t0", 13),               # partial conv: split of the block input, cat
+    ("timm", "inception_next_atto", 12),        # split, depthwise convs per piece, cat
 ]
 
 
@@ -356,6 +359,75 @@ def test_poolformer_converts_every_block_exactly(pair):
             if p.dim() and not p.any():
                 nn.init.uniform_(p, 0.5, 1.0)
     assert _gradients_match(converted.train(), torch.randn(2, 3, 64, 64, dtype=torch.float64)) <= 1e-8
+
+
+class _SplitNet(nn.Module):
+    """Channel splits and concatenations inside residual branches: ``kind="res2net"`` splits an inner
+    width into pieces added to the previous piece's conv output (Res2Net), ``"partial"`` convolves a
+    quarter of the block input and concatenates the rest back (FasterNet), ``"mixed"`` gives each piece
+    its own 1x1 conv and concatenates them into the block's width (MixNet), ``"height"`` splits the
+    height, not the channels."""
+
+    def __init__(self, kind: str, width: int = 16) -> None:
+        super().__init__()
+        self.kind, c = kind, width
+        self.stem = nn.Conv2d(3, c, 1)
+        self.conv1 = nn.Sequential(nn.Conv2d(c, 32, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.pieces = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+                                    for _ in range(3))
+        self.partial = nn.Conv2d(c // 4, c // 4, 3, padding=1)
+        self.mixed = nn.ModuleList([nn.Conv2d(16, c // 2, 1), nn.Conv2d(16, c // 2, 1)])
+        self.conv3 = nn.Sequential(nn.Conv2d(32, c, 1), nn.BatchNorm2d(c))
+
+    def branch(self, h):
+        if self.kind == "partial":
+            a, b = torch.split(h, [h.shape[1] // 4, h.shape[1] - h.shape[1] // 4], dim=1)
+            return self.conv3(self.conv1(torch.cat((self.partial(a), b), 1)))
+        t = self.conv1(h)
+        if self.kind == "mixed":
+            a, b = t.chunk(2, dim=1)
+            return torch.cat([self.mixed[0](a), self.mixed[1](b)], 1)
+        if self.kind == "height":
+            top, bottom = t.split(t.shape[2] // 2, dim=2)
+            return self.conv3(torch.cat([bottom, top], 2))
+        pieces = torch.split(t, 8, 1)
+        out, sp = [], None
+        for i, conv in enumerate(self.pieces):
+            sp = conv(pieces[i] if sp is None else sp + pieces[i])
+            out.append(sp)
+        return self.conv3(torch.cat([*out, pieces[-1]], 1))
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(h + self.branch(h))
+        return torch.relu(h + self.branch(h))
+
+
+@pytest.mark.parametrize("kind", ["res2net", "partial", "mixed", "height"])
+def test_channel_splits_and_concatenations_convert_exactly(kind):
+    model = _SplitNet(kind).double()
+    converted = revconvert.convert(model, (2, 3, 8, 8), config=revconvert.ConvertConfig(width_multiple=1))
+    summary = converted.revconvert_summary
+    assert len(summary.converted_blocks) == 2, summary
+    coupling = next(m for m in converted.modules() if isinstance(m, ReversibleCoupling))
+    if kind == "res2net":  # the pieces follow the inner width: four of a quarter each
+        inner = coupling.F.get_submodule("conv1.0").out_channels
+        assert inner % 4 == 0 and inner != 32  # rebuilt at another width than the original 32
+        assert f"[{', '.join([str(inner // 4)] * 4)}]" in coupling.F.code
+        assert coupling.F.get_submodule("pieces.0.0").in_channels == inner // 4
+    if kind == "partial":  # a quarter of the coupling's half (8 channels): 2 and 6
+        assert "[2, 6]" in coupling.F.code and coupling.F.partial.in_channels == 2
+    with torch.no_grad():
+        for p in converted.parameters():
+            if p.dim() and not p.any():
+                nn.init.uniform_(p, 0.5, 1.0)
+    assert _gradients_match(converted.train(), torch.randn(2, 3, 8, 8, dtype=torch.float64)) <= 1e-8
+
+
+def test_a_split_whose_pieces_cannot_follow_the_half_width_stays_stored():
+    # a quarter of 12 channels is 3; of the coupling's 6, 1.5: no whole number of channels
+    (block, _) = revconvert.audit(_SplitNet("partial", width=12), (1, 3, 8, 8)).blocks
+    assert block.reason == "groups" and "channel split" in block.message and "6 channels" in block.message
 
 
 class _WrittenWidth(_IdentityShortcut):

@@ -5,7 +5,10 @@ widths scaled to match parameters). Which widths must change together follows fr
 channel-pruning tools build a dependency graph of coupled channels: every tensor of the branch gets
 a *channel axis* and a *width group*; a convolution or ``Linear`` starts a new group at its output,
 element-wise ops and broadcasting (``x * gate``, ``gamma * x``) tie the groups of their operands,
-``permute``/``reshape`` move the axis, reductions over other axes keep it. Group 0 is the *outer*
+``permute``/``reshape`` move the axis, reductions over other axes keep it. A split along the channels
+makes *derived* groups, fixed fractions of the group split, and a concatenation their sum; a derived
+group's width is a linear form of free groups (Res2Net's pieces, a MixNet or FasterNet
+concatenation), and tying two forms solves the equation for the newest free groups. Group 0 is the *outer*
 width: the block's input and the branch's output. The result, a :class:`ChannelPlan`, says for every
 module and every parameter used directly (``get_attr``) which of its dimensions belong to which
 group, so the surgery can resize them and count parameters at any width without building anything.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch.fx as fx
 
@@ -85,6 +89,11 @@ class ChannelPlan:
     attrs: dict[str, Template] = field(default_factory=dict)
     failure: Failure | None = None
     counted: tuple[Template, ...] = ()  # templates of every parameter (for counting)
+    # derived group -> its width as a form over free groups: ((group, coefficient), ...); the
+    # alignment of those groups makes every term a whole number
+    derived: dict[int, tuple[tuple[int, Fraction], ...]] = field(default_factory=dict)
+    # split node name -> the groups of its pieces, whose new widths the rebuilt split takes
+    splits: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def new_widths(self, half: int, scale: float) -> dict[int, int]:
         """The width of every group when the outer width is ``half`` and inner widths scale by ``scale``."""
@@ -92,6 +101,16 @@ class ChannelPlan:
         for g, w in self.widths.items():
             a = self.align.get(g, 1)
             out[g] = half if g == OUTER else max(a, int(round(w * scale / a)) * a)
+        for g, form in self.derived.items():
+            out[g] = int(sum(c * out[h] for h, c in form))
+        return out
+
+    @property
+    def original_widths(self) -> dict[int, int]:
+        """The original width of every group, derived ones included."""
+        out = dict(self.widths)
+        for g, form in self.derived.items():
+            out[g] = int(sum(c * out[h] for h, c in form))
         return out
 
     def size(self, template: Template, widths: dict[int, int]) -> tuple[int, ...]:

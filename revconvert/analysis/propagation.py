@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+from fractions import Fraction
 
 import torch
 import torch.fx as fx
@@ -47,6 +48,9 @@ _POOL_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_
                    F.max_pool1d, F.max_pool2d, F.max_pool3d}
 _RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+_SPLIT_FUNCTIONS = {torch.split, torch.chunk}
+_SPLIT_METHODS = {"split", "chunk"}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 #: Reshapes of a per-channel parameter whose one written-out channel count is rewritten as -1.
 REWRITABLE_RESHAPES = ("view", "reshape", torch.reshape)
 _PARAM_FREE_SHAPED = (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
@@ -58,30 +62,70 @@ _CHANNELS_FIRST_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Grou
 
 
 class _Groups:
-    """Union-find over width groups."""
+    """Width groups: free ones, which the rebuild scales, and ones tied to others by a linear form.
+
+    Tying two groups (:meth:`union`) is an equation between their forms over free groups; it is
+    solved for the side with the newest free groups, each taking its share of the other side in
+    proportion to its original width (two plain groups: the newer one becomes the older one; the
+    outer group, whose width is fixed, is never solved for). A split along the channels makes
+    pieces that are fixed fractions of their group, a concatenation their sum (:meth:`derived`).
+    """
 
     def __init__(self, outer_width: int) -> None:
-        self.parent = [0]
         self.width = [outer_width]
+        self.alias: dict[int, dict[int, Fraction]] = {}  # group -> its form over other groups
 
     def new(self, width: int) -> int:
-        self.parent.append(len(self.parent))
         self.width.append(width)
-        return len(self.parent) - 1
+        return len(self.width) - 1
+
+    def form(self, g: int) -> dict[int, Fraction]:
+        """``g``'s width as a form over free groups."""
+        if g not in self.alias:
+            return {g: Fraction(1)}
+        out: dict[int, Fraction] = {}
+        for h, c in self.alias[g].items():
+            for k, d in self.form(h).items():
+                out[k] = out.get(k, Fraction(0)) + c * d
+        return {k: c for k, c in out.items() if c}
 
     def find(self, g: int) -> int:
-        if g == REDUCED:
+        """The free group ``g`` equals, if it equals one; else ``g`` (a derived group)."""
+        if g == REDUCED or g not in self.alias:
             return g
-        while self.parent[g] != g:
-            self.parent[g] = self.parent[self.parent[g]]
-            g = self.parent[g]
+        form = self.form(g)
+        if len(form) == 1:
+            (h, c), = form.items()
+            if c == 1:
+                return h
+        return g
+
+    def derived(self, form: dict[int, Fraction], width: int) -> int:
+        """A group of ``width`` channels whose width is ``form``: a split piece, a concatenation."""
+        form = {h: c for h, c in form.items() if c}
+        if len(form) == 1 and next(iter(form.values())) == 1:
+            return next(iter(form))
+        g = self.new(width)
+        self.alias[g] = form
         return g
 
     def union(self, a: int, b: int) -> None:
-        a, b = self.find(a), self.find(b)
-        if a != b:
-            lo, hi = min(a, b), max(a, b)  # the outer group (0) stays the root
-            self.parent[hi] = lo
+        diff = self.form(a)
+        for h, c in self.form(b).items():
+            diff[h] = diff.get(h, Fraction(0)) - c
+        diff = {h: c for h, c in diff.items() if c}
+        if not diff:
+            return
+        pos = {h: c for h, c in diff.items() if c > 0}
+        neg = {h: -c for h, c in diff.items() if c < 0}
+        sides = [side for side in (pos, neg) if side and OUTER not in side]
+        solve = max(sides, key=max) if sides else None
+        rest = neg if solve is pos else pos
+        if solve is None or not rest:
+            raise _Stop("unsupported-layer", "channel groups whose widths cannot be tied")
+        total = sum(c * self.width[h] for h, c in solve.items())
+        for h in solve:
+            self.alias[h] = {k: Fraction(self.width[h]) / total * v for k, v in rest.items()}
 
 
 class _Stop(Exception):
@@ -119,6 +163,8 @@ class _Propagation:
         self.modules: dict[str, tuple[str, int, int, tuple, tuple]] = {}
         self.attrs: dict[str, tuple] = {}
         self.align: list[tuple[int, int]] = []
+        self.pieces: dict[str, list[tuple[int, int]]] = {}  # split node -> (axis, group) of each piece
+        self.splits: dict[str, list[int]] = {}  # split along the channels -> its pieces' groups
         self.axis = axis
 
     # -- helpers ----------------------------------------------------------------------------
@@ -155,7 +201,10 @@ class _Propagation:
         if axis != self.axis:
             raise _Located("unsupported-layer", out.name, f"the branch output's channels are on dimension "
                                                          f"{axis}, not {self.axis}")
-        self.groups.union(group, OUTER)
+        try:
+            self.groups.union(group, OUTER)
+        except _Stop as stop:
+            raise _Located(stop.code, out.name, stop.detail) from None
 
     def visit(self, node: fx.Node) -> tuple[int, int] | None:
         if node.op == "call_module":
@@ -165,6 +214,13 @@ class _Propagation:
         fn = node.target
         is_fn, is_method = node.op == "call_function", node.op == "call_method"
         tensors = [a for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+        if (is_fn and fn in _SPLIT_FUNCTIONS) or (is_method and fn in _SPLIT_METHODS):
+            return self.visit_split(node)
+        if is_fn and fn is operator.getitem and isinstance(node.args[0], fx.Node) and \
+                node.args[0].name in self.pieces and isinstance(node.args[1], int):
+            return self.pieces[node.args[0].name][node.args[1]]
+        if is_fn and fn in _CAT_FUNCTIONS:
+            return self.visit_cat(node)
         if not isinstance(_val(node), torch.Tensor):
             return None  # a shape read: re-evaluated at the new width by the rebuilt graph
         if (is_fn and fn in ACTIVATION_FUNCTIONS | _UNARY_FUNCTIONS) or \
@@ -390,6 +446,61 @@ class _Propagation:
             raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} reduces over the channels")
         return (axis if keep else axis - sum(d < axis for d in dims)), group
 
+    def visit_split(self, node: fx.Node) -> None:
+        """``torch.split``/``chunk`` (function or method): along the channels each piece is a fixed
+        fraction of the group (the rebuilt split is given the pieces' new widths); along another
+        dimension every piece keeps the channels. The pieces are read by ``getitem``."""
+        inp = self.first(node)
+        axis, group = self.channel(inp)
+        shape = _shape(inp)
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        pieces = _val(node)
+        if not isinstance(dim, int) or not isinstance(pieces, (tuple, list)) or \
+                not all(isinstance(p, torch.Tensor) for p in pieces):
+            raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} with arguments it cannot follow")
+        if dim % len(shape) != axis:
+            self.pieces[node.name] = [(axis, group)] * len(pieces)
+            return None
+        if group == REDUCED:
+            raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} splits a tensor reduced over the channels")
+        width = shape[axis]
+        sizes = [p.shape[axis] for p in pieces]
+        chunk = node.target in (torch.chunk, "chunk")
+        if chunk and width % len(sizes):  # uneven chunks are not fractions that hold at every width
+            raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} makes uneven pieces of {width} channels")
+        form = self.groups.form(group)
+        groups = [self.groups.derived({h: c * Fraction(n, width) for h, c in form.items()}, n) for n in sizes]
+        self.pieces[node.name] = [(axis, g) for g in groups]
+        if not chunk:
+            self.splits[node.name] = groups
+        return None
+
+    def visit_cat(self, node: fx.Node) -> tuple[int, int]:
+        """``torch.cat``: along the channels the result's width is the sum of its parts' (a derived
+        group); along another dimension the parts' channels are tied."""
+        parts = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        if not isinstance(parts, (tuple, list)) or not parts or not isinstance(dim, int) or \
+                not all(isinstance(p, fx.Node) for p in parts):
+            raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} with arguments it cannot follow")
+        infos = [self.channel(p) for p in parts]
+        ndim = len(_shape(node))
+        if len({a for a, _ in infos}) != 1 or any(len(_shape(p)) != ndim for p in parts):
+            raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} joins tensors whose channels are on "
+                                             f"different dimensions")
+        axis = infos[0][0]
+        if any(g == REDUCED for _, g in infos):
+            raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} joins a tensor reduced over the channels")
+        if dim % ndim != axis:
+            for _, g in infos[1:]:
+                self.groups.union(infos[0][1], g)
+            return axis, infos[0][1]
+        total: dict[int, Fraction] = {}
+        for _, g in infos:
+            for h, c in self.groups.form(g).items():
+                total[h] = total.get(h, Fraction(0)) + c
+        return axis, self.groups.derived(total, _shape(node)[axis])
+
     def visit_permute(self, node: fx.Node) -> tuple[int, int]:
         inp = self.first(node)
         axis, group = self.channel(inp)
@@ -416,8 +527,16 @@ class _Propagation:
         find = self.groups.find
         gm = self.gm
         plan = ChannelPlan(axis=self.axis)
-        for g in range(len(self.groups.parent)):
-            plan.widths.setdefault(find(g), self.groups.width[g])
+        align: dict[int, int] = {}
+        for g in range(len(self.groups.width)):
+            if g not in self.groups.alias:
+                plan.widths[g] = self.groups.width[g]
+            elif find(g) == g:
+                form = self.groups.form(g)
+                plan.derived[g] = tuple(sorted(form.items()))
+                for h, c in form.items():  # every term a whole number of channels
+                    align[h] = math.lcm(align.get(h, 1), c.denominator)
+        plan.splits = {name: tuple(map(find, pieces)) for name, pieces in self.splits.items()}
 
         def tmpl(t: Template) -> Template:
             return tuple(d if isinstance(d, int) else (find(d[0]), d[1]) for d in t)
@@ -431,8 +550,13 @@ class _Propagation:
             counted += [t for n, t in mp.tensors if n in params]
         plan.counted = tuple(counted)
         for g, a in self.align:
-            g = find(g)
-            plan.align[g] = math.lcm(plan.align.get(g, 1), a)
+            form = self.groups.form(g)
+            if len(form) != 1:
+                raise _Located("groups", self.block.branch[0], f"a grouped layer acts on concatenated channels "
+                                                               f"({self.groups.width[g]})")
+            (h, c), = form.items()  # c * width a multiple of a: width a multiple of q * a / gcd(a, p)
+            align[h] = math.lcm(align.get(h, 1), c.denominator * a // math.gcd(a, c.numerator))
+        plan.align = align
         return plan
 
 
@@ -482,12 +606,12 @@ def plan_channels(gm: fx.GraphModule, block: ResidualBlock, nodes: dict[str, fx.
     prop = _Propagation(gm, block, nodes, axis)
     try:
         prop.run()
+        plan = prop.plan()
     except _Located as stop:
         return ChannelPlan(axis=axis, failure=stop.failure)
-    plan = prop.plan()
     half, a = plan.widths[OUTER] // 2, plan.align.get(OUTER, 1)
     if half % a and plan.widths[OUTER] % 2 == 0:  # odd widths are the odd-channels rule's
         return ChannelPlan(axis=axis, widths=plan.widths, failure=Failure(
-            "groups", block.branch[0], f"a grouped layer needs widths that are multiples of {a}, "
-                                       f"which does not divide {half} channels"))
+            "groups", block.branch[0], f"a grouped layer or a channel split needs widths that are multiples "
+                                       f"of {a}, which does not divide {half} channels"))
     return plan

@@ -110,7 +110,7 @@ def choose_widths(plan: ChannelPlan, width: str | float, multiple: int = 1, func
     parameters, which :func:`revconvert.convert` reports.
     """
     half = plan.widths[OUTER] // 2
-    target = plan.param_count(plan.widths)
+    target = plan.param_count(plan.original_widths)
 
     def at(p: ChannelPlan, scale: float) -> Widths:
         groups = p.new_widths(half, scale)
@@ -138,15 +138,16 @@ def alignments(multiple: int) -> list[int]:
 
 
 def _key(plan: ChannelPlan) -> tuple:
-    return tuple(sorted(plan.widths.items())), tuple(sorted(plan.align.items())), plan.counted
+    return (tuple(sorted(plan.widths.items())), tuple(sorted(plan.align.items())), plan.counted,
+            tuple(sorted(plan.derived.items())))
 
 
 @functools.lru_cache(maxsize=256)
-def _best_scale(widths: tuple, align: tuple, counted: tuple, functions: int = 2) -> float:
+def _best_scale(widths: tuple, align: tuple, counted: tuple, derived: tuple, functions: int = 2) -> float:
     """The scale whose ``functions`` residual functions together come closest to the branch's
     parameters; blocks of one stage share the answer (cached on everything the count depends on)."""
-    plan = ChannelPlan(axis=1, widths=dict(widths), align=dict(align), counted=counted)
-    half, target = plan.widths[OUTER] // 2, plan.param_count(plan.widths)
+    plan = ChannelPlan(axis=1, widths=dict(widths), align=dict(align), counted=counted, derived=dict(derived))
+    half, target = plan.widths[OUTER] // 2, plan.param_count(plan.original_widths)
     best, best_err = 1.0, abs(functions * plan.param_count(plan.new_widths(half, 1.0)) - target)
     for i in range(1, 801):  # scales 0.005 .. 4.0; a parameter count is a few integer products
         err = abs(functions * plan.param_count(plan.new_widths(half, i / 200)) - target)
@@ -330,6 +331,8 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, plan: Chan
         else:
             if n.name in extra:
                 args = width_free_reshape(gm, n, plan, args)
+            if n.name in plan.splits:  # the pieces at their new widths
+                args, kwargs = _split_sizes(args, kwargs, [widths.groups[g] for g in plan.splits[n.name]])
             op, fn, kwargs = _out_of_place(n) if overwrites_input else (n.op, n.target, kwargs)
             if op == "call_method":
                 env[n.name] = graph.call_method(fn, args, kwargs)
@@ -348,6 +351,14 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, plan: Chan
     for n in fn.graph.nodes:  # the original's shapes served the zero-init walk only
         n.meta.pop("val", None)
     return _as_sequential(fn) or fn
+
+
+def _split_sizes(args: tuple, kwargs: dict, sizes: list[int]) -> tuple[tuple, dict]:
+    """A split's arguments with its sizes (``split_size_or_sections``, positional or not) replaced."""
+    for key in ("split_size_or_sections", "split_size"):
+        if key in kwargs:
+            return args, {**kwargs, key: sizes}
+    return (args[0], sizes, *args[2:]), kwargs
 
 
 def width_free_reshape(gm: fx.GraphModule, node: fx.Node, plan: ChannelPlan, args: tuple) -> tuple:
