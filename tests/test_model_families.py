@@ -32,6 +32,7 @@ FAMILIES = [
     ("timm", "res2net50_14w_8s", 12),           # split into 8 pieces, each added to the last conv's output, cat
     ("timm", "fasternet_t0", 13),               # partial conv: split of the block input, cat
     ("timm", "inception_next_atto", 12),        # split, depthwise convs per piece, cat
+    ("timm", "ghostnet_100", 11),               # Ghost modules: cat of two halves, then out[:, :out_chs]
 ]
 
 
@@ -39,7 +40,10 @@ def build(lib: str, name: str) -> nn.Module:
     torch.manual_seed(0)
     if lib == "timm":
         timm = pytest.importorskip("timm")
-        return timm.create_model(name, drop_path_rate=0.2)  # exercise DropPath's random masks
+        try:
+            return timm.create_model(name, drop_path_rate=0.2)  # exercise DropPath's random masks
+        except TypeError:  # a model without stochastic depth (GhostNet)
+            return timm.create_model(name)
     return torchvision.models.get_model(name, weights=None)
 
 
@@ -422,6 +426,38 @@ def test_channel_splits_and_concatenations_convert_exactly(kind):
             if p.dim() and not p.any():
                 nn.init.uniform_(p, 0.5, 1.0)
     assert _gradients_match(converted.train(), torch.randn(2, 3, 8, 8, dtype=torch.float64)) <= 1e-8
+
+
+class _GhostNet(nn.Module):
+    """A Ghost module's residual branch: a conv makes ``init`` channels, a depthwise conv as many
+    again, and ``cat(...)[:, :out]`` keeps ``out`` of them (all of them when ``2 * init == out``)."""
+
+    def __init__(self, init: int = 8, out: int = 16) -> None:
+        super().__init__()
+        self.out = out
+        self.stem = nn.Conv2d(3, out, 1)
+        self.primary = nn.Sequential(nn.Conv2d(out, init, 1), nn.BatchNorm2d(init), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(init, init, 3, padding=1, groups=init), nn.BatchNorm2d(init))
+
+    def forward(self, x):
+        h = self.stem(x)
+        a = self.primary(h)
+        return h + torch.cat([a, self.cheap(a)], dim=1)[:, :self.out]
+
+
+def test_a_slice_that_keeps_every_channel_follows_the_new_width():
+    converted = revconvert.convert(_GhostNet().double(), (2, 3, 8, 8), config=revconvert.ConvertConfig(width_multiple=1))
+    assert len(converted.revconvert_summary.converted_blocks) == 1
+    coupling = next(m for m in converted.modules() if isinstance(m, ReversibleCoupling))
+    assert ", :16" not in coupling.F.code and "slice(None, 16" not in coupling.F.code  # 16 is not the half
+    with torch.no_grad():
+        for p in converted.parameters():
+            if p.dim() and not p.any():
+                nn.init.uniform_(p, 0.5, 1.0)
+    assert _gradients_match(converted.train(), torch.randn(2, 3, 8, 8, dtype=torch.float64)) <= 1e-8
+    # keeping part of the channels (9 + 9 concatenated, 16 kept) is a count that would not follow
+    (block,) = revconvert.audit(_GhostNet(init=9), (1, 3, 8, 8)).blocks
+    assert block.reason == "unsupported-layer" and "takes part of the channels (None:16 of 18)" in block.message
 
 
 def test_a_split_whose_pieces_cannot_follow_the_half_width_stays_stored():

@@ -94,6 +94,8 @@ class ChannelPlan:
     derived: dict[int, tuple[tuple[int, Fraction], ...]] = field(default_factory=dict)
     # split node name -> the groups of its pieces, whose new widths the rebuilt split takes
     splits: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # getitem nodes ``x[:, :n]`` whose n covers every channel: the rebuilt slice drops n
+    whole_slices: tuple[str, ...] = ()
 
     def new_widths(self, half: int, scale: float) -> dict[int, int]:
         """The width of every group when the outer width is ``half`` and inner widths scale by ``scale``."""

@@ -165,6 +165,7 @@ class _Propagation:
         self.align: list[tuple[int, int]] = []
         self.pieces: dict[str, list[tuple[int, int]]] = {}  # split node -> (axis, group) of each piece
         self.splits: dict[str, list[int]] = {}  # split along the channels -> its pieces' groups
+        self.whole_slices: list[str] = []  # x[:, :n] keeping every channel, n written out
         self.axis = axis
 
     # -- helpers ----------------------------------------------------------------------------
@@ -221,6 +222,8 @@ class _Propagation:
             return self.pieces[node.args[0].name][node.args[1]]
         if is_fn and fn in _CAT_FUNCTIONS:
             return self.visit_cat(node)
+        if is_fn and fn is operator.getitem and isinstance(node.args[1], (tuple, slice)):
+            return self.visit_slice(node)
         if not isinstance(_val(node), torch.Tensor):
             return None  # a shape read: re-evaluated at the new width by the rebuilt graph
         if (is_fn and fn in ACTIVATION_FUNCTIONS | _UNARY_FUNCTIONS) or \
@@ -475,6 +478,27 @@ class _Propagation:
             self.splits[node.name] = groups
         return None
 
+    def visit_slice(self, node: fx.Node) -> tuple[int, int]:
+        """``x[:, :n]`` that keeps every channel (GhostNet's ``out[:, :out_chs]`` after concatenating
+        two halves of ``out_chs``): the rebuilt branch keeps them all at the new width (its count
+        is dropped from the slice). Slices of other dimensions are kept as they are."""
+        inp = self.first(node)
+        axis, group = self.channel(inp)
+        shape = _shape(inp)
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if len(index) > len(shape) or not all(isinstance(i, slice) for i in index):
+            raise _Stop("unsupported-layer", describe_op(self.gm, node))
+        if axis < len(index):
+            cut = index[axis]
+            whole = cut.start in (None, 0) and cut.step in (None, 1) and \
+                (cut.stop is None or (isinstance(cut.stop, int) and cut.stop >= shape[axis]))
+            if not whole:
+                raise _Stop("unsupported-layer", f"{describe_op(self.gm, node)} takes part of the channels "
+                                                 f"({cut.start}:{cut.stop} of {shape[axis]})")
+            if cut.stop is not None:
+                self.whole_slices.append(node.name)
+        return self.channels_kept(node, inp)
+
     def visit_cat(self, node: fx.Node) -> tuple[int, int]:
         """``torch.cat``: along the channels the result's width is the sum of its parts' (a derived
         group); along another dimension the parts' channels are tied."""
@@ -537,6 +561,7 @@ class _Propagation:
                 for h, c in form.items():  # every term a whole number of channels
                     align[h] = math.lcm(align.get(h, 1), c.denominator)
         plan.splits = {name: tuple(map(find, pieces)) for name, pieces in self.splits.items()}
+        plan.whole_slices = (*self.whole_slices,)
 
         def tmpl(t: Template) -> Template:
             return tuple(d if isinstance(d, int) else (find(d[0]), d[1]) for d in t)

@@ -331,6 +331,8 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, plan: Chan
         else:
             if n.name in extra:
                 args = width_free_reshape(gm, n, plan, args)
+            if n.name in plan.whole_slices:  # x[:, :n] keeping every channel: n would not follow
+                args = (args[0], _whole_channels(args[1], plan.axis))
             if n.name in plan.splits:  # the pieces at their new widths
                 args, kwargs = _split_sizes(args, kwargs, [widths.groups[g] for g in plan.splits[n.name]])
             op, fn, kwargs = _out_of_place(n) if overwrites_input else (n.op, n.target, kwargs)
@@ -351,6 +353,13 @@ def build_residual_function(gm: fx.GraphModule, block: ResidualBlock, plan: Chan
     for n in fn.graph.nodes:  # the original's shapes served the zero-init walk only
         n.meta.pop("val", None)
     return _as_sequential(fn) or fn
+
+
+def _whole_channels(index: Any, axis: int) -> Any:
+    """``index`` (a slice or a tuple of slices) with the slice of dimension ``axis`` made ``:``."""
+    if isinstance(index, slice):
+        return slice(None) if axis == 0 else index
+    return tuple(slice(None) if i == axis else s for i, s in enumerate(index))
 
 
 def _split_sizes(args: tuple, kwargs: dict, sizes: list[int]) -> tuple[tuple, dict]:
