@@ -446,7 +446,8 @@ class _GhostNet(nn.Module):
 
 
 def test_a_slice_that_keeps_every_channel_follows_the_new_width():
-    converted = revconvert.convert(_GhostNet().double(), (2, 3, 8, 8), config=revconvert.ConvertConfig(width_multiple=1))
+    config = revconvert.ConvertConfig(width_multiple=1)
+    converted = revconvert.convert(_GhostNet().double(), (2, 3, 8, 8), config=config)
     assert len(converted.revconvert_summary.converted_blocks) == 1
     coupling = next(m for m in converted.modules() if isinstance(m, ReversibleCoupling))
     assert ", :16" not in coupling.F.code and "slice(None, 16" not in coupling.F.code  # 16 is not the half

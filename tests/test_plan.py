@@ -324,18 +324,62 @@ def test_parameter_expressions_between_blocks_make_no_part_of_their_own():
     converted(torch.randn(8, 3, 16, 16)).sum().backward()
 
 
-def test_a_model_cut_into_too_many_parts_is_refused_before_any_calibration(monkeypatch):
-    """Each combination of choices is a row of tensors: DLA's 16 parts made 854 million and ran the host
-    out of memory. The space is counted from the parts alone, before anything is converted."""
+def _many_parts(runs: int) -> torch.nn.Module:
+    """The stem, ``runs`` runs of one block with a stored convolution after each: 2 * runs + 1 parts."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 8, 3, padding=1)]
+    for _ in range(runs):
+        layers += [_ScaledBlock(8), torch.nn.Conv2d(8, 8, 3, padding=1)]
+    return torch.nn.Sequential(*layers)
+
+
+def test_the_frontier_search_finds_what_the_exhaustive_search_finds(monkeypatch):
+    """Forced onto a space small enough to enumerate, the dynamic programming over the chain of parts
+    (no grid, no cap) keeps, for every budget, a combination as cheap as the cheapest of all, and the
+    least peak of all."""
     import revconvert.memory.plan as plan_module
 
-    layers = [torch.nn.Conv2d(3, 8, 3, padding=1)]
-    for _ in range(7):  # the stem, seven runs of one block with a stored convolution between them, the head
-        layers += [_ScaledBlock(8), torch.nn.Conv2d(8, 8, 3, padding=1)]
-    model = torch.nn.Sequential(*layers)
-    calibrated = []
-    monkeypatch.setattr(plan_module._Planner, "calibrate", lambda self, batch: calibrated.append(batch))
-    with pytest.raises(ValueError, match=r"15 parts to decide about \(7 runs of convertible blocks, 7 stored "
-                                         r"parts\), [\d,]+ combinations, more than"):
-        revconvert.plan_memory(model, "1MiB", input_size=(3, 8, 8), batch_size=2)
-    assert not calibrated
+    planner = _Planner(_many_parts(3), (3, 8, 8), torch.float32, None, torch.device("cpu"), "spatial-convs", {})
+    cal = planner.calibrate(2)
+    every = _Space(cal, "spatial-convs")
+    assert every._rows is None and len(every.index) > 1000  # enumerated
+    monkeypatch.setattr(plan_module, "MAX_SPACE", 0)
+    monkeypatch.setattr(plan_module, "MAX_FRONTIER", 10**9)
+    monkeypatch.setattr(plan_module, "FRONTIER_GRID", 1e-15)
+    frontier = _Space(cal, "spatial-convs")
+    assert frontier._rows is not None and len(frontier.index) < len(every.index) / 4
+    low, high = float(every.peak.min()), float(every.peak.max())
+    for k in range(41):
+        target = low + (high - low) * k / 40
+        a, b = every.cheapest(target, None, set()), frontier.cheapest(target, None, set())
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert float(frontier.flops[frontier._row(b)]) == float(every.flops[every._row(a)])
+            assert frontier.peak_of(b) == every.peak_of(b)  # the same composition, row for row
+    assert frontier.peak_of(frontier.least_peak(None, set())) == low
+    # the numbers the search compares are the composition's own, combination by combination
+    for b, saved, f, grads, flops, pick in plan_module._frontier(frontier):
+        row = frontier._row(pick)
+        assert b == pytest.approx(float(frontier.backward_peak[row]), rel=1e-12)
+        assert f == pytest.approx(float(frontier.forward_peak[row]), rel=1e-12)
+        assert flops / cal.original_flops + 1 == pytest.approx(float(frontier.flops[row]), rel=1e-12)
+
+
+def test_a_model_cut_into_many_parts_is_planned_on_the_frontier(monkeypatch):
+    """DLA's 16 parts made 854 million combinations, MobileNetV3's and GhostNet's 13 some 20 million:
+    each a row of tensors. Past MAX_SPACE only the peak/FLOPs frontier is kept, and the plan is
+    verified as any other."""
+    import revconvert.memory.plan as plan_module
+
+    built = []
+    frontier = plan_module._frontier
+    monkeypatch.setattr(plan_module, "_frontier", lambda space: built.append(1) or frontier(space))
+    model = _many_parts(7)
+    original = revconvert.memory_profile(model, (3, 8, 8), 2).original
+    budget = int(0.8 * (original.peak_bytes - original.param_bytes))
+    plan = revconvert.plan_memory(model, budget, input_size=(3, 8, 8), batch_size=2)
+    assert built and len(plan.parts) == 15
+    assert plan.fits and plan.peak_bytes <= budget
+    converted = revconvert.convert(model, (2, 3, 8, 8), config=plan.config)
+    measured = revconvert.measure_memory(converted, torch.randn(2, 3, 8, 8))
+    assert measured.peak_bytes - measured.param_bytes == pytest.approx(plan.peak_bytes, rel=0.02)

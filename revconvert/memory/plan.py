@@ -22,6 +22,9 @@ How (the heuristic parts are marked):
    kept couplings are always the last ``m`` of a run (*heuristic*: their outputs are freed first).
 3. **Search** the whole product of choices (vectorised); where it exceeds
    :data:`MAX_CANDIDATES`, the keep counts of the longest runs are thinned to a grid (*heuristic*).
+   Where even that leaves more than :data:`MAX_SPACE`, only the combinations on the peak/FLOPs
+   frontier are searched, found by dynamic programming along the chain of units (:func:`_frontier`;
+   *heuristic* past a grid of bytes and a cap of states).
 4. **Verify** the cheapest candidate whose modelled peak fits with one fake-tensor estimate of its
    very ``ConvertConfig``; the search runs again (a few rounds) after what the verification
    taught: a plan that keeps outputs and overshoots raises the modelled peak of every plan sharing
@@ -47,9 +50,9 @@ from torch import nn
 from ..analysis.hooks import no_global_hooks
 from ..analysis.tracing import model_name, unwrap_compiled
 from ..passes.convert import ConvertConfig
-from .estimate import DTYPES, TRACE_OPTIONS, _check_device, _check_dtype, _check_input_size, _estimate
+from .estimate import TRACE_OPTIONS, _check_device, _check_dtype, _check_input_size, _estimate
 from .optim import optimizer_spec
-from .plan_costs import (CALIBRATIONS, HEAD, RUN, STORED, Calibration, Choice, Unit, UnitSample,
+from .plan_costs import (CALIBRATIONS, RUN, STORED, Calibration, Choice, Unit, UnitSample,
                          calibration_choices, find_units, forward_flops, keep_costs, realise, step_flops,
                          unit_grad_bytes, unit_samples)
 from .plan_report import MemoryPlan, PlanPart, parse_bytes
@@ -61,7 +64,8 @@ __all__ = ["plan_memory", "MAX_CANDIDATES"]
 MAX_CANDIDATES = 500_000
 """Above this many combinations the keep counts of the longest runs are thinned to a grid."""
 MAX_SPACE = 4 * MAX_CANDIDATES
-"""The most combinations searched when thinning cannot reach ``MAX_CANDIDATES``; more are refused."""
+"""The most combinations enumerated when thinning cannot reach ``MAX_CANDIDATES``; past it, only the
+frontier's (:func:`_frontier`)."""
 
 _VERIFY_ROUNDS = 6   # rounds to find a first verified fit
 _CHEAPER_TRIES = 3   # cheaper candidates verified after it
@@ -170,7 +174,6 @@ class _Planner:
         self.trace_options = trace_options
         self.base = ConvertConfig(pair_blocks=pair_blocks, **trace_options)
         self.units = find_units(model, (2, *shape), trace_options, pairs=pair_blocks)
-        _options(self.units)  # refuse a space too large to search before calibrating
 
     # -- measuring ---------------------------------------------------------------------------------
     def estimate(self, config: ConvertConfig | None, batch: int,
@@ -337,16 +340,21 @@ class _Planner:
         return dataclasses.replace(plan, original_peak_bytes=original.peak_bytes - original.param_bytes)
 
 
-def _options(units: Sequence[Unit]) -> list[list[Choice]]:
-    """Each unit's choices, the keep counts of the longest runs thinned to a coarser grid until the
-    space is small enough (heuristic). A space that stays too large is refused: each combination is a
-    row of tensors, and a model cut into many short parts would run the host out of memory."""
-    options = []
+def _options(units: Sequence[Unit]) -> tuple[list[list[Choice]], bool]:
+    """Each unit's choices, and whether the whole product of them is searched.
+
+    Where the product exceeds :data:`MAX_CANDIDATES`, the keep counts of the longest runs are thinned
+    to a coarser grid until it does not (heuristic). Where even that leaves more than
+    :data:`MAX_SPACE` combinations (a model cut into many short parts: MobileNetV3, EfficientNet-B3,
+    GhostNet, DLA), every choice stays and the search keeps only the combinations on the peak/FLOPs
+    frontier (:func:`_frontier`) instead of all of them: each combination is a row of tensors."""
+    full = []
     for u in units:
         opts = [Choice(c) for c in u.classes() if c != "VK"]
         if u.kind == RUN:
             opts += [Choice("V", m) for m in range(1, len(u.couplings) + 1)]
-        options.append(opts)
+        full.append(opts)
+    options = list(full)
     while math.prod(len(o) for o in options) > MAX_CANDIDATES:
         i = max(range(len(options)), key=lambda k: len(options[k]))
         opts = options[i]
@@ -355,16 +363,9 @@ def _options(units: Sequence[Unit]) -> list[list[Choice]]:
             break
         thinned = keeps[1::2] if keeps[-1] in keeps[1::2] else keeps[1::2] + [keeps[-1]]
         options[i] = [c for c in opts if not (c.cls == "V" and c.keep)] + thinned
-    combinations = math.prod(len(o) for o in options)
-    if combinations > MAX_SPACE:
-        raise ValueError(
-            f"plan_memory: the model has {len(units)} parts to decide about "
-            f"({sum(u.kind == RUN for u in units)} runs of convertible blocks, "
-            f"{sum(u.kind == STORED for u in units)} stored parts), {combinations:,} combinations, more than the "
-            f"planner's exhaustive search covers ({MAX_SPACE:,}). Models cut into many short parts (DLA's trees, "
-            f"EfficientFormerV2) cannot be planned yet: choose the conversion by hand "
-            f"(ConvertConfig(only=..., checkpoint_stored=..., keep=...)) and check it with revconvert.memory_profile")
-    return options
+    if math.prod(len(o) for o in options) > MAX_SPACE:
+        return full, False
+    return options, True
 
 
 class _Space:
@@ -372,11 +373,17 @@ class _Space:
 
     def __init__(self, cal: Calibration, keep: str) -> None:
         self.cal = cal
-        self.options = _options(cal.units)
+        self.options, exhaustive = _options(cal.units)
         sizes = [len(o) for o in self.options]
         self.sizes = sizes
-        self.index = torch.stack(torch.meshgrid(*[torch.arange(s) for s in sizes], indexing="ij"),
-                                 dim=-1).reshape(-1, len(sizes))
+        self._rows: dict[tuple[int, ...], int] | None = None  # row of each pick, where not every pick is a row
+        if exhaustive:
+            self.index = torch.stack(torch.meshgrid(*[torch.arange(s) for s in sizes], indexing="ij"),
+                                     dim=-1).reshape(-1, len(sizes))
+        else:
+            picks = [state[5] for state in _frontier(self)]
+            self.index = torch.tensor(picks, dtype=torch.long).reshape(-1, len(sizes))
+            self._rows = {pick: r for r, pick in enumerate(picks)}
         self._compose()
         self.correction = torch.zeros_like(self.peak)  # what verifications taught (see learn)
 
@@ -439,6 +446,7 @@ class _Space:
         backward = torch.where(opened > 0, base + prefix + suffix + rise,
                                torch.tensor(float("-inf"), dtype=torch.float64)).amax(dim=0)
         forward = (fbase + prefix - saved + frise).amax(dim=0)
+        self.backward_peak, self.forward_peak = backward, forward  # for the frontier's tests
         peak = torch.maximum(backward, forward)
         if cal.optimizer_offset is not None:
             peak = torch.maximum(peak, cal.optimizer_offset + grad.sum(dim=0))
@@ -454,6 +462,8 @@ class _Space:
         return [self.options[i][k] for i, k in enumerate(pick)]
 
     def _row(self, pick: tuple[int, ...]) -> int:
+        if self._rows is not None:
+            return self._rows[pick]
         row = 0
         for k, size in zip(pick, self.sizes):
             row = row * size + k
@@ -475,7 +485,8 @@ class _Space:
         if max_flops_ratio is not None:
             ok &= self.flops <= max_flops_ratio + 1e-9
         for pick in exclude:
-            ok[self._row(pick)] = False
+            if self._rows is None or pick in self._rows:
+                ok[self._row(pick)] = False
         return ok
 
     def cheapest(self, target: float, max_flops_ratio: float | None,
@@ -519,6 +530,85 @@ class _Space:
         near = rows[k <= k.min() + 1e-12 * max(1.0, float(k.min().abs()))]
         row = near[torch.argmin(tie[near])]
         return tuple(int(v) for v in self.index[row])
+
+
+#: Frontier beginnings kept per last choice and the class before it (:func:`_frontier`; heuristic
+#: beyond it): bounds the search's time and memory where a space is too large to enumerate
+MAX_FRONTIER = 300
+#: Resolution of the frontier's comparisons, as a fraction of the original step's peak
+FRONTIER_GRID = 1e-3
+
+
+def _frontier(space: _Space) -> list[tuple]:
+    """The combinations of choices on the frontier of the composed peak and the FLOPs, by dynamic
+    programming along the chain of units, for spaces too large to enumerate.
+
+    The composed peak (``_Space._compose``) is the largest of a unit's backward term
+    ``base + rise + P_j - G_j + G`` (``P_j``: bytes saved up to and with it, ``G_j``: gradient
+    bytes up to it, ``G``: all gradient bytes), a unit's forward term
+    ``forward_base + forward_rise + P_(j-1)`` and the optimizer step's ``offset + G``. Walking the
+    units in order, a beginning of a combination is summed up by four numbers in which the peak of
+    any completion does not decrease: the largest backward term so far with ``G_j`` for ``G``,
+    ``P_j``, the largest forward term so far, and ``G_j``. A unit's numbers depend on its own choice
+    and its neighbours' classes, so of two beginnings whose last choice and the class before it are
+    the same, one no worse in those four numbers and in FLOPs leaves the other nothing, and it is
+    dropped. The comparison is on a grid of :data:`FRONTIER_GRID` of the original step's peak
+    (heuristic: a beginning better by less is taken as equal), and at most :data:`MAX_FRONTIER`
+    beginnings per last choice and class are kept, spread over their FLOPs (heuristic).
+
+    Returns the completed combinations as ``(backward, saved, forward, gradients, FLOPs, picks)``: the
+    composition's backward and forward peaks, the saved and gradient bytes, and the extra FLOPs."""
+    n = len(space.options)
+    grid = max(1.0, space.cal.original_peak * FRONTIER_GRID)
+    samples: dict[tuple, list[float]] = {}
+
+    def sample(i: int, prev: Choice | None, cur: int, nxt: Choice | None) -> list[float]:
+        key = (i, None if prev is None else _base(prev), cur, None if nxt is None else _base(nxt))
+        if key not in samples:
+            samples[key] = space._sample(i, prev, space.options[i][cur], nxt)
+        return samples[key]
+
+    ninf = float("-inf")
+    # a beginning: (backward so far + G_j, P_j, forward so far, G_j, FLOPs, picks), by the class before
+    # its last choice and its last choice; closing unit i - 1 needs unit i's choice
+    states: dict[tuple, list[tuple]] = {
+        (None, k): [(ninf, 0.0, ninf, 0.0, space.extra_flops(0, c), (k,))] for k, c in enumerate(space.options[0])}
+    for i in range(1, n + 1):
+        grown: dict[tuple, list[tuple]] = {}
+        for (prev, cur), group in states.items():
+            prev_choice = None if prev is None else Choice(*prev)
+            for nxt in (range(len(space.options[i])) if i < n else [None]):
+                nxt_choice = None if nxt is None else space.options[i][nxt]
+                saved, grad, base, rise, opened, fbase, frise = sample(i - 1, prev_choice, cur, nxt_choice)
+                extra = 0.0 if nxt_choice is None else space.extra_flops(i, nxt_choice)
+                here = space.options[i - 1][cur]
+                out = grown.setdefault(((here.cls, min(here.keep, 1)), nxt), [])
+                for b, p, f, g, flops, picks in group:
+                    f = max(f, fbase + frise + p)
+                    p, g, b = p + saved, g + grad, b + grad
+                    if opened > 0:
+                        b = max(b, base + rise + p)
+                    out.append((b, p, f, g, flops + extra, picks if nxt is None else picks + (nxt,)))
+        states = {key: _pareto(group, grid) for key, group in grown.items()}
+    return [state for group in states.values() for state in group]
+
+
+def _pareto(states: list[tuple], grid: float) -> list[tuple]:
+    """The states that no other is at most in FLOPs and in each of the four byte numbers (compared on
+    ``grid``); beyond :data:`MAX_FRONTIER` of them, that many spread evenly over their FLOPs."""
+    def cell(v: float) -> float:
+        return v if v == float("-inf") else math.floor(v / grid)
+    keyed = sorted(((s[4], cell(s[0]), cell(s[1]), cell(s[2]), cell(s[3])), s) for s in states)
+    kept: list[tuple] = []
+    marks: list[tuple] = []
+    for (flops, b, p, f, g), s in keyed:
+        if not any(m[0] <= b and m[1] <= p and m[2] <= f and m[3] <= g for m in marks):
+            kept.append(s)
+            marks.append((b, p, f, g))
+    if len(kept) > MAX_FRONTIER:
+        step = (len(kept) - 1) / (MAX_FRONTIER - 1)
+        kept = [kept[round(k * step)] for k in range(MAX_FRONTIER)]
+    return kept
 
 
 def _base(c: Choice) -> str:
