@@ -236,3 +236,28 @@ def test_a_trace_of_the_model_itself_leaves_no_proxy_in_its_modules():
     assert model.cache == {}
     revconvert.audit(model, (1, 4, 8, 8))  # traces again
     assert model(torch.randn(1, 4, 8, 8)).shape == (1, 4, 8, 8)
+
+
+class _ScaledShortcut(nn.Module):
+    """MetaFormer's later stages: ``res_scale * x + f(x)``, with a parameter read in the branch too
+    (StarReLU's ``scale * relu(x) ** 2 + bias``). Parameter reads are constants of the dataflow:
+    counted as entries of the graph, they left the join without a fork, and the block unreported."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 1)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.res_scale = nn.Parameter(torch.ones(c))
+        self.act_scale = nn.Parameter(torch.ones(1))
+        self.act_bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        h = self.stem(x)
+        branch = self.conv(self.act_scale * torch.relu(h) ** 2 + self.act_bias)
+        return h * self.res_scale.view(1, -1, 1, 1) + branch
+
+
+def test_a_scaled_shortcut_beside_a_parameter_read_is_reported():
+    report = revconvert.audit(_ScaledShortcut(), (1, 3, 8, 8))
+    (block,) = report.blocks  # and the StarReLU's "+ bias" is no residual connection
+    assert block.reason == "projection-shortcut" and "mul" in block.message

@@ -18,6 +18,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .channels import param_expressions
+
 __all__ = ["ResidualBlock", "find_residual_blocks", "to_networkx", "ACTIVATION_MODULES",
            "ACTIVATION_FUNCTIONS", "is_activation"]
 
@@ -199,6 +201,11 @@ def find_residual_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
     """
     graph = gm.graph
     g = to_networkx(graph)
+    # Parameters, and what is computed from them alone (a layer scale's ``scale.view(C, 1, 1)``), are
+    # constants of the dataflow: left in, they would make the root dominate every node that reads
+    # one, and a block with a scaled shortcut and a parameter read in its branch would have no fork.
+    constants = param_expressions(graph)
+    g.remove_nodes_from(constants)
     for name in [n for n in g.nodes if g.in_degree(n) == 0]:
         g.add_edge(_ROOT, name)
     idom = nx.immediate_dominators(g, _ROOT)
@@ -208,8 +215,8 @@ def find_residual_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
     blocks: list[ResidualBlock] = []
     for node in graph.nodes:
         operands = _join_operands(node)
-        if operands is None:
-            continue
+        if operands is None or any(o.name in constants for o in operands):
+            continue  # not an addition of two tensors, or one of them is a constant (a bias)
         fork = _fork(idom, order, g, *operands)
         if fork is None:
             continue  # the operands share no input: not a residual connection
