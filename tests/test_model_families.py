@@ -68,6 +68,15 @@ def _gradients_match(converted: nn.Module, x: torch.Tensor) -> float:
     return worst
 
 
+def _leave_identity(converted: nn.Module) -> None:
+    """Move the couplings off zero-init's identity start (their zeroed last layers), so that F and G
+    take part in the gradients."""
+    with torch.no_grad():
+        for p in converted.parameters():
+            if p.dim() and not p.any():
+                nn.init.uniform_(p, 0.5, 1.0)
+
+
 @pytest.mark.parametrize("lib,name,identity_blocks", FAMILIES, ids=[f"{lib}-{n}" for lib, n, _ in FAMILIES])
 def test_family_converts_every_identity_block_exactly(lib, name, identity_blocks):
     model = build(lib, name).double()
@@ -341,10 +350,7 @@ def test_a_mean_over_the_channels_kept_as_one_channel_converts_exactly():
     (coupling,) = [m for m in converted.modules() if isinstance(m, ReversibleCoupling)]
     inner = getattr(coupling.F, "0").out_channels
     assert coupling.F.gain.shape == coupling.F.shift.shape == (inner,)  # resized with their width
-    with torch.no_grad():
-        for p in converted.parameters():
-            if p.dim() and not p.any():
-                nn.init.uniform_(p, 0.5, 1.0)
+    _leave_identity(converted)
     assert _gradients_match(converted.train(), torch.randn(2, 3, 8, 8, dtype=torch.float64)) <= 1e-8
 
 
@@ -358,10 +364,7 @@ def test_poolformer_converts_every_block_exactly(pair):
     summary = converted.revconvert_summary
     assert len(summary.converted_blocks) == 24 and 0.99 <= summary.param_ratio <= 1.01
     assert set(summary.param_mismatch) == (set(summary.converted_blocks[::2]) if pair else set())
-    with torch.no_grad():
-        for p in converted.parameters():
-            if p.dim() and not p.any():
-                nn.init.uniform_(p, 0.5, 1.0)
+    _leave_identity(converted)
     assert _gradients_match(converted.train(), torch.randn(2, 3, 64, 64, dtype=torch.float64)) <= 1e-8
 
 
@@ -421,10 +424,7 @@ def test_channel_splits_and_concatenations_convert_exactly(kind):
         assert coupling.F.get_submodule("pieces.0.0").in_channels == inner // 4
     if kind == "partial":  # a quarter of the coupling's half (8 channels): 2 and 6
         assert "[2, 6]" in coupling.F.code and coupling.F.partial.in_channels == 2
-    with torch.no_grad():
-        for p in converted.parameters():
-            if p.dim() and not p.any():
-                nn.init.uniform_(p, 0.5, 1.0)
+    _leave_identity(converted)
     assert _gradients_match(converted.train(), torch.randn(2, 3, 8, 8, dtype=torch.float64)) <= 1e-8
 
 
@@ -451,10 +451,7 @@ def test_a_slice_that_keeps_every_channel_follows_the_new_width():
     assert len(converted.revconvert_summary.converted_blocks) == 1
     coupling = next(m for m in converted.modules() if isinstance(m, ReversibleCoupling))
     assert ", :16" not in coupling.F.code and "slice(None, 16" not in coupling.F.code  # 16 is not the half
-    with torch.no_grad():
-        for p in converted.parameters():
-            if p.dim() and not p.any():
-                nn.init.uniform_(p, 0.5, 1.0)
+    _leave_identity(converted)
     assert _gradients_match(converted.train(), torch.randn(2, 3, 8, 8, dtype=torch.float64)) <= 1e-8
     # keeping part of the channels (9 + 9 concatenated, 16 kept) is a count that would not follow
     (block,) = revconvert.audit(_GhostNet(init=9), (1, 3, 8, 8)).blocks
@@ -488,10 +485,7 @@ def test_a_written_out_channel_count_of_a_parameter_follows_the_new_width():
     (coupling,) = [m for m in converted.modules() if isinstance(m, ReversibleCoupling)]
     assert coupling.F.scale.shape == (4,)  # the outer width, halved
     assert "view((-1, 1, 1))" in coupling.F.code
-    with torch.no_grad():
-        for p in converted.parameters():
-            if p.dim() and not p.any():
-                nn.init.uniform_(p, 0.5, 1.0)
+    _leave_identity(converted)
     assert _gradients_match(converted.train(), torch.randn(2, 3, 8, 8, dtype=torch.float64)) <= 1e-8
     # beside a -1 it could not become one: the block stays stored, saying why
     (block,) = revconvert.audit(_WrittenWidth(shape=(8, -1, 1)), (1, 3, 8, 8)).blocks
@@ -529,10 +523,7 @@ def test_conversion_options_hold_on_se_and_channels_last_blocks(config):
         model = build(lib, name).double()
         converted = revconvert.convert(model, (2, 3, 64, 64), config=revconvert.ConvertConfig(**config))
         assert len(converted.revconvert_summary.converted_blocks) == {"mobilenet_v3_small": 6}.get(name, 12)
-        with torch.no_grad():
-            for p in converted.parameters():
-                if p.dim() and not p.any():
-                    nn.init.uniform_(p, 0.5, 1.0)
+        _leave_identity(converted)
         assert _gradients_match(converted, torch.randn(2, 3, 64, 64, dtype=torch.float64)) <= 1e-8
 
 
