@@ -403,7 +403,9 @@ def _drop_orphaned_tensors(gm: fx.GraphModule, targets: set[str]) -> None:
                     read.add(id(resolve_attr(g, n.target)))
                 except AttributeError:
                     pass
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    # modules still called, by any graph (checkpointed runs name theirs as the model does; a
+    # coupling's local names can only keep a tensor that could have gone)
+    called = {n.target for g in graphs for n in g.graph.nodes if n.op == "call_module"}
     for target in sorted(targets - {n.target for n in gm.graph.nodes if n.op == "get_attr"}):
         path, _, name = target.rpartition(".")
         atoms = path.split(".") if path else []
