@@ -33,9 +33,45 @@ class Net(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+class SplitBranch(nn.Module):
+    """Branches that split their channels and concatenate them: ``res2net`` (pieces of an inner width,
+    each added to the previous piece's conv output), ``mixed`` (two halves through their own 1x1
+    convs into the block's width, MixNet's), ``partial`` (a conv on a quarter of the block input,
+    FasterNet's)."""
+
+    def __init__(self, kind: str, c: int, w: int, pieces: int) -> None:
+        super().__init__()
+        self.kind, self.pieces = kind, pieces
+        self.conv1 = nn.Sequential(nn.Conv2d(c, w, 1), nn.BatchNorm2d(w), nn.ReLU())
+        self.inner = nn.ModuleList(nn.Sequential(nn.Conv2d(w // pieces, w // pieces, 3, padding=1),
+                                                 nn.BatchNorm2d(w // pieces)) for _ in range(pieces - 1))
+        self.mixed = nn.ModuleList(nn.Conv2d(w // 2, c // 2, 1) for _ in range(2))
+        self.partial = nn.Conv2d(c // 4, c // 4, 3, padding=1)
+        self.conv3 = nn.Sequential(nn.Conv2d(w, c, 1), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        if self.kind == "partial":
+            a, b = torch.split(x, [x.shape[1] // 4, x.shape[1] - x.shape[1] // 4], 1)
+            return self.conv3(self.conv1(torch.cat([self.partial(a), b], 1)))
+        t = self.conv1(x)
+        if self.kind == "mixed":
+            halves = t.chunk(2, 1)  # indexed, not iterated: fx cannot iterate a traced tuple
+            return torch.cat([self.mixed[0](halves[0]), self.mixed[1](halves[1])], 1)
+        parts = t.split(t.shape[1] // self.pieces, 1)
+        out, sp = [], None
+        for i, conv in enumerate(self.inner):
+            sp = torch.relu(conv(parts[i] if sp is None else sp + parts[i]))
+            out.append(sp)
+        return self.conv3(torch.cat([*out, parts[self.pieces - 1]], 1))
+
+
 @st.composite
 def branches(draw, c: int) -> nn.Module:
-    style = draw(st.sampled_from(["basic", "bottleneck", "preact", "groupnorm", "depthwise"]))
+    kinds = ["basic", "bottleneck", "preact", "groupnorm", "depthwise", "res2net", "mixed"]
+    style = draw(st.sampled_from(kinds + (["partial"] if (c // 2) % 4 == 0 else [])))
+    if style in ("res2net", "mixed", "partial"):
+        pieces = draw(st.sampled_from([2, 4]))
+        return SplitBranch(style, c, draw(st.sampled_from([8, 16])), pieces)
     k = draw(st.sampled_from([1, 3]))
     w = draw(st.sampled_from([2, 4, 6]))
     if style == "basic":
@@ -57,7 +93,7 @@ def branches(draw, c: int) -> nn.Module:
 
 @st.composite
 def nets(draw) -> tuple[Net, int]:
-    c = draw(st.sampled_from([4, 8, 12]))
+    c = draw(st.sampled_from([4, 8, 12, 16]))
     n = draw(st.integers(1, 4))
     blocks = [Block(draw(branches(c)), draw(st.booleans())) for _ in range(n)]
     return Net(c, blocks), n
