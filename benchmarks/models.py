@@ -33,7 +33,7 @@ MODELS = [
     "timm:resnet50", "timm:resnetv2_50", "timm:seresnet50", "timm:mobilenetv2_100", "timm:efficientnet_b0",
     "timm:convnext_atto", "timm:rexnet_100", "timm:ghostnet_100", "timm:mixnet_s", "timm:cspresnet50",
     "timm:cspdarknet53", "timm:regnetz_b16", "timm:dla34", "timm:convnextv2_atto", "timm:poolformer_s12",
-    "timm:res2net50_14w_8s", "timm:fasternet_t0", "timm:inception_next_atto",
+    "timm:res2net50_14w_8s", "timm:fasternet_t0", "timm:inception_next_atto", "timm:mambaout_femto",
 ]
 
 

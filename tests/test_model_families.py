@@ -33,6 +33,7 @@ FAMILIES = [
     ("timm", "fasternet_t0", 13),               # partial conv: split of the block input, cat
     ("timm", "inception_next_atto", 12),        # split, depthwise convs per piece, cat
     ("timm", "ghostnet_100", 11),               # Ghost modules: cat of two halves, then out[:, :out_chs]
+    ("timm", "mambaout_femto", 18),             # channels last (N, H, W, C): couplings split dimension 3
 ]
 
 
@@ -295,16 +296,45 @@ def test_single_conv_branch_reports_its_parameter_shortfall():
         revconvert.convert(_IdentityShortcut(nn.Identity()), (1, 3, 8, 8))
 
 
-def test_transformer_blocks_show_their_real_reason():
-    """Issue 14 item 6: a ViT's token count (dimension 1) is not its channel count."""
+def _tiny_vit() -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
-    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
-    report = revconvert.audit(vit, (1, 3, 32, 32))
-    reasons = [b.reason for b in report.blocks]
-    assert reasons == ["unsupported-layer", "channel-axis"] * 2
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+
+
+def test_transformer_mlp_blocks_convert_on_their_token_channels():
+    """A ViT's token count (dimension 1, 17) is not its channel count (the last dimension, 32): the
+    attention blocks stay stored, naming MultiheadAttention, and each MLP block becomes a coupling
+    that splits the last dimension."""
+    report = revconvert.audit(_tiny_vit(), (1, 3, 32, 32))
+    assert [b.reason for b in report.blocks] == ["unsupported-layer", None] * 2
     assert "MultiheadAttention" in report.blocks[0].message
     assert "odd-channels" not in str(report) and "17 channels" not in str(report)
+    for pair in (False, True):
+        converted = revconvert.convert(_tiny_vit().double(), (2, 3, 32, 32),
+                                       config=revconvert.ConvertConfig(pair_blocks=pair))
+        segments = [m for m in converted.modules() if isinstance(m, revconvert.ReversibleSegment)]
+        assert len(segments) == 2 and all(s.dim == 2 for s in segments)
+        assert 0.95 <= converted.revconvert_summary.param_ratio <= 1.05
+        _leave_identity(converted)
+        assert _gradients_match(converted.train(), torch.randn(2, 3, 32, 32, dtype=torch.float64)) <= 1e-8
+    profile = revconvert.memory_profile(_tiny_vit(), (3, 32, 32), 4)
+    measured = revconvert.measure_memory(revconvert.convert(_tiny_vit(), (1, 3, 32, 32)), torch.randn(4, 3, 32, 32))
+    assert profile.converted.activation_bytes == pytest.approx(measured.activation_bytes, rel=0.01)
+    assert profile.converted.activation_bytes < 0.9 * profile.original.activation_bytes
+
+
+@pytest.mark.parametrize("config", [dict(checkpoint_stored=True), dict(keep="spatial-convs"),
+                                    dict(recompute_budget=0.2, checkpoint_stored=True)],
+                         ids=["checkpoint_stored", "keep", "recompute_budget"])
+def test_conversion_options_hold_on_channels_last_segments(config):
+    # segments that split the last dimension: a ViT's tokens (N, T, C), MambaOut's (N, H, W, C)
+    for model, shape in ((_tiny_vit(), (2, 3, 32, 32)), (build("timm", "mambaout_femto"), (2, 3, 64, 64))):
+        converted = revconvert.convert(model.double(), shape, config=revconvert.ConvertConfig(**config))
+        assert converted.revconvert_summary.converted_blocks
+        _leave_identity(converted)
+        assert _gradients_match(converted, torch.randn(*shape, dtype=torch.float64)) <= 1e-8
 
 
 class _ReduceFirst(_IdentityShortcut):
@@ -527,7 +557,8 @@ def test_conversion_options_hold_on_se_and_channels_last_blocks(config):
         assert _gradients_match(converted, torch.randn(2, 3, 64, 64, dtype=torch.float64)) <= 1e-8
 
 
-@pytest.mark.parametrize("lib,name", [("torchvision", "mobilenet_v3_small"), ("timm", "convnext_atto")])
+@pytest.mark.parametrize("lib,name", [("torchvision", "mobilenet_v3_small"), ("timm", "convnext_atto"),
+                                      ("timm", "mambaout_femto")])
 def test_memory_estimate_matches_measurement_on_new_families(lib, name):
     model = build(lib, name)
     converted = revconvert.convert(model, (1, 3, 64, 64))

@@ -180,6 +180,7 @@ class Analysis:
     violations: dict[str, list[Violation]]
     runs: dict[str, list[ResidualBlock]] = field(default_factory=dict)
     node_segment: dict[str, str] = field(default_factory=dict)
+    axes: dict[str, int] = field(default_factory=dict)  # eligible block -> the dimension it splits
 
 
 def _block_params(gm: fx.GraphModule, nodes: list[fx.Node]) -> int:
@@ -239,7 +240,11 @@ def analyze(model: nn.Module, example_input: Any = None, *,
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {name: i for i, name in enumerate(nodes)}
     found = find_residual_blocks(gm)
-    violations = {b.name: check_block(BlockContext(gm, b, nodes)) for b in found}
+    contexts = {b.name: BlockContext(gm, b, nodes) for b in found}
+    violations = {name: check_block(ctx) for name, ctx in contexts.items()}
+    # the dimension a block's couplings split: 1 for NCHW, the last one for a token or channels-last
+    # layout (a run's blocks share it)
+    axes = {name: ctx.channels.axis for name, ctx in contexts.items() if not violations[name]}
 
     # Units in graph order: residual blocks, and the segments and checkpointed runs a converted
     # model already has.
@@ -288,7 +293,7 @@ def analyze(model: nn.Module, example_input: Any = None, *,
         b = unit
         eligible = not violations[b.name] and (select is None or select(b.name))
         if eligible:
-            if current and not _continues(current[-1], b, nodes):
+            if current and (not _continues(current[-1], b, nodes) or axes[current[-1].name] != axes[b.name]):
                 close_run()
             current.append(b)
         else:
@@ -385,7 +390,7 @@ def analyze(model: nn.Module, example_input: Any = None, *,
         segments=segments,
         params=sum(p.numel() for p in model.parameters()),
     )
-    return Analysis(gm, report, {b.name: b for b in found}, violations, runs, node_segment)
+    return Analysis(gm, report, {b.name: b for b in found}, violations, runs, node_segment, axes)
 
 
 def audit(model: nn.Module, example_input: Any = None, **trace_options: Any) -> AuditReport:

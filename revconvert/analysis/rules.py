@@ -137,12 +137,6 @@ def _plan_failure(code: str) -> Callable[[BlockContext], str | None]:
     return check
 
 
-def _channel_axis(ctx: BlockContext) -> str | None:
-    if ctx.channels.failure is None and ctx.channels.axis != 1:
-        return f"dimension {ctx.channels.axis} of {ctx.in_shape}"
-    return None
-
-
 RULES: tuple[Rule, ...] = (
     Rule("projection-shortcut",
          "the shortcut is a projection ({detail}), not the identity: the block is not invertible", _projection),
@@ -155,8 +149,6 @@ RULES: tuple[Rule, ...] = (
     Rule("unsupported-layer", "the channel surgery cannot rebuild a layer of the branch: {detail}",
          _plan_failure("unsupported-layer")),
     Rule("groups", "grouped layers do not fit half the channels ({detail})", _plan_failure("groups")),
-    Rule("channel-axis", "the block's channels are its last dimension ({detail}), as in a transformer; "
-         "couplings split dimension 1 only", _channel_axis),
 )
 
 REASONS: dict[str, str] = {r.code: r.message for r in RULES}

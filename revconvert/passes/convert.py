@@ -346,7 +346,8 @@ def _rewrite(analysis: Analysis, config: ConvertConfig,
     replaced: dict[str, fx.Node] = {}  # a block output an earlier segment replaced -> that segment's node
     for seg_name, blocks in analysis.runs.items():
         couplings, exit_act, last = built[seg_name], exits[seg_name], blocks[-1]
-        segment = ReversibleSegment(couplings, dim=1, exit_activation=exit_act, compile=config.compile,
+        segment = ReversibleSegment(couplings, dim=analysis.axes.get(blocks[0].name, 1), exit_activation=exit_act,
+                                    compile=config.compile,
                                     cuda_graphs=config.cuda_graphs)
         segment.use_reversible_backward = config.memory_saving
         segment.source_blocks = tuple(b.name for b in blocks)
