@@ -382,6 +382,22 @@ class ForwardRecord:
     autocast: AutocastState
 
 
+def join_halves(x1: torch.Tensor, x2: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """``cat((x1, x2), dim)`` laid out in memory as ``like``, the segment's input.
+
+    A segment's input is often a view with other strides than a fresh tensor: a ViT's tokens come as
+    a transposed view of the patch embedding, and a channels-last block's ``(N, H, W, C)`` as a
+    permuted NCHW tensor. The original passed that layout on to what follows, and the kernels after
+    it (a reduction, a matmul) sum in an order that depends on it. The same layout keeps the model's
+    results the original's, bit for bit where the couplings are the identity, at the cost of one copy
+    where the layouts differ."""
+    y = torch.cat((x1, x2), dim)
+    if y.stride() == like.stride():
+        return y
+    out = torch.empty_like(like)  # like's strides, where it is dense and non-overlapping
+    return y if out.stride() == y.stride() else out.copy_(y)
+
+
 def run_forward(plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor, ForwardRecord]:
     """The segment's forward without history: its output, and what the backward needs to replay it."""
     # Detach before chunking: views of a Function input made here would require grad without a
@@ -413,7 +429,7 @@ def run_forward(plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor, ForwardRecor
     finally:
         batch.finish()
     del batch  # the casts
-    y = torch.cat((x1, x2), plan.dim)
+    y = join_halves(x1, x2, plan.dim, x)
     return y, ForwardRecord(rng, kept, [c.keep for c in plan.couplings], devices, capture_autocast())
 
 

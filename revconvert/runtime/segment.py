@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._function import Plan, ReversibleFunction, check_compile_options, make_plan
+from ._function import Plan, ReversibleFunction, check_compile_options, join_halves, make_plan
 from ._graphs import GraphedFunction, SegmentGraphs
 from ._state import capture_rng, cuda_devices_of, frozen_running_stats, module_generation, recompute_needs, \
     replay_rng
@@ -209,7 +209,7 @@ class ReversibleSegment(nn.Module):
         x1, x2 = x.chunk(2, dim)
         for coupling in self.couplings:
             x1, x2 = coupling(x1, x2)
-        return torch.cat((x1, x2), dim)
+        return join_halves(x1, x2, dim, x)
 
     def _wants_reversible(self, x: torch.Tensor, dim: int) -> bool:
         if not self.use_reversible_backward or _ORDINARY.get() or not torch.is_grad_enabled():
