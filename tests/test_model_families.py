@@ -617,3 +617,41 @@ def test_a_fresh_conversion_computes_the_original_with_its_converted_branches_ze
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():  # (timm starts its last norms at zero already: zeroing changes nothing there)
         torch.testing.assert_close(converted(x), zeroed(x), rtol=0, atol=0)
+
+
+class _ClassTokenMlp(nn.Module):
+    """XCiT's class-attention block: the MLP runs on the class token only, and the other tokens pass
+    through the branch unchanged (``x + cat([mlp(x[:, :1]), x[:, 1:]], 1)``)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, c)
+        self.norm = nn.LayerNorm(c)
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        h = self.embed(x.flatten(2).transpose(1, 2))
+        return h + torch.cat([self.fc(self.norm(h[:, :1])), h[:, 1:]], dim=1)
+
+
+def test_a_branch_that_passes_part_of_its_input_through_stays_stored():
+    (block,) = revconvert.audit(_ClassTokenMlp(), (1, 3, 4, 4)).blocks
+    assert block.reason == "identity-path" and "keeps a part of the block input" in block.message
+
+
+def test_a_segment_passes_its_input_layout_on():
+    """A ViT's tokens reach its first MLP block as a transposed view of the patch embedding; the
+    segment's output has the same strides, as the original's addition had, so the kernels after it
+    sum in the same order and the conversion of zeroed blocks is the original to the last bit."""
+    vit = _tiny_vit().double()
+    converted = revconvert.convert(vit, (2, 3, 32, 32))
+    segment = next(m for m in converted.modules() if isinstance(m, revconvert.ReversibleSegment))
+    x = torch.randn(2, 32, 17, dtype=torch.float64).transpose(1, 2)  # (2, 17, 32), not contiguous
+    for train, grad in ((True, True), (False, False)):  # the memory-saving path, and the plain one
+        segment.train(train)
+        with torch.set_grad_enabled(grad):
+            y = segment(x.requires_grad_(grad))
+        assert y.shape == x.shape and y.stride() == x.stride()
+        if grad:
+            y.square().sum().backward()
+            assert x.grad is not None

@@ -446,8 +446,9 @@ def _zero_last(fn: fx.GraphModule, out: fx.Node, seen: set[fx.Node] | None = Non
             while node.op != "get_attr":
                 node = node.all_input_nodes[0]
             continue
-        if node.op in ("call_function", "call_method") and node.target in _SUMS:
-            # paths added up (RepViT's conv + conv1): each must start at zero; each node once
+        if node.op in ("call_function", "call_method") and node.target in (*_SUMS, *_CATS):
+            # paths added up (RepViT's conv + conv1) or concatenated (MixNet's convolutions per
+            # piece): each must start at zero; each node once
             seen = set() if seen is None else seen
             for operand in tensors:
                 if operand not in seen:
@@ -459,6 +460,7 @@ def _zero_last(fn: fx.GraphModule, out: fx.Node, seen: set[fx.Node] | None = Non
 
 
 _SUMS = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_", "sub", "sub_")
+_CATS = (torch.cat, torch.concat, torch.concatenate)
 
 
 def _val_of(node: fx.Node) -> Any:
