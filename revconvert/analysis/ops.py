@@ -7,12 +7,17 @@ What the channel surgery can rebuild is decided by following channel widths thro
 from __future__ import annotations
 
 import inspect
+import math
 import operator
+from collections.abc import Collection
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["describe_op", "CONV_TYPES", "DROPOUT_TYPES", "is_inplace", "mutated_inputs"]
+from .channels import param_expression
+
+__all__ = ["describe_op", "CONV_TYPES", "DROPOUT_TYPES", "is_inplace", "mutated_inputs", "zero_init_ends"]
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DROPOUT_TYPES: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -63,3 +68,48 @@ def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node`` overwrites its first input."""
     first = node.args[0] if node.args else None
     return isinstance(first, fx.Node) and first in mutated_inputs(gm, node)
+
+
+_SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
+_PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def zero_init_ends(gm: fx.GraphModule, out: fx.Node, stop: Collection[str] = ()) -> list[tuple[fx.Node, str | None]]:
+    """Where zero-init stops on its way back from a residual function's output ``out``, each with the
+    last concatenation on the way to it (None if none).
+
+    The walk goes back through parameter-free and element-wise nodes and ends at a parametrised
+    module (the surgery zeroes its weight and bias: a norm's scale, else the last convolution or
+    ``Linear``), at a parameter (a layer scale, also one multiplying the path), or at an input: a
+    placeholder or a node named in ``stop`` (the block input, in the original graph). Every path of a
+    sum or a concatenation is followed, since each must start at zero; otherwise the widest operand
+    (``x * gate``: x). The surgery zeroes the ends (``surgery._zero_last``); an input reached
+    through a concatenation cannot be zeroed (the audit's ``identity-path``)."""
+    ends: list[tuple[fx.Node, str | None]] = []
+    seen: set[tuple[fx.Node, str | None]] = set()
+
+    def walk(node: fx.Node, cat: str | None) -> None:
+        while True:
+            if node.op in ("get_attr", "placeholder") or node.name in stop or (
+                    node.op == "call_module" and any(True for _ in gm.get_submodule(node.target).parameters())):
+                ends.append((node, cat))
+                return
+            tensors = list(node.all_input_nodes)
+            if not tensors:
+                return
+            params = [a for a in tensors if param_expression(a)]
+            if params and node.target in _PRODUCTS:
+                node = params[0]  # a layer scale: zeroed, whatever it multiplies
+                continue
+            if node.op in ("call_function", "call_method") and (node.target in _SUMS or node.target in _CATS):
+                here = node.name if node.target in _CATS else cat
+                for operand in tensors:
+                    if (operand, here) not in seen:
+                        seen.add((operand, here))
+                        walk(operand, here)
+                return
+            node = max(tensors, key=lambda a: math.prod(getattr(a.meta.get("val"), "shape", (0,))))
+
+    walk(out, None)
+    return ends

@@ -7,19 +7,16 @@ check that returns None when the block passes or a short detail when it does not
 from __future__ import annotations
 
 import functools
-import math
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from .channels import ChannelPlan, param_expression
 from .propagation import plan_channels
 from .graph import ResidualBlock
-from .ops import CONV_TYPES, describe_op, is_inplace
+from .ops import CONV_TYPES, describe_op, is_inplace, zero_init_ends
 from .tracing import tensor_shape
 
 __all__ = ["Rule", "RULES", "Violation", "BlockContext", "check_block", "REASONS"]
@@ -140,35 +137,14 @@ def _plan_failure(code: str) -> Callable[[BlockContext], str | None]:
     return check
 
 
-_SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
-_PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
-_CATS = {torch.cat, torch.concat, torch.concatenate}
-
-
 def _identity_path(ctx: BlockContext) -> str | None:
-    """A concatenation on the zero-init walk back from the branch output (``surgery._zero_last``: the
-    last layer of every path of a sum or a concatenation is zeroed) one of whose parts is the block
-    input, passed through without a layer (XCiT's class-attention block: ``cat([mlp(x[:, :1]),
-    x[:, 1:]])``). That part cannot start at zero, so the coupling could not start as the identity."""
-    gm, fork = ctx.gm, ctx.block.fork
-
-    def passes_input(node: fx.Node, cat: str | None) -> str | None:
-        while True:
-            if node.name == fork:
-                return cat
-            if node.op in ("get_attr", "placeholder") or param_expression(node):
-                return None
-            if node.op == "call_module" and any(True for _ in gm.get_submodule(node.target).parameters()):
-                return None  # a layer: zeroed
-            tensors = [a for a in node.all_input_nodes if not param_expression(a)]
-            if not tensors or (node.target in _PRODUCTS and len(tensors) < len(node.all_input_nodes)):
-                return None  # a layer scale: zeroed
-            if node.target in _SUMS or node.target in _CATS:
-                here = node.name if node.target in _CATS else cat
-                return next((found for t in tensors if (found := passes_input(t, here))), None)
-            node = max(tensors, key=lambda a: math.prod(getattr(a.meta.get("val"), "shape", (0,))))
-
-    found = passes_input(ctx.node(ctx.block.branch_output), None)
+    """A concatenation on the zero-init walk back from the branch output (:func:`zero_init_ends`)
+    one of whose parts is the block input, passed through without a layer (XCiT's class-attention
+    block: ``cat([mlp(x[:, :1]), x[:, 1:]])``). That part cannot start at zero, so the coupling could
+    not start as the identity."""
+    fork = ctx.block.fork
+    ends = zero_init_ends(ctx.gm, ctx.node(ctx.block.branch_output), stop={fork})
+    found = next((cat for end, cat in ends if end.name == fork and cat is not None), None)
     return f"{found} keeps a part of the block input" if found else None
 
 

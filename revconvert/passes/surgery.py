@@ -29,7 +29,7 @@ from torch import nn
 
 from ..analysis.channels import OUTER, ChannelPlan, ModulePlan, param_expression, resolve_attr
 from ..analysis.graph import ResidualBlock
-from ..analysis.ops import mutated_inputs
+from ..analysis.ops import mutated_inputs, zero_init_ends
 from ..analysis.propagation import REWRITABLE_RESHAPES
 from ..errors import ConversionError
 from ..runtime._state import name_draws_random
@@ -415,53 +415,20 @@ def _as_sequential(fn: fx.GraphModule) -> nn.Sequential | None:
     return None
 
 
-def _zero_last(fn: fx.GraphModule, out: fx.Node, seen: set[fx.Node] | None = None) -> None:
-    """Start the residual function at zero so the coupling starts as the identity map: zero the
-    last scale on the way back from the output (a norm's weight, layer scale, else the last
-    convolution or Linear), through parameter-free and element-wise nodes, on every path of a sum."""
-    node = out
-    while True:
-        if node.op == "get_attr":
-            t = resolve_attr(fn, str(node.target))
+def _zero_last(fn: fx.GraphModule, out: fx.Node) -> None:
+    """Start the residual function at zero so the coupling starts as the identity map: zero where
+    the walk back from the output ends (:func:`~revconvert.analysis.ops.zero_init_ends`), a module's
+    weight and bias (a norm's scale, else the last convolution or Linear) or a parameter (layer
+    scale), on every path of a sum or a concatenation. Other parametrised modules are left as
+    initialised."""
+    for end, _ in zero_init_ends(fn, out):
+        if end.op == "get_attr":
+            t = resolve_attr(fn, str(end.target))
             if isinstance(t, nn.Parameter):
                 nn.init.zeros_(t)
-            return
-        if node.op == "call_module":
-            mod = fn.get_submodule(node.target)
-            weight = getattr(mod, "weight", None)
-            if isinstance(weight, nn.Parameter):
-                nn.init.zeros_(weight)
-                bias = getattr(mod, "bias", None)
-                if isinstance(bias, nn.Parameter):
-                    nn.init.zeros_(bias)
-                return
-            if any(True for _ in mod.parameters()):
-                return  # some other parametrised module: leave it as initialised
-        tensors = list(node.all_input_nodes)
-        if not tensors or node.op == "placeholder":
-            return
-        params = [a for a in tensors if param_expression(a)]
-        if params and (node.target in ("mul", "mul_") or node.target in (operator.mul, operator.imul, torch.mul)):
-            node = params[0]  # layer scale: zero the parameter
-            while node.op != "get_attr":
-                node = node.all_input_nodes[0]
-            continue
-        if node.op in ("call_function", "call_method") and node.target in (*_SUMS, *_CATS):
-            # paths added up (RepViT's conv + conv1) or concatenated (MixNet's convolutions per
-            # piece): each must start at zero; each node once
-            seen = set() if seen is None else seen
-            for operand in tensors:
-                if operand not in seen:
-                    seen.add(operand)
-                    _zero_last(fn, operand, seen)
-            return
-        # follow the widest operand (``x * gate``: x)
-        node = max(tensors, key=lambda a: math.prod(getattr(_val_of(a), "shape", (0,))))
-
-
-_SUMS = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_", "sub", "sub_")
-_CATS = (torch.cat, torch.concat, torch.concatenate)
-
-
-def _val_of(node: fx.Node) -> Any:
-    return node.meta.get("val")
+        elif end.op == "call_module":
+            mod = fn.get_submodule(end.target)
+            if isinstance(getattr(mod, "weight", None), nn.Parameter):
+                nn.init.zeros_(mod.weight)
+                if isinstance(getattr(mod, "bias", None), nn.Parameter):
+                    nn.init.zeros_(mod.bias)
